@@ -1,0 +1,59 @@
+"""The ``emactl`` command line: a Typer app that only wires subcommands to library code.
+
+Every user error (``UserError``, a bad CLI value) becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="emactl",
+    help="Train, evaluate, ablate, profile and look inside EMANet (EM attention networks).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    """Attach each subcommand module. Modules import their heavy dependencies lazily."""
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and map errors to one line with exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="emactl", standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help())
+        sys.exit(0)
+    except click.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        where = f" ({ctx.command_path})" if ctx is not None else ""
+        print(f"error{where}: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,1 @@
+"""One module per CLI subcommand. Each holds thin Typer functions over library code."""

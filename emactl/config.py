@@ -1,0 +1,363 @@
+"""Recipes: typed dataclasses, YAML loading, dotted overrides and validation.
+
+A recipe is a YAML file whose keys mirror :class:`Recipe`. Every key is optional; missing keys
+take the defaults below. Unknown keys, wrong types and bad choices raise :class:`UserError`
+naming the dotted key path, which the CLI prints as one line with exit code 2.
+
+Overrides use dotted paths with YAML-typed values: ``--set model.ema.iters=5``,
+``--set eval.scales=[0.5,1.0,1.5]``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from .errors import UserError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class EMAConfig:
+    """The EMA unit. ``momentum`` is the weight on the *old* bases (0.9 as in the paper)."""
+
+    bases: int = 64
+    iters: int = 3
+    eval_iters: int | None = None
+    temperature: float = 1.0
+    norm: Literal["l2", "layernorm", "none"] = "l2"
+    grad: Literal["none", "last", "full"] = "none"
+    bases_update: Literal["moving_average", "backprop", "none"] = "moving_average"
+    momentum: float = 0.9
+    renorm: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "emanet"
+    backbone: str = "resnet101"
+    output_stride: Literal[8, 16, 32] = 8
+    pretrained: str | None = None
+    head: str = "ema"
+    head_channels: int = 512
+    mid_channels: int = 256
+    dropout: float = 0.1
+    aux: bool = False
+    aux_weight: float = 0.4
+    bn_momentum: float = 0.1
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how it is augmented.
+
+    ``args`` holds dataset-specific keyword arguments (validated by the dataset itself).
+    An empty ``root`` falls back to the environment variable ``EMACTL_DATA``.
+    """
+
+    name: str = "shapes"
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int = 21
+    ignore_index: int = 255
+    class_names: list[str] | None = None
+    crop_size: int = 513
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    flip: bool = True
+    jitter: float = 0.0
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    workers: int = 2
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``batch_size`` is the global batch, split across ranks and accumulation."""
+
+    iters: int = 30000
+    batch_size: int = 16
+    lr: float = 9e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    bias_lr_mult: float = 2.0
+    head_lr_mult: float = 1.0
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    warmup_factor: float = 0.1
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    accum_steps: int = 1
+    sync_bn: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    ckpt_every: int = 1000
+    keep_ckpts: int = 3
+    val_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    """Inference. ``mode`` is ``whole`` or ``slide``; ``scales`` and ``flip`` add multi-scale."""
+
+    mode: Literal["whole", "slide"] = "whole"
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = False
+    crop_size: int | None = None
+    stride: int | None = None
+    iters: int | None = None
+    batch_size: int = 1
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain dictionaries, with errors that name the dotted key.
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted."""
+
+    def bad(allowed: str) -> UserError:
+        return UserError(f"{source}: {key}: got {value!r}; expected {allowed}")
+
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad(f"a mapping of {tp.__name__} keys")
+        return _build(tp, value, key, source)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise UserError(
+                f"{source}: {key}: got {value!r}; choose one of: "
+                + ", ".join(str(c) for c in choices)
+            )
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key, source)
+            except UserError:
+                continue
+        raise bad(_type_name(tp))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad(_type_name(tp))
+        (item,) = get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise UserError(f"{source}: unknown key {key!r}; allowed keys: {', '.join(names)}")
+        kwargs[k] = _convert(v, hints[k], key, source)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict, source: str = "recipe") -> Recipe:
+    """Build and validate a :class:`Recipe` from a plain dictionary."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    recipe = _build(Recipe, data, "", source)
+    validate(recipe, source)
+    return recipe
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def _positive(source: str, **values: float) -> None:
+    for key, v in values.items():
+        if v is not None and v <= 0:
+            raise UserError(f"{source}: {key.replace('__', '.')}: must be > 0, got {v}")
+
+
+def validate(r: Recipe, source: str = "recipe") -> None:
+    """Value checks that types alone cannot express."""
+    e = r.model.ema
+    _positive(
+        source,
+        model__ema__bases=e.bases,
+        model__ema__iters=e.iters,
+        model__ema__eval_iters=e.eval_iters,
+        model__ema__temperature=e.temperature,
+        model__head_channels=r.model.head_channels,
+        model__mid_channels=r.model.mid_channels,
+        data__num_classes=r.data.num_classes,
+        data__crop_size=r.data.crop_size,
+        data__scale_min=r.data.scale_min,
+        train__iters=r.train.iters,
+        train__batch_size=r.train.batch_size,
+        train__lr=r.train.lr,
+        train__accum_steps=r.train.accum_steps,
+        train__ckpt_every=r.train.ckpt_every,
+        train__keep_ckpts=r.train.keep_ckpts,
+        train__log_every=r.train.log_every,
+        eval__crop_size=r.eval.crop_size,
+        eval__stride=r.eval.stride,
+        eval__iters=r.eval.iters,
+        eval__batch_size=r.eval.batch_size,
+    )
+    if not 0.0 <= e.momentum <= 1.0:
+        raise UserError(f"{source}: model.ema.momentum: must be in [0, 1], got {e.momentum}")
+    if e.bases_update == "backprop" and e.grad != "full":
+        raise UserError(
+            f"{source}: model.ema.bases_update=backprop needs model.ema.grad=full "
+            f"(got {e.grad!r}: no gradient would reach the bases)"
+        )
+    if not 0.0 <= r.model.dropout < 1.0:
+        raise UserError(f"{source}: model.dropout: must be in [0, 1), got {r.model.dropout}")
+    if r.data.scale_max < r.data.scale_min:
+        raise UserError(f"{source}: data.scale_max: must be >= data.scale_min")
+    if len(r.data.mean) != 3 or len(r.data.std) != 3:
+        raise UserError(f"{source}: data.mean and data.std need 3 values (RGB)")
+    if any(s <= 0 for s in r.eval.scales) or not r.eval.scales:
+        raise UserError(f"{source}: eval.scales: need a non-empty list of positive scales")
+    if r.data.class_names is not None and len(r.data.class_names) != r.data.num_classes:
+        raise UserError(
+            f"{source}: data.class_names: {len(r.data.class_names)} names for "
+            f"data.num_classes={r.data.num_classes}"
+        )
+    if r.train.batch_size % r.train.accum_steps:
+        raise UserError(
+            f"{source}: train.batch_size={r.train.batch_size} is not divisible by "
+            f"train.accum_steps={r.train.accum_steps}"
+        )
+    if r.train.warmup_iters < 0:
+        raise UserError(f"{source}: train.warmup_iters: must be >= 0")
+    if not r.name or "/" in r.name:
+        raise UserError(f"{source}: name: must be a non-empty name without '/'")
+
+
+# --------------------------------------------------------------------------------------------
+# Files and overrides.
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.ema.iters=5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with every ``a.b.c=value`` override applied."""
+    data = copy.deepcopy(data) if data else {}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return data or {}
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file (or the defaults when ``path`` is None) and apply overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data, source=str(path) if path is not None else "recipe")
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -1,0 +1,216 @@
+"""Expectation-Maximization Attention (EMA) and the EMA Unit (EMAU).
+
+Notation (Li et al., ICCV 2019): features ``x`` are (B, C, N) with N = H·W pixels, bases
+``mu`` are (B, C, K). One EM iteration is
+
+    E step   z   = softmax_k(λ · xᵀ mu)                      (B, N, K)  responsibilities
+    M step   mu  = x z / Σ_n z        then normalise each basis over C
+
+and after T iterations the reconstruction is ``x̃ = mu_T z_Tᵀ`` (B, C, N), where ``z_T`` are
+the responsibilities of the last E step, as in both public implementations.
+
+With ``norm="l2"`` this is exactly EM for a mixture of von Mises–Fisher components with equal
+weights and a shared concentration λ, so ``Σ_n logsumexp_k(λ xₙ·mu_k)`` never decreases from one
+iteration to the next. As λ → ∞ the responsibilities become one-hot and EM becomes spherical
+K-means.
+
+Gradient modes make the gap between the paper and the public code a choice:
+
+* ``none``: every iteration runs without gradient, so nothing flows back through the EMA
+  branch at all (the public code: its first 1×1 conv never learns);
+* ``last``: T−1 iterations without gradient, the final one with it;
+* ``full``: back-propagate through all T iterations (the paper's unrolled RNN).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORMS = ("l2", "layernorm", "none")
+GRAD_MODES = ("none", "last", "full")
+BASES_UPDATES = ("moving_average", "backprop", "none")
+
+
+class EMAOutput(NamedTuple):
+    recon: Tensor  # (B, C, N) low-rank reconstruction mu zᵀ
+    bases: Tensor  # (B, C, K) final bases mu_T
+    resp: Tensor  # (B, N, K) responsibilities z_T of the last E step
+
+
+def normalize_bases(mu: Tensor, norm: str) -> Tensor:
+    """Normalise each basis (a column of the (B, C, K) tensor) over the channel dimension C."""
+    if norm == "l2":
+        return F.normalize(mu, dim=1, eps=1e-6)
+    if norm == "layernorm":
+        mean = mu.mean(dim=1, keepdim=True)
+        var = mu.var(dim=1, keepdim=True, unbiased=False)
+        return (mu - mean) * torch.rsqrt(var + 1e-5)
+    if norm == "none":
+        return mu
+    raise ValueError(f"unknown bases normalisation {norm!r}; choose one of {NORMS}")
+
+
+def e_step(x: Tensor, mu: Tensor, temperature: float) -> Tensor:
+    """Responsibilities z = softmax_k(λ xᵀ mu), shape (B, N, K)."""
+    return torch.softmax(temperature * torch.bmm(x.transpose(1, 2), mu), dim=2)
+
+
+def m_step(x: Tensor, z: Tensor, norm: str) -> Tensor:
+    """Bases mu_k = Σ_n z_nk x_n / Σ_n z_nk, normalised over C; shape (B, C, K)."""
+    z = z / (1e-6 + z.sum(dim=1, keepdim=True))
+    return normalize_bases(torch.bmm(x, z), norm)
+
+
+def em_attention(
+    x: Tensor,
+    mu0: Tensor,
+    iters: int = 3,
+    temperature: float = 1.0,
+    norm: str = "l2",
+    grad: str = "none",
+) -> EMAOutput:
+    """Run T EM iterations on features ``x`` (B, C, N) from initial bases ``mu0`` (1|B, C, K).
+
+    Returns the reconstruction (B, C, N), the final bases (B, C, K) and the last
+    responsibilities (B, N, K). See the module docstring for the algorithm and ``grad``.
+    """
+    if x.dim() != 3 or mu0.dim() != 3:
+        raise ValueError(f"expected x (B, C, N) and mu0 (B, C, K), got {tuple(x.shape)}, {tuple(mu0.shape)}")
+    if grad not in GRAD_MODES:
+        raise ValueError(f"unknown grad mode {grad!r}; choose one of {GRAD_MODES}")
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    b = x.shape[0]
+    mu = mu0.expand(b, -1, -1)
+    free_iters = {"none": iters, "last": iters - 1, "full": 0}[grad]
+    z = None
+    with torch.no_grad() if free_iters else contextlib.nullcontext():
+        for _ in range(free_iters):
+            z = e_step(x, mu, temperature)
+            mu = m_step(x, z, norm)
+    for _ in range(iters - free_iters):
+        z = e_step(x, mu, temperature)
+        mu = m_step(x, z, norm)
+    recon = torch.bmm(mu, z.transpose(1, 2))
+    return EMAOutput(recon, mu, z)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init_bases(channels: int, k: int, norm: str = "l2") -> Tensor:
+    """Initial bases (1, C, K): normal(0, sqrt(2/K)), normalised over C."""
+    mu = torch.randn(1, channels, k) * (2.0 / k) ** 0.5
+    return normalize_bases(mu, "l2" if norm == "none" else norm)
+
+
+class EMAU(nn.Module):
+    """The EMA Unit: 1×1 conv → EMA → ReLU → 1×1 conv + BN → residual add → ReLU.
+
+    ``bases_update`` chooses how the initial bases ``mu`` evolve during training:
+
+    * ``moving_average``: a buffer updated in training mode as
+      ``mu ← momentum · mu + (1 − momentum) · mean_b(mu_T)`` — ``momentum`` weights the *old*
+      value (0.9 in the paper). Under torch.distributed the batch mean is all-reduced first so
+      every replica holds the same buffer. With ``renorm`` the result is normalised again with
+      the bases normalisation, which keeps l2 bases on the unit sphere.
+    * ``backprop``: ``mu`` is an ``nn.Parameter`` learned by back-propagation; this needs
+      ``grad="full"`` (otherwise no gradient can reach it).
+    * ``none``: a fixed random buffer.
+
+    ``iters`` applies in training; ``eval_iters`` (default: ``iters``) in eval mode, and can be
+    changed at any time, e.g. by ``emactl eval --iters``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        bases: int = 64,
+        iters: int = 3,
+        eval_iters: int | None = None,
+        temperature: float = 1.0,
+        norm: str = "l2",
+        grad: str = "none",
+        bases_update: str = "moving_average",
+        momentum: float = 0.9,
+        renorm: bool = True,
+        bn_momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"unknown grad mode {grad!r}; choose one of {GRAD_MODES}")
+        if bases_update not in BASES_UPDATES:
+            raise ValueError(f"unknown bases update {bases_update!r}; choose one of {BASES_UPDATES}")
+        self.channels, self.k = channels, bases
+        self.iters = iters
+        self.eval_iters = eval_iters if eval_iters is not None else iters
+        self.temperature = temperature
+        self.norm, self.grad = norm, grad
+        self.bases_update = bases_update
+        self.momentum, self.renorm = momentum, renorm
+        self.record = False  # when True, keep the last responsibilities for visualisation
+        self.last: EMAOutput | None = None
+
+        mu = init_bases(channels, bases, norm)
+        if bases_update == "backprop":
+            self.mu = nn.Parameter(mu)
+        else:
+            self.register_buffer("mu", mu)
+        self.conv1 = nn.Conv2d(channels, channels, 1)
+        self.conv2 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels, momentum=bn_momentum)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv1.bias)
+        nn.init.ones_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
+
+    @property
+    def current_iters(self) -> int:
+        return self.iters if self.training else self.eval_iters
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        b, c, h, w = x.shape
+        feats = self.conv1(x).reshape(b, c, h * w)
+        out = em_attention(
+            feats, self.mu.to(feats.dtype), self.current_iters, self.temperature, self.norm, self.grad
+        )
+        if self.training and self.bases_update == "moving_average":
+            self.update_bases(out.bases)
+        if self.record:
+            self.last = EMAOutput(*(t.detach() for t in out))
+        y = F.relu(out.recon.reshape(b, c, h, w))
+        y = self.bn(self.conv2(y))
+        return F.relu(y + identity)
+
+    @torch.no_grad()
+    def update_bases(self, bases: Tensor) -> None:
+        """Moving-average update of the buffer from a batch of final bases (B, C, K)."""
+        mean = bases.detach().float().mean(dim=0, keepdim=True)
+        if _distributed():
+            dist.all_reduce(mean, op=dist.ReduceOp.SUM)
+            mean /= dist.get_world_size()
+        new = self.momentum * self.mu.float() + (1.0 - self.momentum) * mean
+        if self.renorm:
+            new = normalize_bases(new, self.norm)
+        self.mu.copy_(new.to(self.mu.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, bases={self.k}, iters={self.iters}, "
+            f"eval_iters={self.eval_iters}, temperature={self.temperature}, norm={self.norm}, "
+            f"grad={self.grad}, bases_update={self.bases_update}, momentum={self.momentum}, "
+            f"renorm={self.renorm}"
+        )
