@@ -35,13 +35,22 @@ def _register() -> None:
 _register()
 
 
+def _one_line(message: str) -> str:
+    """A UserError re-raised by a DataLoader worker carries a traceback; keep its last line."""
+    lines = [ln for ln in message.strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    last = lines[-1]
+    return last.split("UserError: ", 1)[-1]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and map errors to one line with exit code 2."""
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="emactl", standalone_mode=False)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help())
