@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,6 +153,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it converted."""
 
@@ -203,6 +207,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad("an integer")
         return value
     if tp is float:
+        # PyYAML (YAML 1.1) reads exponents without a dot, e.g. ``1e-3``, as strings.
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)
@@ -355,8 +362,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe file (or the defaults when ``path`` is None) and apply overrides."""
     data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "recipe"
+    if not isinstance(data, dict):
+        return from_dict(data, source=source)  # raises: a recipe must be a mapping
     data = apply_overrides(data, overrides or [])
-    return from_dict(data, source=str(path) if path is not None else "recipe")
+    return from_dict(data, source=source)
 
 
 def dump_yaml(recipe: Recipe) -> str:

@@ -1,0 +1,129 @@
+"""Checkpoints: atomic saves, safe loads, and rebuilding a model from a run or a file.
+
+A checkpoint is a dict saved with :func:`torch.save` and loaded with ``weights_only=True``::
+
+    {"model": state_dict, "recipe": plain-dict recipe, "iteration": int, ...training state}
+
+Run directories keep them in ``runs/<name>/checkpoints/iter_0001000.pt``; the newest is the
+one with the highest iteration.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import Recipe, apply_overrides, from_dict, to_dict
+from ..errors import UserError
+from ..io import load_torch, save_torch
+from ..nn.emanet import build_model
+
+CKPT_DIR = "checkpoints"
+_CKPT_RE = re.compile(r"iter_(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"iter_{iteration:07d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / CKPT_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _CKPT_RE.search(p.name)]
+    return sorted(found, key=lambda p: int(_CKPT_RE.search(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Save atomically: a kill at any moment leaves either the old file or the new one."""
+    return save_torch(state, path)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file as given, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise UserError(f"{path}: run directory holds no checkpoints in {CKPT_DIR}/; train first")
+        return ckpt
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory or checkpoint file")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    ckpt = load_torch(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "recipe" not in ckpt:
+        raise UserError(f"{path}: not an emactl checkpoint (expected keys 'model' and 'recipe')")
+    return ckpt
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that explains an incompatible checkpoint in one line."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        example = (missing or unexpected or wrong)[0]
+        shapes = f" ({tuple(state[example].shape)} vs {tuple(own[example].shape)})" if example in wrong else ""
+        raise UserError(
+            f"{source}: incompatible checkpoint: {len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(wrong)} mismatched tensors, e.g. {example!r}{shapes}; "
+            "the recipe's model settings must match the ones it was trained with"
+        )
+    model.load_state_dict(state)
+
+
+@dataclass
+class LoadedRun:
+    recipe: Recipe
+    model: nn.Module
+    checkpoint: Path
+    iteration: int
+
+
+def load_model(path: str | os.PathLike, overrides: list[str] | None = None, map_location: str = "cpu") -> LoadedRun:
+    """Rebuild the model of a run directory or checkpoint file and load its weights.
+
+    The recipe comes from the checkpoint itself; ``overrides`` (``a.b=v``) adjust it, e.g. the
+    eval settings. ``model.pretrained`` is dropped: the checkpoint holds all the weights.
+    """
+    ckpt_path = resolve_checkpoint(path)
+    ckpt = load_checkpoint(ckpt_path)
+    data = apply_overrides(ckpt["recipe"], overrides or [])
+    data.setdefault("model", {})["pretrained"] = None
+    recipe = from_dict(data, source=f"{ckpt_path} (stored recipe)")
+    model = build_model(recipe.model, recipe.data.num_classes)
+    load_state(model, ckpt["model"], str(ckpt_path))
+    model.to(map_location)
+    return LoadedRun(recipe, model, ckpt_path, int(ckpt.get("iteration", 0)))
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the underlying model (unwrapping DDP and torch.compile)."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return inner.state_dict()
+
+
+def recipe_state(recipe: Recipe) -> dict[str, Any]:
+    return to_dict(recipe)
