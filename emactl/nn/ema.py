@@ -184,9 +184,11 @@ class EMAU(nn.Module):
         identity = x
         b, c, h, w = x.shape
         feats = self.conv1(x).reshape(b, c, h * w)
-        out = em_attention(
-            feats, self.mu.to(feats.dtype), self.current_iters, self.temperature, self.norm, self.grad
-        )
+        # update_bases() writes the buffer in place after this call; autograd may have saved
+        # mu0 for backward (grad="full", or "last" with one iteration), so hand it a copy.
+        updating = self.training and self.bases_update == "moving_average"
+        mu0 = self.mu.to(feats.dtype, copy=updating)
+        out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad)
         if self.training and self.bases_update == "moving_average":
             self.update_bases(out.bases)
         if self.record:

@@ -1,0 +1,425 @@
+"""EM attention (``em_attention``) and the EMA Unit (``EMAU``).
+
+The reference implementation below is written independently of the package: plain Python
+floats, explicit loops over batch, bases, pixels and channels.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as std_mp
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emactl.nn.ema import EMAU, em_attention
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Independent reference
+
+
+def reference_em(x: torch.Tensor, mu0: torch.Tensor, iters: int, lam: float, norm: str):
+    """EM attention with Python floats. x: (B, C, N), mu0: (1|B, C, K).
+
+    Returns (recon (B, C, N), bases (B, C, K), resp (B, N, K)) as float64 tensors.
+    """
+    X = x.double().tolist()
+    M0 = mu0.double().tolist()
+    B, C, N = len(X), len(X[0]), len(X[0][0])
+    K = len(M0[0][0])
+    recons, bases, resps = [], [], []
+    for b in range(B):
+        xb = X[b]
+        m0 = M0[b] if len(M0) > 1 else M0[0]
+        mu = [[m0[c][k] for k in range(K)] for c in range(C)]  # C x K
+        z = None
+        for _ in range(iters):
+            # E step: z_nk = softmax_k(lam * sum_c x_cn mu_ck)
+            z = []
+            for n in range(N):
+                logits = [lam * sum(xb[c][n] * mu[c][k] for c in range(C)) for k in range(K)]
+                top = max(logits)
+                e = [math.exp(v - top) for v in logits]
+                s = sum(e)
+                z.append([v / s for v in e])
+            # M step: mu_k = sum_n z_nk x_n / (1e-6 + sum_n z_nk), then normalise over C
+            new = [[0.0] * K for _ in range(C)]
+            for k in range(K):
+                den = 1e-6 + sum(z[n][k] for n in range(N))
+                col = [sum(z[n][k] * xb[c][n] for n in range(N)) / den for c in range(C)]
+                if norm == "l2":
+                    length = math.sqrt(sum(v * v for v in col))
+                    col = [v / length for v in col]
+                elif norm == "layernorm":
+                    mean = sum(col) / C
+                    var = sum((v - mean) ** 2 for v in col) / C
+                    col = [(v - mean) / math.sqrt(var + 1e-5) for v in col]
+                else:
+                    assert norm == "none"
+                for c in range(C):
+                    new[c][k] = col[c]
+            mu = new
+        # reconstruction: x~_cn = sum_k mu_ck z_nk with the last E step's responsibilities
+        recon = [[sum(mu[c][k] * z[n][k] for k in range(K)) for n in range(N)] for c in range(C)]
+        recons.append(recon)
+        bases.append(mu)
+        resps.append(z)
+    as_t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return as_t(recons), as_t(bases), as_t(resps)
+
+
+# (B, C, N, K, T, lambda, batch of mu0)
+EM_CASES = [
+    (1, 4, 6, 2, 1, 1.0, 1),
+    (2, 5, 7, 3, 3, 1.0, 1),
+    (2, 3, 5, 4, 2, 0.5, 2),
+    (3, 4, 6, 3, 4, 3.0, 3),
+    (2, 6, 4, 2, 3, 2.0, 2),
+]
+
+
+@pytest.mark.parametrize("norm", ["l2", "layernorm", "none"])
+@pytest.mark.parametrize("case", EM_CASES, ids=lambda c: "B{}C{}N{}K{}T{}lam{}mu{}".format(*c))
+def test_em_attention_matches_reference(case, norm):
+    B, C, N, K, T, lam, mb = case
+    x = torch.randn(B, C, N)
+    mu0 = F.normalize(torch.randn(mb, C, K), dim=1)
+    out = em_attention(x, mu0, iters=T, temperature=lam, norm=norm)
+    assert out.recon.shape == (B, C, N)
+    assert out.bases.shape == (B, C, K)
+    assert out.resp.shape == (B, N, K)
+    assert out.recon.dtype == torch.float32
+    recon, bases, resp = reference_em(x, mu0, T, lam, norm)
+    for name, got, want in (("recon", out.recon, recon), ("bases", out.bases, bases), ("resp", out.resp, resp)):
+        assert rel_err(got, want) <= 1e-5, (name, rel_err(got, want))
+        assert max_abs(got, want) <= 1e-5, (name, max_abs(got, want))
+
+
+def test_reference_is_not_trivially_matched():
+    """The comparison above can fail: a different T or λ gives a clearly different answer."""
+    x = torch.randn(2, 4, 6)
+    mu0 = F.normalize(torch.randn(1, 4, 3), dim=1)
+    recon, bases, resp = reference_em(x, mu0, 3, 1.0, "l2")
+    assert rel_err(em_attention(x, mu0, iters=2).recon, recon) > 1e-3
+    assert rel_err(em_attention(x, mu0, iters=3, temperature=2.0).resp, resp) > 1e-3
+    assert rel_err(em_attention(x, mu0, iters=3, norm="layernorm").bases, bases) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. K-means limit
+
+
+def _clusters(b: int, c: int, k: int, per: int, gen: torch.Generator):
+    """Unit-norm points around k orthonormal centres; returns x (b, c, k·per), labels, centres."""
+    centres = torch.linalg.qr(torch.randn(c, k, generator=gen))[0]  # (c, k) orthonormal
+    labels = torch.arange(k).repeat_interleave(per)
+    x = centres[:, labels].unsqueeze(0) + 0.15 * torch.randn(b, c, k * per, generator=gen)
+    return F.normalize(x, dim=1), labels, centres
+
+
+@pytest.mark.parametrize("init", ["near_centres", "random"])
+def test_kmeans_limit(init):
+    gen = torch.Generator().manual_seed(1)
+    B, C, K, per = 2, 8, 3, 10
+    x, labels, centres = _clusters(B, C, K, per, gen)
+    if init == "near_centres":
+        # basis k starts near centre perm[k]; different permutation per batch element
+        perms = [torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0])]
+        mu0 = torch.stack([centres[:, p] for p in perms]) + 0.3 * torch.randn(B, C, K, generator=gen)
+    else:
+        mu0 = torch.randn(1, C, K, generator=gen)
+    mu0 = F.normalize(mu0, dim=1)
+    out = em_attention(x, mu0, iters=4, temperature=1e4, norm="l2")
+
+    assert (out.resp.max(dim=2).values >= 1 - 1e-4).all()
+    owner = out.resp.argmax(dim=2)  # (B, N)
+    for b in range(B):
+        for k in range(K):
+            owned = owner[b] == k
+            if owned.any():
+                want = F.normalize(x[b][:, owned].double().mean(dim=1), dim=0)
+                assert max_abs(out.bases[b, :, k], want) <= 1e-5
+            else:  # a basis that owns nothing collapses to zero
+                assert out.bases[b, :, k].abs().max() <= 1e-6
+        # each pixel is reconstructed by the basis that owns it
+        assert max_abs(out.recon[b], out.bases[b][:, owner[b]]) <= 1e-5
+        if init == "near_centres":
+            # basis k owns exactly the cluster it started near
+            assert torch.equal(owner[b], torch.argsort(perms[b])[labels])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Monotone objective (EM for an equal-weight vMF mixture with shared concentration λ)
+
+
+def _objective(x: torch.Tensor, mu: torch.Tensor, lam: float) -> float:
+    """Σ_b Σ_n logsumexp_k(λ x_n · μ_k)."""
+    logits = lam * torch.einsum("bcn,bck->bnk", x, mu.expand(x.shape[0], -1, -1))
+    return float(torch.logsumexp(logits, dim=2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lam", [0.5, 1.0, 5.0])
+def test_objective_never_decreases(seed, lam):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, 20, generator=gen, dtype=torch.float64)
+    mu0 = F.normalize(torch.randn(1, 6, 4, generator=gen, dtype=torch.float64), dim=1)
+    T = 8
+    values = [_objective(x, mu0, lam)]
+    for t in range(1, T + 1):
+        out = em_attention(x, mu0, iters=t, temperature=lam, norm="l2")
+        assert out.bases.dtype == torch.float64
+        values.append(_objective(x, out.bases, lam))
+    for before, after in zip(values, values[1:]):
+        assert after >= before - 1e-9 * abs(before), values
+    assert values[-1] > values[0] + 1e-3  # it actually moves
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Gradient modes
+
+
+def _unit_loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    return (m(x) * w).sum()
+
+
+def _tiny_unit(**kw) -> EMAU:
+    torch.manual_seed(0)
+    return EMAU(4, bases=3, iters=3, **kw)
+
+
+def _tiny_input(b: int = 2) -> torch.Tensor:
+    return torch.relu(torch.randn(b, 4, 5, 5, generator=torch.Generator().manual_seed(3)))
+
+
+def test_grad_none_leaves_conv1_untouched():
+    m = _tiny_unit(grad="none").train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    w0, c2 = m.conv1.weight.detach().clone(), m.conv2.weight.detach().clone()
+    _unit_loss(m, _tiny_input()).backward()
+    g = m.conv1.weight.grad
+    assert g is None or torch.count_nonzero(g) == 0
+    assert m.conv2.weight.grad is not None and m.conv2.weight.grad.abs().sum() > 0
+    opt.step()
+    assert torch.equal(m.conv1.weight, w0)  # bit-identical: a fixed random projection
+    assert not torch.equal(m.conv2.weight, c2)
+
+
+@pytest.mark.parametrize("grad", ["last", "full"])
+def test_grad_last_full_train_conv1(grad):
+    m = _tiny_unit(grad=grad).train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w0 = m.conv1.weight.detach().clone()
+    _unit_loss(m, _tiny_input()).backward()
+    assert m.conv1.weight.grad is not None and m.conv1.weight.grad.abs().sum() > 1e-6
+    opt.step()
+    assert not torch.equal(m.conv1.weight, w0)
+
+
+@pytest.mark.parametrize("norm", ["l2", "layernorm", "none"])
+def test_em_attention_gradcheck_full(norm):
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    mu0 = F.normalize(torch.randn(1, 3, 2, dtype=torch.float64), dim=1).requires_grad_()
+
+    def fn(x, mu0):
+        return tuple(em_attention(x, mu0, iters=2, temperature=1.0, norm=norm, grad="full"))
+
+    assert torch.autograd.gradcheck(fn, (x, mu0), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_grad_last_backprops_through_final_iteration_only():
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    mu0 = F.normalize(torch.randn(1, 4, 3, dtype=torch.float64), dim=1).requires_grad_()
+    w1 = torch.randn(2, 4, 6, dtype=torch.float64)
+    w2 = torch.randn(2, 4, 3, dtype=torch.float64)
+
+    out = em_attention(x, mu0, iters=3, norm="l2", grad="last")
+    ((out.recon * w1).sum() + (out.bases * w2).sum()).backward()
+    assert mu0.grad is None  # the initial bases sit behind T-1 gradient-free iterations
+    gx_last = x.grad.clone()
+
+    # reference: T-1 iterations with no graph, then one differentiable iteration written out
+    xr = x.detach().clone().requires_grad_()
+    with torch.no_grad():
+        mu = em_attention(xr, mu0, iters=2, norm="l2").bases
+    z = torch.softmax(torch.einsum("bcn,bck->bnk", xr, mu), dim=2)
+    mu_t = torch.einsum("bcn,bnk->bck", xr, z) / (1e-6 + z.sum(dim=1, keepdim=True))
+    mu_t = mu_t / mu_t.norm(dim=1, keepdim=True)
+    recon = torch.einsum("bck,bnk->bcn", mu_t, z)
+    ((recon * w1).sum() + (mu_t * w2).sum()).backward()
+    assert rel_err(gx_last, xr.grad) <= 1e-10
+
+    # full differs: it also differentiates through the first T-1 iterations and reaches mu0
+    x.grad = None
+    out = em_attention(x, mu0, iters=3, norm="l2", grad="full")
+    ((out.recon * w1).sum() + (out.bases * w2).sum()).backward()
+    assert mu0.grad is not None and mu0.grad.abs().sum() > 0
+    assert rel_err(x.grad, gx_last) > 1e-6
+
+    # none: nothing needs a gradient at all
+    out = em_attention(x, mu0, iters=3, grad="none")
+    assert not any(t.requires_grad for t in out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Bases: moving average, eval, iterations, backprop, fixed
+
+
+def _feats(m: EMAU, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m.conv1(x).reshape(x.shape[0], x.shape[1], -1)
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_moving_average_update(renorm):
+    m = _tiny_unit(momentum=0.8, renorm=renorm).train()
+    m.record = True
+    assert "mu" in dict(m.named_buffers()) and "mu" in m.state_dict()
+    x = _tiny_input()
+    mu_before = m.mu.clone()
+    assert torch.allclose(mu_before.norm(dim=1), torch.ones(1, 3), atol=1e-6)
+    m(x)
+    ref = em_attention(_feats(m, x), mu_before, iters=3)
+    assert max_abs(m.last.bases, ref.bases) <= 1e-6
+    mean = ref.bases.double().mean(dim=0, keepdim=True)
+    want = 0.8 * mu_before.double() + 0.2 * mean  # momentum weights the *old* value
+    if renorm:
+        want = want / want.norm(dim=1, keepdim=True)
+    assert max_abs(m.mu, want) <= 1e-6
+    assert max_abs(m.mu, mu_before) > 1e-3  # it moved
+    norms = m.mu.norm(dim=1)
+    if renorm:
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    else:
+        assert (norms < 1 - 1e-4).all()  # averaging unit vectors shrinks them
+
+
+def test_iters_in_training_and_eval_iters_in_eval():
+    m = _tiny_unit(eval_iters=5, bases_update="none")
+    m.iters = 2
+    m.record = True
+    x = _tiny_input()
+    f, mu = _feats(m, x), m.mu.clone()
+    t2, t5 = em_attention(f, mu, iters=2), em_attention(f, mu, iters=5)
+    assert rel_err(t2.recon, t5.recon) > 1e-4  # the two are distinguishable
+
+    m.train()
+    m(x)
+    assert max_abs(m.last.recon, t2.recon) <= 1e-6
+
+    m.eval()
+    m(x)
+    assert max_abs(m.last.recon, t5.recon) <= 1e-6
+    assert rel_err(m.last.recon, t2.recon) > 1e-4
+
+    m.eval_iters = 1  # can be changed at any time (e.g. `emactl eval --iters`)
+    m(x)
+    assert max_abs(m.last.recon, em_attention(f, mu, iters=1).recon) <= 1e-6
+
+
+def test_eval_mode_never_changes_buffer():
+    m = _tiny_unit().eval()
+    mu = m.mu.clone()
+    with torch.no_grad():
+        for _ in range(3):
+            m(_tiny_input())
+    assert torch.equal(m.mu, mu)
+
+
+def test_bases_update_none_keeps_buffer_in_training():
+    m = _tiny_unit(bases_update="none").train()
+    assert "mu" in dict(m.named_buffers())
+    mu = m.mu.clone()
+    for _ in range(3):
+        _unit_loss(m, _tiny_input()).backward()
+    assert torch.equal(m.mu, mu)
+
+
+def test_bases_update_backprop_is_a_learned_parameter():
+    m = _tiny_unit(grad="full", bases_update="backprop").train()
+    assert isinstance(m.mu, nn.Parameter)
+    assert "mu" in dict(m.named_parameters()) and "mu" not in dict(m.named_buffers())
+    mu = m.mu.detach().clone()
+    _unit_loss(m, _tiny_input()).backward()
+    assert torch.equal(m.mu.detach(), mu)  # the forward pass does not touch it
+    assert m.mu.grad is not None and m.mu.grad.abs().sum() > 1e-8
+    opt = torch.optim.SGD([m.mu], lr=0.1)
+    opt.step()
+    assert not torch.equal(m.mu.detach(), mu)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Distributed bases: two gloo ranks on the CPU
+
+
+def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same module init on every rank
+        m = EMAU(4, bases=3, iters=3).train()
+        m.record = True
+        mu_before = m.mu.clone()
+        gen = torch.Generator().manual_seed(100 + rank)  # a different batch per rank
+        x = torch.relu(torch.randn(2, 4, 5, 5, generator=gen))
+        m(x)
+        torch.save({"mu_before": mu_before, "mu_after": m.mu.clone(), "bases": m.last.bases},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_bases_agree(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    ctx = std_mp.get_context("spawn")
+    port, world = _free_port(), 2
+    procs = [ctx.Process(target=_dist_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(world))
+    assert torch.equal(r0["mu_before"], r1["mu_before"])
+    assert torch.equal(r0["mu_after"], r1["mu_after"])  # identical replicas
+    assert max_abs(r0["bases"], r1["bases"]) > 1e-3  # the ranks really saw different data
+
+    def update(mean):
+        new = 0.9 * r0["mu_before"].double() + 0.1 * mean
+        return new / new.norm(dim=1, keepdim=True)
+
+    m0 = r0["bases"].double().mean(dim=0, keepdim=True)
+    m1 = r1["bases"].double().mean(dim=0, keepdim=True)
+    want = update((m0 + m1) / 2)
+    assert max_abs(r0["mu_after"], want) <= 1e-6
+    assert max_abs(update(m0), want) > 1e-4  # a rank-local update would be detectably different
