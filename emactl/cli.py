@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.26 vendors Click as typer._click and has its own Exit/Abort
+    from typer import _click as click
+    from typer.exceptions import Abort, Exit
+except ImportError:  # older typer depends on Click itself
+    import click
+    from click.exceptions import Abort, Exit
 
 from .errors import UserError
 
@@ -18,6 +24,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root() -> None:
+    # A root callback keeps `emactl` a command group however many subcommands are registered
+    # (Typer runs a lone command directly, and refuses an app with none).
+    pass
 
 
 def _register() -> None:
@@ -53,16 +66,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except click.exceptions.NoArgsIsHelpError as e:
-        click.echo(e.ctx.get_help())
+        # the error already rendered the help: Rich prints it (and leaves the message empty),
+        # plain Click keeps it as the message
+        if e.format_message().strip():
+            click.echo(e.format_message())
         sys.exit(0)
     except click.ClickException as e:
         ctx = getattr(e, "ctx", None)
         where = f" ({ctx.command_path})" if ctx is not None else ""
         print(f"error{where}: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.Exit as e:
+    except Exit as e:
         sys.exit(e.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -197,9 +197,9 @@ def _unit_loss(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (m(x) * w).sum()
 
 
-def _tiny_unit(**kw) -> EMAU:
+def _tiny_unit(iters: int = 3, **kw) -> EMAU:
     torch.manual_seed(0)
-    return EMAU(4, bases=3, iters=3, **kw)
+    return EMAU(4, bases=3, iters=iters, **kw)
 
 
 def _tiny_input(b: int = 2) -> torch.Tensor:
@@ -219,13 +219,17 @@ def test_grad_none_leaves_conv1_untouched():
     assert not torch.equal(m.conv2.weight, c2)
 
 
+@pytest.mark.parametrize("iters", [1, 3])
 @pytest.mark.parametrize("grad", ["last", "full"])
-def test_grad_last_full_train_conv1(grad):
-    m = _tiny_unit(grad=grad).train()
+def test_grad_last_full_train_conv1(grad, iters):
+    # with the default moving-average bases: the in-place buffer update after the forward pass
+    # must not invalidate the graph (regression: backward raised "modified by an inplace op")
+    m = _tiny_unit(iters=iters, grad=grad).train()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    w0 = m.conv1.weight.detach().clone()
+    w0, mu0 = m.conv1.weight.detach().clone(), m.mu.clone()
     _unit_loss(m, _tiny_input()).backward()
     assert m.conv1.weight.grad is not None and m.conv1.weight.grad.abs().sum() > 1e-6
+    assert not torch.equal(m.mu, mu0)  # the buffer was updated in that same step
     opt.step()
     assert not torch.equal(m.conv1.weight, w0)
 

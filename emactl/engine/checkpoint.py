@@ -127,3 +127,56 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def recipe_state(recipe: Recipe) -> dict[str, Any]:
     return to_dict(recipe)
+
+
+# --------------------------------------------------------------------------------------------
+# Training state: RNG states in a form ``torch.load(weights_only=True)`` accepts.
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The RNG states of this process as tensors, ints and floats (no numpy, no tuples of objects).
+
+    Covers torch's CPU generator, the CUDA generator of ``device`` (when it is a CUDA device),
+    Python's ``random`` and numpy's legacy global generator.
+    """
+    import random
+
+    import numpy as np
+
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` captured (the CUDA state only onto a CUDA ``device``)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"].cpu())
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

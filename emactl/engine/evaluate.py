@@ -1,0 +1,303 @@
+"""Evaluation: run a model over a dataset, accumulate the confusion matrix, write the tables.
+
+``evaluate`` is the loop shared by ``emactl eval`` and the trainer's periodic validation;
+``evaluate_run`` is the library code behind ``emactl eval``. Under ``torch.distributed`` each
+rank evaluates the images ``rank, rank + world, ...`` — every image exactly once, no padding
+duplicates as ``DistributedSampler`` would add — and the confusion matrices are summed with
+``all_reduce``. Only rank 0 writes files and prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..config import EvalConfig, Recipe, dump_yaml
+from ..errors import UserError
+from ..io import write_text
+from ..nn.emanet import ema_units, set_eval_iters
+from ..tables import print_table, save_table
+from .checkpoint import CKPT_DIR, LoadedRun, load_model
+from .inference import predict_logits, window_params
+from .metrics import ConfusionMeter, compute_metrics
+
+EVAL_DIR = "eval"
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation.
+
+    ``confusion`` is the (K, K) int64 matrix on the CPU, rows = ground truth; ``summary`` holds
+    aAcc, mAcc, mIoU and fwIoU in percent; ``per_class`` has columns class, IoU, Acc, pixels;
+    ``meta`` describes what was evaluated (checkpoint, eval settings, image count).
+    """
+
+    confusion: Tensor
+    summary: dict[str, float]
+    per_class: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; unknown or absent devices are UserErrors."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device: got {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: got {name!r}; expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_eval_config(recipe: Recipe) -> EvalConfig:
+    """The recipe's eval settings with sliding-window defaults filled in and checked.
+
+    An unset ``eval.crop_size`` takes the training crop (``data.crop_size``).
+    """
+    cfg = dataclasses.replace(recipe.eval, scales=list(recipe.eval.scales))
+    if cfg.mode == "slide":
+        if cfg.crop_size is None:
+            cfg.crop_size = recipe.data.crop_size
+        cfg.crop_size, cfg.stride = window_params(cfg)
+    return cfg
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """Keep images as lists: validation images may differ in size and must not be padded."""
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def _same_size_groups(images: list[Tensor]) -> list[list[int]]:
+    """Indices of consecutive images with equal sizes, to be stacked into one forward pass."""
+    groups: list[list[int]] = []
+    for i, img in enumerate(images):
+        if groups and images[groups[-1][0]].shape == img.shape:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]eval"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: EvalConfig,
+    num_classes: int,
+    ignore_index: int,
+    device: torch.device | str,
+    progress: bool = True,
+    workers: int = 0,
+    amp: str = "none",
+) -> EvalResult:
+    """Evaluate ``model`` on every image of ``dataset`` (items ``(image (3,H,W), label (H,W))``).
+
+    Batches of ``cfg.batch_size`` images are run through :func:`predict_logits`; images of
+    different sizes in one batch are run separately rather than padded. The model is put in
+    eval mode and restored to its previous mode afterwards. Collective: under
+    ``torch.distributed`` every rank must call it.
+    """
+    device = torch.device(device)
+    rank, world = _rank_world()
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    indices = list(range(rank, len(dataset), world))
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    meter = ConfusionMeter(num_classes, ignore_index, device)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with _progress(progress and rank == 0) as bar:
+            task = bar.add_task("eval", total=len(indices))
+            for images, labels in loader:
+                for group in _same_size_groups(images):
+                    x = torch.stack([images[i] for i in group]).to(device, non_blocking=True)
+                    y = torch.stack([labels[i] for i in group]).to(device, non_blocking=True)
+                    logits = predict_logits(inner, x, cfg, num_classes, amp=amp)
+                    meter.update(logits.argmax(dim=1), y)
+                bar.advance(task, len(images))
+    finally:
+        inner.train(was_training)
+    confusion = meter.reduce().cpu()
+    names = getattr(dataset, "class_names", None)
+    if names is None or len(names) != num_classes:
+        names = [str(i) for i in range(num_classes)]
+    summary, per_class = compute_metrics(confusion, names)
+    return EvalResult(confusion, summary, per_class, {"images": len(dataset)})
+
+
+def summary_frame(result: EvalResult) -> pd.DataFrame:
+    """One row: the four summary metrics, then the ``meta`` entries (lists joined by commas)."""
+    row: dict[str, Any] = dict(result.summary)
+    for key, value in result.meta.items():
+        row[key] = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+    return pd.DataFrame([row])
+
+
+def print_eval(result: EvalResult, title: str | None = None) -> None:
+    """Print the summary (one metric or setting per row, so it fits a terminal) and per-class tables."""
+    row = summary_frame(result).iloc[0]
+    shown = pd.DataFrame({"": list(row.index), "value": pd.Series(list(row.values), dtype=object)})
+    print_table(shown, title=title)
+    print_table(result.per_class, title="per class")
+
+
+def write_eval(result: EvalResult, out_dir: Path, class_names: Sequence[str]) -> list[Path]:
+    """Write ``summary.{csv,md}``, ``per_class.{csv,md}`` and ``confusion.csv`` atomically.
+
+    ``confusion.csv`` is labelled with ``class_names``: rows are ground truth, columns
+    predictions, the corner cell reads ``gt\\pred``.
+    """
+    out_dir = Path(out_dir)
+    k = result.confusion.shape[0]
+    names = [str(n) for n in class_names]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for a {k}-class confusion matrix")
+    per_class = result.per_class.copy()
+    per_class["class"] = names
+    confusion = pd.DataFrame(result.confusion.cpu().numpy(), index=names, columns=names)
+    confusion.index.name = "gt\\pred"
+    paths = save_table(summary_frame(result), out_dir / "summary")
+    paths += save_table(per_class, out_dir / "per_class")
+    paths.append(write_text(out_dir / "confusion.csv", confusion.to_csv()))
+    return paths
+
+
+def run_dir_of(path: str | os.PathLike) -> Path:
+    """The run directory for a run dir or checkpoint path.
+
+    A checkpoint inside ``runs/x/checkpoints/`` belongs to ``runs/x``; a checkpoint file
+    anywhere else is treated as its own folder's run.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.parent.name == CKPT_DIR:
+        return path.parent.parent
+    return path.parent
+
+
+def load_for_eval(
+    path: str | os.PathLike, overrides: list[str], iters: int | None = None, device: str = "auto"
+) -> tuple[LoadedRun, EvalConfig, torch.device]:
+    """Load a run or checkpoint for inference: model on the device, eval settings, EM iterations.
+
+    EM iterations at test time: ``iters``, else the recipe's ``eval.iters``, else the model's
+    own ``model.ema.eval_iters`` / ``model.ema.iters``.
+    """
+    dev = _resolve_device(device)
+    run = load_model(path, overrides, map_location=str(dev))
+    cfg = resolve_eval_config(run.recipe)
+    units = ema_units(run.model)
+    if iters is not None:
+        if iters <= 0:
+            raise UserError(f"--iters: must be > 0, got {iters}")
+        if not units:
+            raise UserError(f"--iters: model.head={run.recipe.model.head!r} has no EMA unit to iterate")
+    em_iters = iters if iters is not None else cfg.iters
+    if em_iters is not None and units:
+        set_eval_iters(run.model, em_iters)
+    run.model.eval()
+    return run, cfg, dev
+
+
+def evaluate_run(
+    path: str | os.PathLike,
+    overrides: list[str],
+    iters: int | None = None,
+    out_dir: Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate a run directory (its newest checkpoint) or a checkpoint file on its val split.
+
+    The recipe stored in the checkpoint, adjusted by ``overrides``, gives the dataset and the
+    eval settings; see :func:`load_for_eval` for the EM iterations. Results go to ``out_dir``
+    or ``<run_dir>/eval/`` together with the resolved recipe, and are printed as tables.
+    """
+    from ..data import build_dataset
+
+    run, cfg, dev = load_for_eval(path, overrides, iters, device)
+    recipe = run.recipe
+    dataset = build_dataset(recipe.data, recipe.data.val_split, train=False)
+    if dataset.num_classes != recipe.data.num_classes:
+        raise UserError(
+            f"{run.checkpoint}: the model predicts {recipe.data.num_classes} classes but dataset "
+            f"{recipe.data.name!r} has {dataset.num_classes}"
+        )
+    if len(dataset) == 0:
+        raise UserError(f"dataset {recipe.data.name!r} split {recipe.data.val_split!r} holds no images")
+    result = evaluate(
+        run.model,
+        dataset,
+        cfg,
+        dataset.num_classes,
+        dataset.ignore_index,
+        dev,
+        progress=progress,
+        workers=recipe.data.workers,
+    )
+    units = ema_units(run.model)
+    result.meta.update(
+        checkpoint=str(run.checkpoint),
+        iteration=run.iteration,
+        split=recipe.data.val_split,
+        mode=cfg.mode,
+        scales=list(cfg.scales),
+        flip=cfg.flip,
+        em_iters=units[0].eval_iters if units else None,
+    )
+    if cfg.mode == "slide":
+        result.meta.update(crop_size=cfg.crop_size, stride=cfg.stride)
+
+    if _rank_world()[0] == 0:
+        target = Path(out_dir) if out_dir is not None else run_dir_of(path) / EVAL_DIR
+        names = [str(n) for n in result.per_class["class"]]
+        write_eval(result, target, names)
+        write_text(target / "recipe.yaml", dump_yaml(recipe))
+        print_eval(result, title=f"{recipe.name} — {Path(run.checkpoint).name}")
+        Console(stderr=True).print(
+            f"wrote {target}/{{summary,per_class}}.{{csv,md}}, confusion.csv", markup=False, highlight=False
+        )
+    return result

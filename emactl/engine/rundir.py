@@ -1,0 +1,158 @@
+"""Run directories: layout, the environment record, and the JSON-lines metrics log.
+
+``runs/<name>/`` holds::
+
+    recipe.yaml          the resolved recipe (rewritten on every start, atomically)
+    env.json             versions, device, world size, AMP, argv, start time, host
+    metrics.jsonl        one JSON object per line: {"kind": "train"|"val", "iter": ..., ...}
+    checkpoints/         iter_XXXXXXX.pt (see :mod:`emactl.engine.checkpoint`)
+    eval/                the final evaluation tables
+    tb/                  TensorBoard scalars, when ``torch.utils.tensorboard`` imports
+
+Only rank 0 writes any of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from ..config import Recipe, dump_yaml
+from ..errors import UserError
+from ..io import write_json, write_text
+from .checkpoint import latest_checkpoint
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
+    """Refuse to train over an existing run unless resuming; return the checkpoint to resume.
+
+    ``resume`` with no checkpoint yet (e.g. killed before the first one) starts from scratch.
+    """
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and not resume:
+        raise UserError(
+            f"{run_dir}: run already has checkpoints (latest {ckpt.name}); "
+            "pass --resume to continue it or choose another --name"
+        )
+    return ckpt if resume else None
+
+
+def write_recipe(run_dir: Path, recipe: Recipe) -> Path:
+    return write_text(run_dir / "recipe.yaml", dump_yaml(recipe))
+
+
+def capture_env(device: torch.device, world_size: int, amp: str, resumed_from: int | None = None) -> dict[str, Any]:
+    """What ran this: versions, hardware, world size, AMP mode, command line, time and host."""
+    cuda = torch.cuda.is_available()
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine() or "cpu"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": str(device),
+        "device_name": device_name,
+        "cuda_available": cuda,
+        "cuda_version": torch.version.cuda,
+        "cudnn_available": bool(torch.backends.cudnn.is_available()),
+        "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "world_size": world_size,
+        "amp": amp,
+        "cpu_threads": torch.get_num_threads(),
+        "argv": list(sys.argv),
+        "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "resumed_from": resumed_from,
+    }
+
+
+def write_env(run_dir: Path, env: dict[str, Any]) -> Path:
+    return write_json(run_dir / "env.json", env)
+
+
+class MetricsLogger:
+    """Append JSON lines to ``metrics.jsonl`` (and scalars to TensorBoard when available).
+
+    Each line is flushed as it is written, so a killed run loses at most a partial last line;
+    :meth:`truncate` removes that and anything logged after the checkpoint being resumed.
+    A disabled logger (ranks other than 0) does nothing.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+        self._tb: Any = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                self._tb = _summary_writer(Path(run_dir) / "tb")
+
+    def truncate(self, iteration: int) -> None:
+        """Keep only well-formed lines with ``iter <= iteration`` (atomically)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and int(record.get("iter", 0)) <= iteration:
+                kept.append(line)
+        write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one record, which must hold ``kind`` and ``iter``."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+            f.flush()
+        if self._tb is not None:
+            step = int(record["iter"])
+            for key, value in record.items():
+                if key not in ("kind", "iter", "time") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{record['kind']}/{key}", value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _summary_writer(folder: Path) -> Any:
+    """A TensorBoard ``SummaryWriter``, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a run's ``metrics.jsonl`` (malformed lines skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,739 @@
+"""The training loop behind ``emactl train``: SGD + poly, AMP, accumulation, DDP, resume.
+
+One call, :func:`train`, runs a whole (or resumed) training and the final evaluation. The loop
+is deliberately plain, in the style of the torchvision segmentation references: forward,
+cross-entropy (plus the weighted aux loss), backward, step, schedule — with the extras a long
+job needs around it.
+
+Reproducibility and resume
+    A resumed run continues the *same trajectory* as an uninterrupted one. The checkpoint
+    holds the model (with the EMA bases buffer and BN statistics), the optimiser, the LR
+    scheduler, the AMP grad scaler, the iteration, each rank's RNG states (torch, CUDA, Python,
+    numpy) and the data position (epoch and micro-batch within it). The data order is a pure
+    function of ``(train.seed, epoch)`` (a ``DistributedSampler``), and every sample's
+    augmentation is drawn from torch's generator re-seeded with a hash of
+    ``(train.seed, epoch, rank, position)`` just for that sample — so the batches depend on
+    neither the number of data-loading workers nor where a run was interrupted, and a resumed
+    run can start mid-epoch without replaying it.
+
+Stopping
+    The first SIGINT or SIGTERM sets a flag that is checked after every optimiser step (and
+    agreed on by all ranks); the run then saves a checkpoint at the current iteration and
+    :func:`train` returns with ``stopped_by`` set; ``emactl train`` exits with 128 + the signal
+    number (130 for SIGINT, 143 for SIGTERM). A second signal acts as it would by default.
+    Signals during the final evaluation are noted but the evaluation finishes (the final
+    checkpoint is already on disk). A NaN/inf loss raises :class:`UserError` naming the
+    iteration *before* the bad update is applied, and nothing is saved.
+
+Distributed
+    Under ``torchrun`` each rank runs this same function. ``train.batch_size`` is the global
+    batch: world size × ``train.accum_steps`` × the per-step micro-batch. Only rank 0 writes
+    files or prints.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ..config import Recipe
+from ..errors import UserError
+from ..nn.emanet import build_model, ema_units
+from ..tables import print_table
+from . import distributed as D
+from .checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    load_state,
+    model_state,
+    prune_checkpoints,
+    recipe_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .optim import build_optimizer, build_scheduler
+from .rundir import MetricsLogger, capture_env, check_run_dir, write_env, write_recipe
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "iteration", "loader", "ranks")
+
+_console = Console(stderr=True)
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train` did.
+
+    ``iteration`` is the last completed iteration; ``seconds`` the wall time of this call;
+    ``metrics`` the final evaluation summary (aAcc, mAcc, mIoU, fwIoU in percent), or None when
+    the run was stopped by a signal, in which case ``stopped_by`` is the signal number.
+    """
+
+    run_dir: Path
+    iteration: int
+    seconds: float
+    metrics: dict[str, float] | None
+    stopped_by: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Loss.
+
+
+def seg_loss(outputs: dict[str, Tensor], labels: Tensor, ignore_index: int, aux_weight: float) -> Tensor:
+    """Pixel-wise cross-entropy over non-ignored pixels, plus ``aux_weight ×`` the aux loss.
+
+    It equals ``F.cross_entropy(..., ignore_index=...)`` (the mean over valid pixels), except
+    that a batch without any valid pixel gives 0 instead of NaN.
+    """
+    valid = (labels != ignore_index).sum().clamp(min=1)
+
+    def ce(logits: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum") / valid
+
+    loss = ce(outputs["out"])
+    if "aux" in outputs:
+        loss = loss + aux_weight * ce(outputs["aux"])
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Data: a resumable, seeded, infinite stream of micro-batches.
+
+
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """The augmentation seed of one sample: a 63-bit hash of where it sits in the stream."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{rank}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item ``(index, seed)`` is drawn with the RNGs seeded by ``seed``.
+
+    torch's CPU generator, Python's ``random`` and numpy's global generator are seeded for the
+    one call and restored afterwards, so the caller's random streams (e.g. dropout when
+    ``data.workers=0``) are left untouched.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        gen = torch.default_generator
+        torch_state, py_state, np_state = gen.get_state(), random.getstate(), np.random.get_state()
+        gen.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        try:
+            return self.dataset[index]
+        finally:
+            gen.set_state(torch_state)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class TrainSampler(Sampler):
+    """A ``DistributedSampler`` order that yields ``(index, sample seed)`` from a start position.
+
+    The order is reshuffled every epoch from ``(seed, epoch)``; ``drop_last`` trims the epoch
+    to a multiple of the world size so every rank sees the same number of samples.
+    """
+
+    def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int) -> None:
+        self.order = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.seed, self.rank = seed, rank
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order.set_epoch(epoch)
+
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` samples of this rank's share of the epoch."""
+        self.start = start
+
+    def per_rank(self) -> int:
+        return len(self.order)
+
+    def __len__(self) -> int:
+        return max(0, len(self.order) - self.start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, index in enumerate(self.order):
+            if position >= self.start:
+                yield index, sample_seed(self.seed, self.epoch, self.rank, position)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Data-loading workers ignore SIGINT/SIGTERM: the main process decides when to stop.
+
+    (A Ctrl-C reaches the whole process group; a worker that died of it would crash the main
+    process before it could save its checkpoint.) Workers still exit when the main process dies.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class InfiniteLoader:
+    """Endless micro-batches over epochs, with a position (epoch, micro-batch) to checkpoint."""
+
+    def __init__(self, loader: DataLoader, sampler: TrainSampler, epoch: int = 0, batch: int = 0) -> None:
+        self.loader, self.sampler = loader, sampler
+        self.epoch, self.batch = epoch, batch
+        self._it: Iterator | None = None
+
+    def __next__(self) -> Any:
+        while True:
+            if self._it is None:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.set_start(self.batch * self.loader.batch_size)
+                if self.loader.generator is not None:
+                    self.loader.generator.manual_seed(sample_seed(self.sampler.seed, self.epoch, -1, 0))
+                self._it = iter(self.loader)
+            try:
+                item = next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epoch, self.batch = self.epoch + 1, 0
+                continue
+            self.batch += 1
+            return item
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def close(self) -> None:
+        self._it = None
+
+
+# --------------------------------------------------------------------------------------------
+# Signals.
+
+
+class StopSignals:
+    """Turn the first SIGINT/SIGTERM into a flag; the original handlers come back after it.
+
+    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
+# --------------------------------------------------------------------------------------------
+# Model helpers.
+
+
+def unused_parameters(model: nn.Module, device: torch.device, size: int = 64) -> list[str]:
+    """Names of parameters that get no gradient in a training step (probed on a copy).
+
+    E.g. the first 1×1 conv of the EMA unit with ``model.ema.grad=none``: DDP needs
+    ``find_unused_parameters=True`` for those, which costs a graph traversal every step, so it
+    is only switched on when this finds any. The probe runs on a deep copy and inside
+    ``fork_rng``, so neither the model nor the random streams change. Collective under DDP
+    (the EMA unit all-reduces its bases): every rank must call it.
+    """
+    probe = copy.deepcopy(model).train()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        x = torch.randn(2, 3, size, size, device=device)
+        out = probe(x)
+        sum(v.float().mean() for v in out.values()).backward()
+    return [n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def average_bn_stats(model: nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks (no-op in a single process).
+
+    With plain BN under DDP (always on the CPU, where SyncBN does not exist) each rank keeps
+    its own running statistics, and ``broadcast_buffers=False`` leaves them apart. Averaging
+    them before every validation and checkpoint makes all ranks evaluate, save and resume the
+    same model. With SyncBN they are equal already and averaging leaves them so.
+    """
+    if D.get_world_size() == 1:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            D.all_reduce(m.running_mean, "mean")
+            D.all_reduce(m.running_var, "mean")
+
+
+def bases_digest(model: nn.Module) -> str:
+    """A hash of every EMA unit's bases, to check that replicas agree."""
+    h = hashlib.sha1()
+    for unit in ema_units(model):
+        h.update(unit.mu.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _no_buffer_broadcast() -> dict[str, bool]:
+    """DDP's keyword for "do not broadcast buffers before every forward", old or new name."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:.3e}"
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer.
+
+
+class _Trainer:
+    """State and steps of one training run; :func:`train` is the public entry point."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, resume: bool, progress: bool, info: D.DistInfo) -> None:
+        self.recipe, self.cfg = recipe, recipe.train
+        self.run_dir = run_dir
+        self.info = info
+        self.device = info.device
+        self.main = info.is_main
+        self.show_progress = progress and self.main
+        self.resume_from = check_run_dir(run_dir, resume)
+        cfg = self.cfg
+
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise UserError("train.amp=fp16 needs CUDA; on the CPU use train.amp=bf16 or none")
+        per_step = info.world_size * cfg.accum_steps
+        if cfg.batch_size % per_step:
+            raise UserError(
+                f"train.batch_size={cfg.batch_size} is the global batch and must be divisible by "
+                f"world size {info.world_size} × train.accum_steps {cfg.accum_steps} = {per_step}"
+            )
+        self.micro = cfg.batch_size // per_step
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        from ..data import build_dataset
+        from .evaluate import resolve_eval_config
+
+        data = recipe.data
+        self.train_set = build_dataset(data, data.train_split, train=True)
+        self.val_set = build_dataset(data, data.val_split, train=False)
+        self.num_classes = self.train_set.num_classes
+        self.ignore_index = self.train_set.ignore_index
+        if self.num_classes != data.num_classes:
+            raise UserError(f"data.num_classes={data.num_classes} but dataset {data.name!r} has {self.num_classes} classes")
+        if len(self.val_set) == 0:
+            raise UserError(f"dataset {data.name!r} split {data.val_split!r} holds no images")
+        self.eval_cfg = resolve_eval_config(recipe)
+
+        self.ckpt = load_checkpoint(self.resume_from) if self.resume_from is not None else None
+        if self.ckpt is not None:
+            missing = [k for k in TRAINING_KEYS if k not in self.ckpt]
+            if missing:
+                raise UserError(
+                    f"{self.resume_from}: not a training checkpoint (no {', '.join(missing)}); cannot resume from it"
+                )
+        self._build_model()
+        self._build_loader()
+        # Each rank draws its own dropout masks; a resume replaces this with the saved states.
+        torch.manual_seed(cfg.seed + info.rank)
+        self.iteration = 0
+        self.elapsed = 0.0
+        self.window = [0.0, 0]  # loss sum and count since the last train log line
+        if self.ckpt is not None:
+            self._restore()
+
+    # ---- set-up
+
+    def _build_model(self) -> None:
+        cfg, dev = self.cfg, self.device
+        model = build_model(self.recipe.model, self.num_classes).to(dev)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.ckpt is not None:
+            load_state(model, self.ckpt["model"], str(self.resume_from))
+        unused: list[str] = []
+        if self.info.distributed:
+            unused = unused_parameters(model, dev)
+            if unused and self.main:
+                _console.print(
+                    f"DDP: {len(unused)} parameter tensors get no gradient (e.g. {unused[0]}); "
+                    "using find_unused_parameters=True"
+                )
+        model = D.convert_sync_bn(model, dev, cfg.sync_bn)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16")
+        self.ddp: DistributedDataParallel | None = None
+        forward_model: nn.Module = model
+        if self.info.distributed:
+            # No buffer broadcast before each forward (broadcast_buffers=False; newer PyTorch
+            # calls it forward_sync_buffers=False and deprecates the old name). By default DDP
+            # copies rank 0's buffers to every rank before each forward pass. The EMA unit
+            # already all-reduces its bases update, so the bases agree without it — and with
+            # it, rank 0's buffer would silently overwrite the others every step, hiding any
+            # bug in that all-reduce, at the cost of a broadcast of every buffer per step. BN
+            # statistics are averaged explicitly before validation and checkpoints instead
+            # (see average_bn_stats).
+            self.ddp = DistributedDataParallel(
+                model,
+                device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters=bool(unused),
+                **_no_buffer_broadcast(),
+            )
+            forward_model = self.ddp
+        self.eager_model = forward_model
+        self.forward_model = forward_model
+        self.compile_pending = False
+        if cfg.compile:
+            try:
+                self.forward_model = torch.compile(forward_model)
+                self.compile_pending = True
+            except Exception as e:  # unsupported platform or Python version
+                self._warn_compile(e)
+
+    def _warn_compile(self, e: BaseException) -> None:
+        if self.main:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            _console.print(f"[yellow]warning:[/] torch.compile failed ({type(e).__name__}: {first}); training without it")
+
+    def _build_loader(self) -> None:
+        cfg, info = self.cfg, self.info
+        self.sampler = TrainSampler(self.train_set, info.world_size, info.rank, cfg.seed)
+        if self.sampler.per_rank() < self.micro:
+            raise UserError(
+                f"dataset {self.recipe.data.name!r} split {self.recipe.data.train_split!r} holds "
+                f"{len(self.train_set)} images, fewer than one global batch of train.batch_size={cfg.batch_size}"
+            )
+        workers = self.recipe.data.workers
+        generator = torch.Generator()
+        generator.manual_seed(cfg.seed)
+        loader = DataLoader(
+            SeededSamples(self.train_set),
+            batch_size=self.micro,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init,
+            generator=generator,
+            persistent_workers=False,
+        )
+        self.loader = InfiniteLoader(loader, self.sampler)
+
+    def _restore(self) -> None:
+        ckpt, path = self.ckpt, self.resume_from
+        assert ckpt is not None
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"{path}: optimizer state does not fit this recipe's parameter groups ({e})") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler.is_enabled() and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        self.elapsed = float(ckpt.get("elapsed", 0.0))
+        window = ckpt.get("loss_window", [0.0, 0])
+        self.window = [float(window[0]), int(window[1])]
+        pos = ckpt["loader"]
+        epoch, batch = int(pos["epoch"]), int(pos["batch"])
+        same_layout = int(pos.get("micro_batch", self.micro)) == self.micro and int(
+            pos.get("world_size", self.info.world_size)
+        ) == self.info.world_size
+        if not same_layout:
+            samples = batch * int(pos["micro_batch"]) * int(pos["world_size"])
+            batch = samples // (self.micro * self.info.world_size)
+            if self.main:
+                _console.print(
+                    "[yellow]warning:[/] resuming with a different world size or micro-batch: "
+                    "the data stream continues from the same epoch and sample count, not the same batches"
+                )
+        self.loader.epoch, self.loader.batch = epoch, batch
+        ranks = ckpt["ranks"]
+        set_rng_state(ranks[self.info.rank % len(ranks)]["rng"], self.device)
+        self.ckpt = None  # free the memory
+
+    # ---- steps
+
+    def _forward(self, images: Tensor) -> dict[str, Tensor]:
+        if not self.compile_pending:
+            return self.forward_model(images)
+        # torch.compile compiles lazily, on the first call: fall back to eager if that fails.
+        try:
+            out = self.forward_model(images)
+        except UserError:
+            raise
+        except Exception as e:
+            self._warn_compile(e)
+            self.forward_model = self.eager_model
+            out = self.forward_model(images)
+        self.compile_pending = False
+        return out
+
+    def step(self, stop_flags: Tensor) -> float:
+        """One optimiser step over ``accum_steps`` micro-batches; returns the global mean loss.
+
+        ``stop_flags`` (this rank's [SIGINT, SIGTERM] flags) is all-reduced together with the
+        loss so every rank agrees on both.
+        """
+        cfg, dev = self.cfg, self.device
+        loss_sum = torch.zeros((), device=dev)
+        for k in range(cfg.accum_steps):
+            images, labels = next(self.loader)
+            images = images.to(dev, non_blocking=True)
+            labels = labels.to(dev, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            last = k == cfg.accum_steps - 1
+            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
+            with sync:
+                with _autocast(dev, cfg.amp):
+                    outputs = self._forward(images)
+                loss = seg_loss(outputs, labels, self.ignore_index, self.recipe.model.aux_weight)
+                self.scaler.scale(loss / cfg.accum_steps).backward()
+            loss_sum += loss.detach()
+        stats = torch.cat([(loss_sum / cfg.accum_steps).reshape(1), stop_flags.to(dev)])
+        D.all_reduce(stats, "sum")
+        values = stats.tolist()
+        loss_value = values[0] / self.info.world_size
+        if not math.isfinite(loss_value):
+            kept = latest_checkpoint(self.run_dir)
+            raise UserError(
+                f"loss is {loss_value} at iteration {self.iteration + 1}; stopped without applying or "
+                f"saving that step (last good checkpoint: {kept if kept else 'none'}); "
+                "lower train.lr, add warm-up or try train.amp=none"
+            )
+        self.stop_votes = values[1:]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.iteration += 1
+        return loss_value
+
+    def save(self) -> Path:
+        """Checkpoint the current state (collective: every rank contributes its RNG states)."""
+        average_bn_stats(self.model)
+        ranks = D.all_gather_object({"rng": rng_state(self.device), "bases": bases_digest(self.model)})
+        path = checkpoint_path(self.run_dir, self.iteration)
+        if self.main:
+            state = {
+                "model": model_state(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "iteration": self.iteration,
+                "recipe": recipe_state(self.recipe),
+                "loader": {**self.loader.state(), "micro_batch": self.micro, "world_size": self.info.world_size},
+                "ranks": ranks,
+                "elapsed": self.elapsed,
+                "loss_window": list(self.window),
+                "world_size": self.info.world_size,
+            }
+            save_checkpoint(path, state)
+            prune_checkpoints(self.run_dir, self.cfg.keep_ckpts)
+        return path
+
+    def validate(self, progress: bool) -> Any:
+        """Evaluate on the val split (all ranks; the confusion matrix is reduced across them).
+
+        Runs inside ``fork_rng`` so that validating does not change the training trajectory.
+        """
+        from .evaluate import evaluate
+
+        average_bn_stats(self.model)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            result = evaluate(
+                self.model,
+                self.val_set,
+                self.eval_cfg,
+                self.num_classes,
+                self.ignore_index,
+                self.device,
+                progress=progress,
+                workers=self.recipe.data.workers,
+            )
+        self.model.train()
+        return result
+
+    # ---- the loop
+
+    def run(self) -> TrainResult:
+        start = time.perf_counter()
+        cfg, main = self.cfg, self.main
+        logger = MetricsLogger(self.run_dir, enabled=main)
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_recipe(self.run_dir, self.recipe)
+            resumed = self.iteration if self.resume_from is not None else None
+            write_env(self.run_dir, capture_env(self.device, self.info.world_size, cfg.amp, resumed))
+            logger.truncate(self.iteration)
+            where = f"resuming {self.resume_from} at iteration {self.iteration}" if resumed is not None else "training"
+            _console.print(
+                f"{where} → {self.run_dir} on {self.device} × {self.info.world_size} "
+                f"(global batch {cfg.batch_size} = {self.info.world_size} × {cfg.accum_steps} × {self.micro})"
+            )
+        stopped_by: int | None = None
+        metrics: dict[str, float] | None = None
+        self.model.train()
+        try:
+            with StopSignals() as signals:
+                stopped_by = self._loop(signals, logger)
+                if stopped_by is None:
+                    if signals.signum is not None and main:
+                        _console.print("signal received; finishing the final evaluation (send again to abort)")
+                    metrics = self._final(logger)
+        finally:
+            self.loader.close()
+            logger.close()
+        return TrainResult(self.run_dir, self.iteration, time.perf_counter() - start, metrics, stopped_by)
+
+    def _loop(self, signals: StopSignals, logger: MetricsLogger) -> int | None:
+        cfg, main = self.cfg, self.main
+        columns = (
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+            TimeRemainingColumn(),
+        )
+        progress = Progress(*columns, console=_console, disable=not self.show_progress)
+        window_start, window_iters = time.perf_counter(), 0
+        ips = 0.0
+        with progress:
+            task = progress.add_task("train", total=cfg.iters, completed=self.iteration, loss="–", lr="–", ips="–")
+            while self.iteration < cfg.iters:
+                t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
+                flags = torch.tensor(
+                    [float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)]
+                )
+                loss = self.step(flags)
+                it = self.iteration
+                self.elapsed += time.perf_counter() - t0
+                self.window[0] += loss
+                self.window[1] += 1
+                window_iters += 1
+                if it % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    ips = window_iters * cfg.batch_size / max(now - window_start, 1e-9)
+                    logger.log(
+                        {
+                            "kind": "train",
+                            "iter": it,
+                            "loss": self.window[0] / max(self.window[1], 1),
+                            "lr": lr,
+                            "img_per_s": ips,
+                            "time": round(self.elapsed, 3),
+                        }
+                    )
+                    self.window = [0.0, 0]
+                    window_start, window_iters = now, 0
+                progress.update(task, completed=it, loss=f"{loss:.4f}", lr=_fmt_lr(lr), ips=f"{ips:.1f}")
+                if cfg.val_every and it % cfg.val_every == 0 and it < cfg.iters:
+                    result = self.validate(progress=False)
+                    self._log_val(logger, result.summary)
+                    if main:
+                        progress.console.print(
+                            f"iter {it}: " + "  ".join(f"{k} {v:.2f}" for k, v in result.summary.items())
+                        )
+                saved = False
+                if it % cfg.ckpt_every == 0 or it == cfg.iters:
+                    self.save()
+                    saved = True
+                sigint, sigterm = self.stop_votes
+                if sigint or sigterm:
+                    if not saved:
+                        self.save()
+                    signum = int(signal.SIGTERM if sigterm else signal.SIGINT)
+                    if main:
+                        progress.console.print(
+                            f"stopped by {signal.Signals(signum).name} at iteration {it}; "
+                            f"saved {checkpoint_path(self.run_dir, it)} (continue with --resume)"
+                        )
+                    return signum
+        return None
+
+    def _log_val(self, logger: MetricsLogger, summary: dict[str, float]) -> None:
+        logger.log({"kind": "val", "iter": self.iteration, **{k: float(v) for k, v in summary.items()}})
+
+    def _final(self, logger: MetricsLogger) -> dict[str, float]:
+        from .evaluate import summary_frame, write_eval
+
+        result = self.validate(progress=self.show_progress)
+        result.meta.update(iteration=self.iteration, split=self.recipe.data.val_split, mode=self.eval_cfg.mode)
+        self._log_val(logger, result.summary)
+        if self.main:
+            out = self.run_dir / "eval"
+            names = [str(n) for n in result.per_class["class"]]
+            write_eval(result, out, names)
+            print_table(summary_frame(result), title=f"{self.recipe.name} — iteration {self.iteration}")
+            print_table(result.per_class, title="per class")
+            _console.print(f"wrote {out}/{{summary,per_class}}.{{csv,md}}, confusion.csv")
+        return {k: float(v) for k, v in result.summary.items()}
+
+
+def train(recipe: Recipe, run_dir: Path | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``recipe`` into ``run_dir`` (default ``out_dir/name``), then evaluate on val.
+
+    ``resume`` continues from the run's newest checkpoint (or starts afresh if it has none);
+    without it an existing run with checkpoints is refused. Under ``torchrun`` every rank calls
+    this; the process group is set up from the environment and destroyed at the end.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else Path(recipe.out_dir) / recipe.name
+    info = D.init_distributed(recipe.train.device)
+    try:
+        return _Trainer(recipe, run_dir, resume, progress, info).run()
+    finally:
+        D.cleanup()

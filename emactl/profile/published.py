@@ -1,0 +1,203 @@
+"""The paper's cost table next to ours: ResNet-101, output stride 8, 513×513 input, batch 1.
+
+Source of :data:`PUBLISHED`: Li et al., "Expectation-Maximization Attention Networks for
+Semantic Segmentation", ICCV 2019 (arXiv:1907.13426), the comparison table for ResNet-101 at
+output stride 8 with 513×513 inputs on VOC val, as copied into DESIGN.md ("Published
+figures"). The extra columns are over the backbone; the backbone row is absolute. Its units
+are the paper's "G" and "M", read here as 10⁹ and 10⁶ (FLOPs, bytes, parameters).
+
+What we count, without computing anything (meta tensors):
+
+* MACs with FlopCounterMode / 2 (and FLOPs = 2 × MACs), parameters, and activation memory as
+  the bytes saved for backward (see :mod:`emactl.profile.memory`), fp32, batch 1;
+* each network in full and its backbone alone; "extra" is the difference;
+* a second convention, "context": only the module between the backbone and the final 3×3
+  conv + classifier (EMANet: the 2048→C 3×3 reduction and the EMAU; DeepLabV3: the ASPP with
+  its 1×1 projection). The paper's numbers match this convention, in MACs.
+* the backbone both as torchvision builds it (7×7 stem) and with the three-3×3-conv "deep
+  stem" of the PSPNet-style ResNet-101 that segmentation code of the time used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torchvision
+from rich.console import Console
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+
+from ..config import EMAConfig, ModelConfig
+from ..nn.backbone import DILATION, Backbone, build_backbone
+from ..nn.emanet import build_model
+from .counting import count_module, count_params
+from .memory import peak_memory, saved_tensor_bytes, total_bytes
+
+CROP, OUTPUT_STRIDE, NUM_CLASSES = 513, 8, 21
+
+SOURCE = (
+    "Li et al., Expectation-Maximization Attention Networks for Semantic Segmentation, ICCV 2019 "
+    "(arXiv:1907.13426): ResNet-101, output stride 8, 513x513, VOC val (DESIGN.md, Published figures)"
+)
+
+
+@dataclass(frozen=True)
+class Published:
+    """One row of the paper's table. Costs are extra over the backbone, except the backbone's."""
+
+    method: str
+    miou_ss: float | None
+    miou_ms_flip: float | None
+    flops_g: float
+    memory_mb: float
+    params_m: float
+
+
+PUBLISHED: tuple[Published, ...] = (
+    Published("ResNet-101 backbone", None, None, 190.6, 2603.0, 42.6),
+    Published("DeepLabV3", 78.51, 79.77, 63.4, 66.0, 15.5),
+    Published("DeepLabV3+", 79.35, 80.57, 84.1, 99.3, 16.3),
+    Published("PSANet", 78.51, 79.77, 56.3, 59.4, 18.5),
+    Published("EMANet(256)", 79.73, 80.94, 21.1, 12.3, 4.87),
+    Published("EMANet(512)", 80.05, 81.32, 43.1, 22.1, 10.0),
+)
+
+CONVENTION_NOTE = (
+    "published 'FLOPs' are reproduced by our MACs (multiply-adds) of the context part alone "
+    "(EMANet: 3x3 reduction + EMAU; DeepLabV3: ASPP incl. its 1x1 projection), i.e. without the "
+    "final 3x3 conv + classifier that follow every context module; the published backbone "
+    "(190.6G, 42.6M) is the deep-stem ResNet-101; 2 FLOPs/MAC doubles every ratio"
+)
+
+
+def published(method: str) -> Published:
+    return next(p for p in PUBLISHED if p.method == method)
+
+
+def deep_stem_resnet101(output_stride: int = OUTPUT_STRIDE) -> Backbone:
+    """ResNet-101 with PSPNet's deep stem: three 3×3 convs (64, 64, 128) instead of one 7×7."""
+    resnet = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=DILATION[output_stride])
+    resnet.conv1 = nn.Sequential(
+        nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(64, 64, 3, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(64, 128, 3, padding=1, bias=False),
+    )
+    resnet.bn1 = nn.BatchNorm2d(128)
+    resnet.inplanes, resnet.dilation = 128, 1
+    resnet.layer1 = resnet._make_layer(Bottleneck, 64, 3)
+    return Backbone(resnet, {"layer3": 1024, "layer4": 2048})
+
+
+def _emanet(channels: int) -> nn.Module:
+    cfg = ModelConfig(backbone="resnet101", output_stride=OUTPUT_STRIDE, head="ema", head_channels=channels, ema=EMAConfig())
+    return build_model(cfg, NUM_CLASSES)
+
+
+def _deeplabv3() -> nn.Module:
+    return torchvision.models.segmentation.deeplabv3_resnet101(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=False
+    )
+
+
+# network label → (published method, builder, submodules of the "context" convention)
+_NETWORKS = {
+    "DeepLabV3 (torchvision)": ("DeepLabV3", _deeplabv3, ("classifier.0",)),
+    "EMANet(256)": ("EMANet(256)", lambda: _emanet(256), ("head.reduce", "head.context")),
+    "EMANet(512)": ("EMANet(512)", lambda: _emanet(512), ("head.reduce", "head.context")),
+}
+_BACKBONES = {
+    "ResNet-101, torchvision 7x7 stem": lambda: build_backbone("resnet101", OUTPUT_STRIDE),
+    "ResNet-101, deep 3x3 stem": deep_stem_resnet101,
+}
+
+
+def _row(method: str, counted: str, macs: int, params: int, activations: int, pub: Published) -> dict:
+    return {
+        "method": method,
+        "counted": counted,
+        "GMACs": macs / 1e9,
+        "GFLOPs (2/MAC)": 2 * macs / 1e9,
+        "published FLOPs (G)": pub.flops_g,
+        "GMACs / published": macs / 1e9 / pub.flops_g,
+        "GFLOPs / published": 2 * macs / 1e9 / pub.flops_g,
+        "params (M)": params / 1e6,
+        "published params (M)": pub.params_m,
+        "params / published": params / 1e6 / pub.params_m,
+        "activations (MB)": activations / 1e6,
+        "published memory (MB)": pub.memory_mb,
+        "activations / published": activations / 1e6 / pub.memory_mb,
+    }
+
+
+def published_check(console: Console | None = None) -> pd.DataFrame:
+    """Our counts at the paper's setting next to the published ones, with ratios ours/published."""
+    x = torch.empty(1, 3, CROP, CROP, device="meta")
+    rows = []
+    for label, build in _BACKBONES.items():
+        if console is not None:
+            console.log(f"published: {label}")
+        with torch.device("meta"):
+            model = build().eval()
+        counts = count_module(model, x.shape)
+        saved = saved_tensor_bytes(model, x)[""]
+        rows.append(_row(label, "backbone", counts.macs, count_params(model), total_bytes(saved), published("ResNet-101 backbone")))
+    for label, (method, build, context) in _NETWORKS.items():
+        if console is not None:
+            console.log(f"published: {label}")
+        with torch.device("meta"):
+            model = build().eval()
+        counts = count_module(model, x.shape)
+        parts = {"all": "", "backbone": "backbone", **{name: name for name in context}}
+        saved = saved_tensor_bytes(model, x, parts)
+        backbone = model.get_submodule("backbone")
+        head_macs = counts.macs - counts.module_macs["backbone"]
+        head_params = count_params(model) - count_params(backbone)
+        rows.append(_row(label, "head: all beyond backbone", head_macs, head_params, total_bytes(saved["all"], saved["backbone"]), published(method)))
+        ctx_storages: dict[int, int] = {}
+        for name in context:
+            ctx_storages.update(saved[name])
+        rows.append(
+            _row(
+                label,
+                "context: " + " + ".join(context),
+                sum(counts.module_macs[name] for name in context),
+                sum(count_params(model.get_submodule(name)) for name in context),
+                total_bytes(ctx_storages, saved["backbone"]),
+                published(method),
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def measured_published_memory(device: torch.device, console: Console | None = None) -> pd.DataFrame:
+    """Inference peak memory at 513×513, batch 1, fp32, measured on ``device`` (slow on a CPU)."""
+    x = torch.randn(1, 3, CROP, CROP, device=device)
+    builders = {"ResNet-101, torchvision 7x7 stem": _BACKBONES["ResNet-101, torchvision 7x7 stem"]}
+    builders.update({label: build for label, (_, build, _) in _NETWORKS.items()})
+    peaks = {}
+    for label, build in builders.items():
+        if console is not None:
+            console.log(f"published: measuring inference memory of {label} at {CROP}x{CROP}")
+        model = build().to(device).eval()
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(x)
+
+        forward()  # warm-up
+        peaks[label] = peak_memory(forward, device)
+        del model, forward
+    backbone = peaks.pop("ResNet-101, torchvision 7x7 stem")
+    rows = [{"method": "ResNet-101, torchvision 7x7 stem", "counted": "backbone", "inference peak (MB)": backbone / 1e6,
+             "published memory (MB)": published("ResNet-101 backbone").memory_mb}]
+    for label, peak in peaks.items():
+        rows.append({"method": label, "counted": "network peak minus backbone peak", "inference peak (MB)": (peak - backbone) / 1e6,
+                     "published memory (MB)": published(_NETWORKS[label][0]).memory_mb})
+    df = pd.DataFrame(rows)
+    df["ratio"] = df["inference peak (MB)"] / df["published memory (MB)"]
+    return df

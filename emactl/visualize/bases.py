@@ -1,0 +1,157 @@
+"""``visualize bases``: the responsibility map of chosen bases, as in the paper's figure.
+
+For each image: the input, the ground truth (when there is one), the prediction, a class
+legend, then for every chosen basis k the map Z[:, k] — how strongly each pixel is assigned to
+basis k in the last E step — reshaped to the feature map, upsampled bilinearly to the image
+and drawn with a perceptual colormap and its own colorbar (the maps' ranges differ a lot).
+
+Without explicit bases, the ``top`` bases with the highest spatial variance of their
+responsibilities are shown: those are the ones that separate regions of the image, while a
+basis with a flat map carries no spatial information.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ..errors import UserError
+from .common import (
+    PANEL,
+    RESP_CMAP,
+    class_legend,
+    label_colours,
+    new_figure,
+    output_dir,
+    present_classes,
+    save,
+    show_image,
+    unique_names,
+)
+from .samples import ImageSet, Recorded, forward_record, load_images, load_run, require_ema
+
+DEFAULT_TOP = 4
+MAX_COLS = 4
+
+
+def parse_bases(text: str) -> list[int]:
+    """``"3,7,12"`` → ``[3, 7, 12]``."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"--bases: expected comma-separated basis indices like 0,5,12, got {text!r}") from None
+    if not values:
+        raise UserError("--bases: give at least one basis index")
+    return values
+
+
+def choose_bases(resp: Tensor, bases: Sequence[int] | None, top: int) -> list[int]:
+    """The given basis indices (checked against K), else the ``top`` by spatial variance.
+
+    ``resp`` is (h, w, K).
+    """
+    k = resp.shape[-1]
+    if bases:
+        bad = [b for b in bases if not 0 <= b < k]
+        if bad:
+            raise UserError(f"--bases: index {bad[0]} out of range; the model has K={k} bases (0..{k - 1})")
+        return list(bases)
+    if top < 1:
+        raise UserError(f"--top: must be >= 1, got {top}")
+    variance = resp.reshape(-1, k).var(dim=0)
+    return variance.argsort(descending=True)[: min(top, k)].tolist()
+
+
+def layout(n_bases: int, has_label: bool) -> tuple[int, int]:
+    """``(columns, rows)``: a top row of input, [ground truth,] prediction and legend, then the
+    basis maps, at most :data:`MAX_COLS` per row."""
+    top = 4 if has_label else 3
+    cols = max(top, min(n_bases, MAX_COLS))
+    return cols, 1 + math.ceil(n_bases / cols)
+
+
+def figure_size(n_bases: int, has_label: bool) -> tuple[float, float]:
+    """The figure size in inches (one :data:`PANEL` per cell)."""
+    cols, rows = layout(n_bases, has_label)
+    return cols * PANEL, rows * PANEL
+
+
+def upsample_map(resp_k: Tensor, size: tuple[int, int]) -> np.ndarray:
+    """An (h, w) map resized bilinearly to ``size`` (H, W)."""
+    return F.interpolate(resp_k[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def bases_figure(sample_image: np.ndarray, label: np.ndarray | None, rec: Recorded, chosen: Sequence[int],
+                 images: ImageSet, title: str) -> Figure:
+    """The figure for one image (see the module docstring)."""
+    has_label = label is not None
+    cols, rows = layout(len(chosen), has_label)
+    fig = new_figure(*figure_size(len(chosen), has_label))
+    grid = fig.add_gridspec(rows, cols)
+    palette, names = images.palette, images.class_names
+    top = [fig.add_subplot(grid[0, i]) for i in range(cols)]
+    show_image(top[0], sample_image, "input")
+    i = 1
+    if has_label:
+        show_image(top[1], label_colours(label, palette), "ground truth", interpolation="nearest")
+        i = 2
+    show_image(top[i], label_colours(rec.pred, palette), "prediction", interpolation="nearest")
+    classes = present_classes(label, rec.pred, num_classes=len(names))
+    ignored = has_label and bool((label == images.ignore_index).any())
+    class_legend(top[i + 1], classes, names, palette, ignore=ignored)
+    for ax in top[i + 2 :]:
+        ax.set_axis_off()
+
+    k = rec.resp.shape[-1]
+    h, w = rec.resp.shape[:2]
+    size = sample_image.shape[:2]
+    for j, basis in enumerate(chosen):
+        ax = fig.add_subplot(grid[1 + j // cols, j % cols])
+        resp_k = rec.resp[..., basis]
+        artist = show_image(ax, upsample_map(resp_k, size), f"basis {basis}  (var {resp_k.var().item():.2g})",
+                            cmap=RESP_CMAP, interpolation="nearest")
+        bar = fig.colorbar(artist, ax=ax, shrink=0.85)
+        bar.set_label(f"z[:, {basis}]", fontsize="small")
+        bar.ax.tick_params(labelsize="x-small")
+    for j in range(len(chosen), (rows - 1) * cols):
+        fig.add_subplot(grid[1 + j // cols, j % cols]).set_axis_off()
+    fig.suptitle(f"{title}\nEMA responsibilities z[:, k] of the last E step (K={k}, feature map {h}×{w})",
+                 fontsize="medium")
+    return fig
+
+
+def draw_bases(
+    path: str | os.PathLike | None = None,
+    images: Sequence[str | os.PathLike] | None = None,
+    bases: Sequence[int] | None = None,
+    top: int | None = None,
+    out: str | os.PathLike | None = None,
+    split: str | None = None,
+    count: int = 4,
+    overrides: Sequence[str] = (),
+    device: str = "auto",
+) -> list[Path]:
+    """Write ``bases_<image>.png`` per image; return the paths."""
+    if bases and top is not None:
+        raise UserError("--bases and --top exclude each other: name the bases or let --top pick them")
+    run, dev, run_dir = load_run(path, overrides, device)
+    unit = require_ema(run, "bases")
+    image_set = load_images(run.recipe, images, split, count)
+    out_dir = output_dir(out, run_dir)
+    written = []
+    names = unique_names(s.name for s in image_set.samples)
+    for sample, name in zip(image_set.samples, names):
+        rec = forward_record(run, unit, sample.image, dev)
+        chosen = choose_bases(rec.resp, bases, top if top is not None else DEFAULT_TOP)
+        how = "chosen bases" if bases else "top bases by spatial variance"
+        title = f"{sample.name} — {run.recipe.name}, iteration {run.iteration} ({how})"
+        fig = bases_figure(sample.image, sample.label, rec, chosen, image_set, title)
+        written.append(save(fig, out_dir / f"bases_{name}.png"))
+    return written
+

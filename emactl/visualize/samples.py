@@ -1,0 +1,148 @@
+"""What the model-based figures draw from: a run's model, some images, and one recorded forward.
+
+Images come either from the recipe's dataset (``split``, the first ``count`` samples, with
+their ground truth) or from files the user names (no ground truth). A recorded forward is a
+single whole-image pass in eval mode that keeps what the EMA unit saw and produced, so the
+prediction shown beside the responsibility maps is the one they explain.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import Recipe
+from ..data import Sample, build_dataset, build_transforms, read_image
+from ..data.base import DATASETS
+from ..engine.checkpoint import LoadedRun
+from ..engine.evaluate import load_for_eval, run_dir_of
+from ..errors import UserError
+from ..nn.ema import EMAU
+from ..nn.emanet import ema_units
+from .common import latest_run
+
+
+@dataclass
+class ImageSet:
+    """Raw samples plus what is needed to colour their labels."""
+
+    samples: list[Sample]
+    class_names: list[str]
+    palette: np.ndarray
+    ignore_index: int
+
+
+@dataclass
+class Recorded:
+    """One image through the model: the prediction and the EMA unit's inputs and outputs.
+
+    ``feats`` is the conv1 output (what EM clusters) and ``recon`` the reconstruction μZᵀ,
+    both (C, h, w) at the feature resolution; ``resp`` is Z reshaped to (h, w, K).
+    """
+
+    pred: np.ndarray
+    feats: Tensor
+    recon: Tensor
+    bases: Tensor
+    resp: Tensor
+
+
+def resolve_run(path: str | os.PathLike | None) -> Path:
+    """The run or checkpoint path given, or the latest run in ``runs/`` (announced on stderr)."""
+    if path is not None:
+        return Path(path)
+    run = latest_run()
+    print(f"using the latest run: {run}", file=sys.stderr)
+    return run
+
+
+def load_run(path: str | os.PathLike | None, overrides: Sequence[str], device: str) -> tuple[LoadedRun, torch.device, Path]:
+    """The model (eval mode, on ``device``), the device and the run directory for figures."""
+    path = resolve_run(path)
+    run, _, dev = load_for_eval(path, list(overrides), device=device)
+    return run, dev, run_dir_of(path)
+
+
+def require_ema(run: LoadedRun, command: str) -> EMAU:
+    """The (first) EMA unit of the model; a model without one cannot be drawn."""
+    units = ema_units(run.model)
+    if not units:
+        raise UserError(
+            f"{run.checkpoint}: model.head={run.recipe.model.head!r} has no EMA unit; "
+            f"`visualize {command}` needs a model trained with model.head=ema"
+        )
+    return units[0]
+
+
+def _class_names(recipe: Recipe) -> list[str]:
+    """Class names without building the dataset (its files may be absent with ``--images``)."""
+    k = recipe.data.num_classes
+    if recipe.data.class_names is not None:
+        return list(recipe.data.class_names)
+    standard = getattr(DATASETS.get(recipe.data.name, "data.name"), "CLASSES", None)
+    if standard is not None and len(standard) == k:
+        return list(standard)
+    return [f"class_{i}" for i in range(k)]
+
+
+def _list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    from ..predict import list_images
+
+    files: list[Path] = []
+    for path in paths:
+        files.extend(list_images(path))
+    return files
+
+
+def load_images(recipe: Recipe, images: Sequence[str | os.PathLike] | None, split: str | None, count: int) -> ImageSet:
+    """The named image files (or folders of images), else the first ``count`` samples of ``split``."""
+    if count < 1:
+        raise UserError(f"--count: must be >= 1, got {count}")
+    if images:
+        from ..predict import dataset_palette
+
+        samples = [Sample(read_image(p), None, p.stem) for p in _list_images(images)]
+        return ImageSet(samples, _class_names(recipe), dataset_palette(recipe), recipe.data.ignore_index)
+    split = split or recipe.data.val_split
+    dataset = build_dataset(recipe.data, split, train=False)
+    if len(dataset) == 0:
+        raise UserError(f"dataset {recipe.data.name!r} split {split!r} holds no images")
+    samples = [dataset.load(i) for i in range(min(count, len(dataset)))]
+    return ImageSet(samples, list(dataset.class_names), dataset.palette, dataset.ignore_index)
+
+
+def normalise(recipe: Recipe, image: np.ndarray) -> Tensor:
+    """A (1, 3, H, W) model input: the recipe's validation transform (normalisation only)."""
+    tensor, _ = build_transforms(recipe.data, train=False)(image, np.zeros(image.shape[:2], dtype=np.int64))
+    return tensor[None]
+
+
+@torch.no_grad()
+def forward_record(run: LoadedRun, unit: EMAU, image: np.ndarray, device: torch.device) -> Recorded:
+    """Run one whole image through the model and keep what ``unit`` saw and produced."""
+    captured: dict[str, Tensor] = {}
+    hook = unit.conv1.register_forward_hook(lambda _m, _i, out: captured.__setitem__("feats", out.detach()))
+    was_recording = unit.record
+    unit.record = True
+    try:
+        out = run.model(normalise(run.recipe, image).to(device))
+    finally:
+        unit.record = was_recording
+        hook.remove()
+    logits = out["out"] if isinstance(out, dict) else out
+    last = unit.last
+    feats = captured["feats"][0].float().cpu()
+    c, h, w = feats.shape
+    return Recorded(
+        pred=logits.argmax(dim=1)[0].cpu().numpy().astype(np.int64),
+        feats=feats,
+        recon=last.recon[0].float().cpu().reshape(c, h, w),
+        bases=last.bases[0].float().cpu(),
+        resp=last.resp[0].float().cpu().reshape(h, w, -1),
+    )

@@ -1,0 +1,209 @@
+"""``emactl eval`` end to end on a tiny model and the synthetic ``shapes`` set, plus the loop."""
+from __future__ import annotations
+
+import multiprocessing as std_mp
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from emactl.cli import main
+from emactl.config import EvalConfig, from_dict, to_dict
+from emactl.engine.checkpoint import checkpoint_path, save_checkpoint
+from emactl.engine.evaluate import evaluate, load_for_eval
+from emactl.engine.metrics import compute_metrics
+from emactl.nn.emanet import build_model, ema_units, set_eval_iters
+
+RECIPE = {
+    "name": "tiny",
+    "data": {"name": "shapes", "num_classes": 7, "workers": 0, "crop_size": 32,
+             "args": {"size": 32, "val_length": 3}},
+    "model": {"backbone": "tiny", "head_channels": 16, "mid_channels": 16, "pretrained": None,
+              "ema": {"bases": 4}},
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run directory holding one checkpoint of an untrained tiny EMANet on ``shapes``."""
+    root = tmp_path_factory.mktemp("runs") / "tiny"
+    recipe = from_dict(RECIPE)
+    model = build_model(recipe.model, recipe.data.num_classes)
+    save_checkpoint(checkpoint_path(root, 7), {"model": model.state_dict(), "recipe": to_dict(recipe), "iteration": 7})
+    return root
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def one_line_error(code: int, err: str) -> str:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error"), err
+    return lines[0]
+
+
+def test_eval_run_dir_writes_and_prints_tables(run_dir, capsys):
+    code, out, _ = cli(["eval", str(run_dir), "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0
+    eval_dir = run_dir / "eval"
+    for name in ("summary.csv", "summary.md", "per_class.csv", "per_class.md", "confusion.csv", "recipe.yaml"):
+        assert (eval_dir / name).is_file(), name
+    assert "mIoU" in out and "per class" in out and "circle_warm" in out
+
+    summary = pd.read_csv(eval_dir / "summary.csv")
+    per_class = pd.read_csv(eval_dir / "per_class.csv")
+    confusion = pd.read_csv(eval_dir / "confusion.csv", index_col=0)
+    assert confusion.index.name == "gt\\pred"
+    assert list(confusion.columns) == list(confusion.index) == per_class["class"].tolist()
+    assert per_class["class"].tolist()[:2] == ["background", "circle_warm"]
+    assert confusion.to_numpy().sum() > 0
+    expect, expect_per_class = compute_metrics(torch.tensor(confusion.to_numpy()))
+    for key in ("aAcc", "mAcc", "mIoU", "fwIoU"):
+        assert summary[key][0] == pytest.approx(expect[key], nan_ok=True)
+    assert per_class["pixels"].tolist() == expect_per_class["pixels"].tolist()
+    assert summary["images"][0] == 3 and summary["iteration"][0] == 7
+    assert summary["checkpoint"][0].endswith("iter_0000007.pt")
+
+
+def test_eval_checkpoint_file_with_iters_and_ms_flip(run_dir, tmp_path, capsys):
+    ckpt = checkpoint_path(run_dir, 7)
+    out_dir = tmp_path / "out"
+    code, _, _ = cli(["eval", str(ckpt), "--iters", "5", "--scales", "0.75,1", "--flip", "--mode", "slide",
+                      "--out", str(out_dir), "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0
+    summary = pd.read_csv(out_dir / "summary.csv")
+    assert summary["em_iters"][0] == 5
+    assert summary["scales"][0] == "0.75,1.0" and bool(summary["flip"][0]) is True
+    assert summary["mode"][0] == "slide" and summary["crop_size"][0] == 32
+
+
+def test_iters_reach_the_ema_units(run_dir):
+    run, _, _ = load_for_eval(run_dir, [], iters=6, device="cpu")
+    assert [u.eval_iters for u in ema_units(run.model)] == [6]
+    assert not run.model.training
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        six = run.model(x)["out"]
+        set_eval_iters(run.model, 1)
+        one = run.model(x)["out"]
+    assert not torch.allclose(six, one)
+    run, _, _ = load_for_eval(run_dir, ["eval.iters=2"], device="cpu")
+    assert [u.eval_iters for u in ema_units(run.model)] == [2]
+    run, _, _ = load_for_eval(run_dir, [], device="cpu")
+    assert [u.eval_iters for u in ema_units(run.model)] == [3]
+
+
+def test_checkpoint_in_run_dir_writes_to_run_eval(run_dir, capsys):
+    (run_dir / "eval" / "summary.csv").unlink(missing_ok=True)
+    code, _, _ = cli(["eval", str(checkpoint_path(run_dir, 7)), "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0 and (run_dir / "eval" / "summary.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "model.head_channels=32"], "incompatible checkpoint"),
+        (["--scales", "abc"], "--scales"),
+        (["--scales", "1,-2"], "--scales"),
+        (["--iters", "0"], "--iters"),
+        (["--mode", "tiles"], "--mode"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_options_are_one_line_errors(run_dir, capsys, args, message):
+    code, _, err = cli(["eval", str(run_dir), "--no-progress", *args], capsys)
+    assert message in one_line_error(code, err)
+
+
+def test_corrupt_and_missing_checkpoints(tmp_path, capsys):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    code, _, err = cli(["eval", str(bad), "--no-progress"], capsys)
+    assert "cannot load checkpoint" in one_line_error(code, err)
+    code, _, err = cli(["eval", str(tmp_path / "nope"), "--no-progress"], capsys)
+    assert "nope" in one_line_error(code, err)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """Images of mixed sizes with labels that make a pixel-wise model half right."""
+
+    def __init__(self, sizes: list[tuple[int, int]]) -> None:
+        gen = torch.Generator().manual_seed(3)
+        self.items = []
+        for h, w in sizes:
+            label = torch.randint(0, 3, (h, w), generator=gen)
+            label[0, 0] = 255
+            self.items.append((torch.randn(3, h, w, generator=gen), label))
+        self.class_names = ["a", "b", "c"]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+SIZES = [(5, 6), (5, 6), (4, 7), (5, 6), (3, 3)]
+
+
+def test_batches_of_mixed_sizes_match_single_images():
+    model, data = nn.Conv2d(3, 3, 1), ListDataset(SIZES)
+    one = evaluate(model, data, EvalConfig(batch_size=1), 3, 255, "cpu", progress=False)
+    many = evaluate(model, data, EvalConfig(batch_size=3), 3, 255, "cpu", progress=False)
+    assert torch.equal(one.confusion, many.confusion)
+    assert one.confusion.sum() == sum(h * w - 1 for h, w in SIZES)
+    assert one.per_class["class"].tolist() == ["a", "b", "c"]
+    assert model.training  # evaluate restores the mode it found
+
+
+def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        result = evaluate(nn.Conv2d(3, 3, 1), ListDataset(SIZES), EvalConfig(batch_size=2), 3, 255, "cpu",
+                          progress=False)
+        torch.save(result.confusion, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_eval_counts_every_image_once(tmp_path):
+    """Two gloo ranks split 5 images 3/2 and all-reduce to the single-process confusion."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    ctx = std_mp.get_context("spawn")
+    port, world = _free_port(), 2
+    procs = [ctx.Process(target=_dist_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+
+    torch.manual_seed(0)
+    single = evaluate(nn.Conv2d(3, 3, 1), ListDataset(SIZES), EvalConfig(), 3, 255, "cpu", progress=False)
+    for rank in range(world):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), single.confusion)
