@@ -370,6 +370,18 @@ def test_label_value_37_in_21_class_set(tmp_path):
     assert "data.num_classes" in str(e.value)
 
 
+def test_bad_label_in_dataloader_worker_stays_a_user_error(tmp_path):
+    make_voc(tmp_path, {"a": label_map([0, 37]), "b": label_map([0])})
+    ds = build_dataset(cfg("voc", tmp_path, 21), "train", False)
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1))
+    try:
+        with pytest.raises(UserError, match="label value 37 in"):
+            next(batches)
+    finally:
+        # Stop the worker now: left to the garbage collector, its shutdown waits 5 s.
+        batches._shutdown_workers()
+
+
 def test_folder_out_of_range_suggests_num_classes(tmp_path):
     make_folder(tmp_path, ["x1"], [0, 4, 5])
     ds = build_dataset(cfg("folder", tmp_path, 5), "train", False)
@@ -422,3 +434,21 @@ def test_save_palette_png_round_trip(tmp_path):
     assert (read_label(path) == label).all()
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]  # no temporary left behind
     assert tuple(voc_palette()[1]) == (128, 0, 0) and tuple(voc_palette()[255]) == (224, 224, 192)
+
+
+@pytest.mark.parametrize("name", ["voc_aug", "context", "context60", "cocostuff", "cityscapes",
+                                  "ade20k"])
+def test_dataset_recipes_match_their_datasets(name):
+    from emactl.config import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.yaml")
+    assert recipe.data.name == name
+    assert recipe.data.num_classes == len(DATASETS.get(name).CLASSES)
+
+
+def test_folder_names_may_be_relative_paths(tmp_path):
+    write_jpeg(tmp_path / "images" / "site1" / "a.jpg")
+    write_label(tmp_path / "masks" / "site1" / "a.png", label_map([0, 1]))
+    write_list(tmp_path / "splits" / "train.txt", ["site1/a.jpg"])
+    ds = build_dataset(cfg("folder", tmp_path, 2), "train", False)
+    assert ds.load(0).name == "site1/a"

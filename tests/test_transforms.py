@@ -7,7 +7,7 @@ import torch
 
 from emactl.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from emactl.data import build_transforms
-from emactl.data.transforms import jitter, rescale
+from emactl.data.transforms import jitter, resize
 
 
 def cfg(**kw) -> DataConfig:
@@ -88,12 +88,29 @@ def test_random_crop_is_a_window_of_the_input():
 def test_scale_resizes_image_bilinear_and_label_nearest():
     image = torch.rand(3, 10, 20)
     label = torch.randint(0, 5, (10, 20))
-    img2, lab2 = rescale(image, label, 1.5)
+    img2, lab2 = resize(image, label, (15, 30))
     assert img2.shape == (3, 15, 30) and lab2.shape == (15, 30)
     assert set(lab2.unique().tolist()) <= set(label.unique().tolist())  # no blended labels
     c = cfg(crop_size=64, scale_min=2.0, scale_max=2.0)
-    x, y = build_transforms(c, train=True)(*coded(10, 12))
-    assert (y[:20, :24] != 255).float().mean() > 0.9 and (y[20:] == 255).all()
+    image, label = coded(10, 12)
+    x, y = build_transforms(c, train=True)(image, label)
+    assert (y[20:] == 255).all() and (y[:, 24:] == 255).all()
+    assert torch.equal(y[:20, :24], torch.from_numpy(label).repeat_interleave(2, 0)
+                       .repeat_interleave(2, 1))
+
+
+def test_scaled_crop_covers_the_scaled_window():
+    """Upscaled 2×, a 16 px crop shows an 8 px region of the source, magnified."""
+    torch.manual_seed(0)
+    c = cfg(crop_size=16, scale_min=2.0, scale_max=2.0)
+    image, label = coded(30, 40)
+    _, y = build_transforms(c, train=True)(image, label)
+    lab = torch.from_numpy(label)
+    source = y[::2, ::2]
+    assert any(torch.equal(lab[i:i + 8, j:j + 8], source) for i in range(23) for j in range(33))
+    c = cfg(crop_size=8, scale_min=0.5, scale_max=0.5)  # shrunk: a 16 px region becomes 8 px
+    x, y = build_transforms(c, train=True)(image, label)
+    assert x.shape == (3, 8, 8) and (y != 255).all()
 
 
 def test_jitter_changes_colours_within_range():

@@ -35,7 +35,8 @@ def prepare_voc_aug(
 def check(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     overrides: list[str] = typer.Option([], "--set", help="Override a key: --set data.root=/data"),
-    split: list[str] = typer.Option([], "--split", help="Split(s) to check (default: train and val)."),
+    split: list[str] = typer.Option([], "--split", help="Split to check (repeatable; default: "
+                                    "the recipe's train and val splits)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write CSV + Markdown tables here."),
 ) -> None:
     """Count images and labels, histogram the classes, list every bad or missing file.

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..config import DataConfig
 from ..errors import UserError
 from ..registry import Registry
-from .palette import voc_palette
+from .palette import palette_from, voc_palette
 from .paths import Item, MissingFile, list_pairs, read_split_list
 from .readers import DataFileError, read_image, read_label
 from .transforms import build_transforms
@@ -43,11 +43,13 @@ class Sample:
 class SegDataset(torch.utils.data.Dataset):
     """A segmentation dataset: raw samples through :meth:`load`, tensors through indexing.
 
-    Subclasses set ``CLASSES`` (the standard class names; None for user-defined class sets)
-    and implement ``__len__``, :meth:`load_raw` and :meth:`source`.
+    Subclasses set ``CLASSES`` (the standard class names; None for user-defined class sets),
+    optionally ``COLOURS``, and implement ``__len__``, :meth:`load_raw` and :meth:`source`.
     """
 
     CLASSES: ClassVar[Sequence[str] | None] = None
+    # Colours of the first classes in the palette; the VOC palette when None.
+    COLOURS: ClassVar[Sequence[Sequence[int]] | None] = None
     # Datasets whose stored labels are one above the class index (0 = ignored) set this.
     reduce_zero_label: bool = False
 
@@ -61,8 +63,7 @@ class SegDataset(torch.utils.data.Dataset):
         if standard is not None and cfg.num_classes != len(standard):
             raise UserError(
                 f"data.num_classes={cfg.num_classes} but dataset {cfg.name} has "
-                f"{len(standard)} classes; set data.num_classes={len(standard)} "
-                "(or use data.name=folder for a different class set)"
+                f"{len(standard)} classes; set data.num_classes={len(standard)}"
             )
         self.num_classes: int = cfg.num_classes
         if cfg.class_names is not None:
@@ -71,8 +72,10 @@ class SegDataset(torch.utils.data.Dataset):
             self.class_names = list(standard)
         else:
             self.class_names = [f"class_{i}" for i in range(cfg.num_classes)]
-        self.palette: np.ndarray = voc_palette()
+        self.palette: np.ndarray = palette_from(self.COLOURS) if self.COLOURS else voc_palette()
         self.transform = build_transforms(cfg, train)
+        # Files the layout expects but that are absent (file datasets with strict=False).
+        self.missing: list[MissingFile] = []
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -144,7 +147,6 @@ class ImageListDataset(SegDataset):
     def __init__(self, cfg: DataConfig, split: str, train: bool) -> None:
         super().__init__(cfg, split, train)
         self.items: list[Item] = []
-        self.missing: list[MissingFile] = []
 
     def set_items(self, items: list[Item], missing: list[MissingFile], strict: bool) -> None:
         """Keep the complete pairs; with ``strict`` any missing file raises (naming it)."""
@@ -241,7 +243,9 @@ def dataset_kwargs(name: str, factory: Any, args: dict[str, Any]) -> dict[str, A
     for key, value in args.items():
         if key not in options:
             allowed = ", ".join(options) or "(none)"
-            raise UserError(f"data.args.{key}: unknown option for dataset {name}; allowed: {allowed}")
+            raise UserError(
+                f"data.args.{key}: unknown option for dataset {name}; allowed: {allowed}"
+            )
         kwargs[key] = _coerce(value, options[key].default, f"data.args.{key}")
     return kwargs
 

@@ -13,11 +13,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from rich.console import Console
-from rich.table import Table
 
 from ..config import DataConfig
-from ..io import write_text
-from .base import ImageListDataset, SegDataset, build_dataset
+from ..tables import print_table, save_table
+from .base import SegDataset, build_dataset
 from .progress import progress_bar
 from .readers import DataFileError
 
@@ -26,6 +25,8 @@ MAX_LISTED = 20
 
 @dataclass
 class Problem:
+    """One problem with one file."""
+
     kind: str  # missing image, missing label, unreadable, size mismatch, bad value
     path: str
     detail: str
@@ -33,6 +34,8 @@ class Problem:
 
 @dataclass
 class SplitReport:
+    """Counts, class histogram and problems of one split."""
+
     split: str
     samples: int
     images: int
@@ -46,6 +49,8 @@ class SplitReport:
 
 @dataclass
 class CheckReport:
+    """The check of all requested splits, with its tables as DataFrames."""
+
     dataset: str
     class_names: list[str]
     ignore_index: int
@@ -60,7 +65,7 @@ class CheckReport:
         for s in self.splits:
             kinds = [p.kind for p in s.problems]
             rows.append({
-                "split": s.split, "images": s.images, "labels": s.labels,
+                "split": s.split, "images": s.images, "labels": s.labels, "pairs": s.samples,
                 "missing": sum(k.startswith("missing") for k in kinds),
                 "unreadable": kinds.count("unreadable"),
                 "size mismatch": kinds.count("size mismatch"),
@@ -92,7 +97,7 @@ def _scan_sample(ds: SegDataset, i: int) -> tuple[np.ndarray | None, int, Proble
     try:
         sample = ds.load_raw(i)
     except DataFileError as e:
-        return None, 0, Problem(e.kind, str(e.path), str(e))
+        return None, 0, Problem(e.kind, str(e.path or ds.source(i)), str(e))
     label = sample.label
     if label is None:
         return None, 0, None
@@ -114,7 +119,7 @@ def check_split(ds: SegDataset, workers: int = 4, progress: bool = True) -> Spli
     image_counts = np.zeros(ds.num_classes, dtype=np.int64)
     ignored = ignored_images = 0
     problems: list[Problem] = []
-    missing = ds.missing if isinstance(ds, ImageListDataset) else []
+    missing = ds.missing
     for m in missing:
         problems.append(Problem(f"missing {m.kind}", str(m.path), m.message))
     with progress_bar(progress, transient=True) as bar, \
@@ -139,36 +144,20 @@ def check_dataset(cfg: DataConfig, splits: Sequence[str] | None = None,
                   progress: bool = True) -> CheckReport:
     """Check ``splits`` (default: the train and val splits) of the dataset in ``cfg``."""
     names = list(dict.fromkeys(splits or [cfg.train_split, cfg.val_split]))
-    reports, ds = [], None
-    for split in names:
-        ds = build_dataset(cfg, split, train=False, strict=False)
-        reports.append(check_split(ds, max(1, cfg.workers), progress))
-    assert ds is not None
-    return CheckReport(cfg.name, list(ds.class_names), ds.ignore_index, reports)
-
-
-def _table(df: pd.DataFrame, title: str, index: bool = False) -> Table:
-    table = Table(title=title, title_justify="left")
-    if index:
-        table.add_column(str(df.index.name or ""), justify="right")
-    for col in df.columns:
-        numeric = pd.api.types.is_numeric_dtype(df[col])
-        table.add_column(str(col), justify="right" if numeric else "left", overflow="fold")
-    for key, row in df.iterrows():
-        cells = ["" if pd.isna(v) else str(v) for v in row]
-        table.add_row(*([str(key)] if index else []), *cells)
-    return table
+    datasets = [build_dataset(cfg, split, train=False, strict=False) for split in names]
+    reports = [check_split(ds, max(1, cfg.workers), progress) for ds in datasets]
+    return CheckReport(cfg.name, list(datasets[0].class_names), datasets[0].ignore_index, reports)
 
 
 def print_report(report: CheckReport, console: Console | None = None) -> None:
     """Summary, class histogram and the problems (the first few per split) on the console."""
     console = console or Console()
-    console.print(_table(report.summary(), f"dataset {report.dataset}"))
-    histogram = report.histogram()
+    print_table(report.summary(), f"dataset {report.dataset}", console)
+    histogram = report.histogram().reset_index()
     for s in report.splits:
-        columns = {f"{s.split} pixels": "pixels", f"{s.split} %": "%", f"{s.split} images": "images"}
-        split_table = histogram[["name", *columns]].rename(columns=columns)
-        console.print(_table(split_table, f"class histogram of {s.split}", index=True))
+        columns = {f"{s.split} {c}": c for c in ("pixels", "%", "images")}
+        split_table = histogram[["class", "name", *columns]].rename(columns=columns)
+        print_table(split_table, f"class histogram of {s.split}", console)
     for s in report.splits:
         if not s.problems:
             continue
@@ -183,12 +172,10 @@ def print_report(report: CheckReport, console: Console | None = None) -> None:
 
 
 def write_report(report: CheckReport, out_dir: Path) -> list[Path]:
-    """Write summary, histogram and problems as CSV + Markdown into ``out_dir``."""
+    """Write summary, class histogram and problems as CSV + Markdown into ``out_dir``."""
     out_dir = Path(out_dir)
-    written = []
-    tables = {"summary": (report.summary(), False), "class_histogram": (report.histogram(), True),
-              "problems": (report.problems(), False)}
-    for name, (df, index) in tables.items():
-        written.append(write_text(out_dir / f"{name}.csv", df.to_csv(index=index)))
-        written.append(write_text(out_dir / f"{name}.md", df.to_markdown(index=index) + "\n"))
-    return written
+    return [
+        *save_table(report.summary(), out_dir / "summary"),
+        *save_table(report.histogram().reset_index(), out_dir / "class_histogram"),
+        *save_table(report.problems(), out_dir / "problems"),
+    ]

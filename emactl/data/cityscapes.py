@@ -13,7 +13,6 @@ import numpy as np
 from ..config import DataConfig
 from .base import DATASETS, ImageListDataset
 from .classes import CITYSCAPES, CITYSCAPES_COLOURS, CITYSCAPES_ID_TO_TRAINID
-from .palette import palette_from
 from .paths import find_dir, resolve_root, scan_pairs
 
 TRAINID_HINT = ("; make the train-id maps with cityscapesScripts' createTrainIdLabelImgs, or "
@@ -32,6 +31,7 @@ class CityscapesDataset(ImageListDataset):
     """Cityscapes fine annotations (train ids, or label ids converted on the fly)."""
 
     CLASSES = CITYSCAPES
+    COLOURS = CITYSCAPES_COLOURS
 
     def __init__(
         self,
@@ -43,7 +43,6 @@ class CityscapesDataset(ImageListDataset):
         label_ids: bool = False,
     ) -> None:
         super().__init__(cfg, split, train)
-        self.palette = palette_from(CITYSCAPES_COLOURS)
         self.lut = _id_to_trainid_lut(cfg.ignore_index) if label_ids else None
         base = find_dir(resolve_root(cfg), [".", "cityscapes"], "leftImg8bit",
                         "Cityscapes directory (leftImg8bit/, gtFine/)")

@@ -52,7 +52,8 @@ def save_palette_png(path: str | os.PathLike, label: np.ndarray, palette: np.nda
         raise ValueError(f"label values must be in [0, 255] for a palette PNG, got "
                          f"[{label.min()}, {label.max()}]")
     height, width = label.shape
-    image = Image.frombytes("P", (width, height), np.ascontiguousarray(label, dtype=np.uint8).tobytes())
+    data = np.ascontiguousarray(label, dtype=np.uint8).tobytes()
+    image = Image.frombytes("P", (width, height), data)
     image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")

@@ -50,7 +50,8 @@ def resolve_root(cfg: DataConfig) -> Path:
     return root
 
 
-def find_dir(root: Path, candidates: Sequence[str], marker: str, what: str) -> Path:
+def find_dir(root: Path, candidates: Sequence[str], marker: str, what: str,
+             how: str = HOW_TO_SET) -> Path:
     """The first ``root/candidate`` holding ``marker``, so users may point at any level.
 
     For example VOC accepts the directory holding ``VOCdevkit``, ``VOCdevkit`` itself or
@@ -61,7 +62,7 @@ def find_dir(root: Path, candidates: Sequence[str], marker: str, what: str) -> P
         if (base / marker).exists():
             return base
     looked = ", ".join(str((root / c) / marker if c != "." else root / marker) for c in candidates)
-    raise UserError(f"no {what} under {root} (looked for {looked}); {HOW_TO_SET}")
+    raise UserError(f"no {what} under {root} (looked for {looked}); {how}")
 
 
 def split_dir(parent: Path, split: str, aliases: Mapping[str, str]) -> str:
@@ -77,10 +78,10 @@ def split_dir(parent: Path, split: str, aliases: Mapping[str, str]) -> str:
 
 
 def read_split_list(path: Path, image_suffix: str = "", hint: str = "") -> list[str]:
-    """Sample names from a split list, one per line.
+    """Sample names from a split list, one per line (relative paths such as ``a/b`` allowed).
 
     Lines of the common ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` form are accepted too:
-    the first field's file name is used, without ``image_suffix``.
+    then the first field's file name is used. A trailing ``image_suffix`` is dropped.
     """
     if not path.is_file():
         others = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
@@ -91,7 +92,9 @@ def read_split_list(path: Path, image_suffix: str = "", hint: str = "") -> list[
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
-        name = Path(fields[0]).name
+        name = fields[0]
+        if len(fields) > 1 or name.startswith("/"):
+            name = Path(name).name
         if image_suffix and name.endswith(image_suffix):
             name = name[: -len(image_suffix)]
         names.append(name)
@@ -143,7 +146,8 @@ def scan_pairs(
     """
     for directory, kind in ((image_dir, "image"), (label_dir, "label")):
         if not directory.is_dir():
-            raise UserError(f"{kind} directory {directory} not found{hint if kind == 'label' else ''}")
+            extra = hint if kind == "label" else ""
+            raise UserError(f"{kind} directory {directory} not found{extra}")
     images = _index(image_dir, image_suffix, recursive)
     labels = _index(label_dir, label_suffix, recursive)
     if not images and not labels:

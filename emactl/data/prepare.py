@@ -47,7 +47,8 @@ def read_sbd_mat(path: Path) -> np.ndarray:
         mat = loadmat(path, squeeze_me=True, struct_as_record=False, variable_names=["GTcls"])
     except Exception as e:  # scipy raises ValueError, TypeError, OSError... for corrupt files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataFileError(f"{path}: cannot read .mat file ({reason})", path, "unreadable") from None
+        message = f"{path}: cannot read .mat file ({reason})"
+        raise DataFileError(message, path, "unreadable") from None
     seg = getattr(mat.get("GTcls"), "Segmentation", None)
     if seg is None:
         raise DataFileError(f"{path}: no GTcls.Segmentation field; is this an SBD dataset/cls "
@@ -64,7 +65,8 @@ def find_sbd(path: Path) -> Path:
     if not path.is_dir():
         raise UserError(f"--sbd {path}: not a directory")
     return find_dir(path, ["dataset", "benchmark_RELEASE/dataset", "."], "cls",
-                    "SBD dataset directory (cls/, train.txt, val.txt)")
+                    "SBD dataset directory (cls/, train.txt, val.txt)",
+                    "point --sbd at benchmark_RELEASE or its dataset/ directory")
 
 
 def prepare_voc_aug(sbd: Path, voc: Path, force: bool = False,
@@ -83,7 +85,8 @@ def prepare_voc_aug(sbd: Path, voc: Path, force: bool = False,
     if not Path(voc).is_dir():
         raise UserError(f"--voc {voc}: not a directory")
     sbd_dir = find_sbd(Path(sbd))
-    voc_dir = find_voc(Path(voc))
+    voc_dir = find_voc(Path(voc), how="point --voc at VOCdevkit, at VOC2012 or at the directory "
+                                      "holding VOCdevkit")
     lists = voc_dir / "ImageSets" / "Segmentation"
     sbd_train = read_split_list(sbd_dir / "train.txt")
     sbd_val = read_split_list(sbd_dir / "val.txt")

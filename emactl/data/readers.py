@@ -16,12 +16,15 @@ _DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFE
 class DataFileError(UserError):
     """A problem with one data file. ``kind`` lets ``emactl data check`` group problems.
 
-    Kinds: ``unreadable``, ``size mismatch``, ``bad value``.
+    Kinds: ``unreadable``, ``size mismatch``, ``bad value``. ``path`` and ``kind`` are optional
+    so that a DataLoader worker can re-raise the error from its message alone (it rebuilds
+    exceptions as ``type(message)``); otherwise it would surface as a RuntimeError.
     """
 
-    def __init__(self, message: str, path: str | os.PathLike, kind: str) -> None:
+    def __init__(self, message: str, path: str | os.PathLike | None = None,
+                 kind: str = "unreadable") -> None:
         super().__init__(message)
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else None
         self.kind = kind
 
 
@@ -40,7 +43,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise DataFileError(f"{path}: image file not found", path, "unreadable") from None
     except _DECODE_ERRORS as e:
-        raise DataFileError(f"{path}: cannot read image ({_reason(e)})", path, "unreadable") from None
+        message = f"{path}: cannot read image ({_reason(e)})"
+        raise DataFileError(message, path, "unreadable") from None
     return array
 
 
@@ -66,7 +70,8 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise DataFileError(f"{path}: label file not found", path, "unreadable") from None
     except _DECODE_ERRORS as e:
-        raise DataFileError(f"{path}: cannot read label map ({_reason(e)})", path, "unreadable") from None
+        message = f"{path}: cannot read label map ({_reason(e)})"
+        raise DataFileError(message, path, "unreadable") from None
     if array.ndim != 2:
         raise DataFileError(
             f"{path}: label map has shape {array.shape}; expected a single-channel image",

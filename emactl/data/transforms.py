@@ -3,7 +3,9 @@
 Training: random scale in [scale_min, scale_max] (bilinear image, nearest label), a random
 ``crop_size`` crop, horizontal flip, optional photometric jitter, then normalisation. Crops
 larger than the image are padded at the bottom/right: the image with the mean colour (zeros
-after normalisation) and the label with the ignore index.
+after normalisation) and the label with the ignore index. The crop window is chosen first and
+only the source region under it is resized, which gives the same result as scaling the whole
+image and then cropping, at a fraction of the cost for large images (Cityscapes at 2×).
 
 Validation: no resizing; just normalisation, so results are deterministic.
 
@@ -12,6 +14,7 @@ worker (numpy's global generator would repeat the same augmentations in each wor
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -43,20 +46,23 @@ def _randint(high: int) -> int:
     return int(torch.randint(0, high + 1, ()))
 
 
-def rescale(image: Tensor, label: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def resize(image: Tensor, label: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Resize a (3, H, W) float image bilinearly and its (H, W) label by nearest neighbour."""
     h, w = label.shape
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
     if size == (h, w):
         return image, label
+    shrink = size[0] < h or size[1] < w
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
-                          antialias=scale < 1)[0]
+                          antialias=shrink)[0]
     label = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")[0, 0]
     return image, label.long()
 
 
 def jitter(image: Tensor, strength: float) -> Tensor:
-    """Random brightness, contrast and saturation, each a factor in [1 - s, 1 + s]; image in [0, 1]."""
+    """Random brightness, contrast and saturation, each by a factor in [1 - s, 1 + s].
+
+    ``image`` is (3, H, W) in [0, 1]; the result is clamped to [0, 1].
+    """
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
     image = image * _uniform(lo, hi)
     mean = (image * _GRAY).sum(0).mean()
@@ -80,19 +86,21 @@ class SegTransform:
         self.std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[Tensor, Tensor]:
-        img = _tensor(image).permute(2, 0, 1).float().div_(255.0)
+        img = _tensor(image).permute(2, 0, 1)  # uint8 view; converted after cropping
         lab = _tensor(label, np.int64)
         if not self.train:
-            return (img - self.mean) / self.std, lab
+            return (img.float().div_(255.0) - self.mean) / self.std, lab
         lo, hi = self.scale_range
-        if (lo, hi) != (1.0, 1.0):
-            img, lab = rescale(img, lab, _uniform(lo, hi))
-        # Crop the part of the image that lies inside the (virtually padded) crop window.
+        scale = _uniform(lo, hi) if hi > lo else lo
+        # The source region that the crop window covers once scaled, at a random position.
         c = self.crop_size
         h, w = lab.shape
-        top, left = _randint(max(h - c, 0)), _randint(max(w - c, 0))
-        img = img[:, top : top + c, left : left + c]
-        lab = lab[top : top + c, left : left + c]
+        hs, ws = min(h, math.ceil(c / scale)), min(w, math.ceil(c / scale))
+        top, left = _randint(h - hs), _randint(w - ws)
+        img = img[:, top : top + hs, left : left + ws].float().div_(255.0)
+        lab = lab[top : top + hs, left : left + ws]
+        size = (min(c, max(1, round(hs * scale))), min(c, max(1, round(ws * scale))))
+        img, lab = resize(img, lab, size)
         if self.flip and float(torch.rand(())) < 0.5:
             img, lab = img.flip(-1), lab.flip(-1)
         if self.jitter > 0:

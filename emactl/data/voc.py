@@ -12,13 +12,13 @@ from pathlib import Path
 from ..config import DataConfig
 from .base import DATASETS, ImageListDataset
 from .classes import VOC
-from .paths import find_dir, resolve_root
+from .paths import HOW_TO_SET, find_dir, resolve_root
 
 
-def find_voc(root: Path, year: str = "2012") -> Path:
+def find_voc(root: Path, year: str = "2012", how: str = HOW_TO_SET) -> Path:
     """The ``VOC<year>`` directory under ``root`` (any of the three accepted levels)."""
     return find_dir(root, [f"VOCdevkit/VOC{year}", f"VOC{year}", "."], "JPEGImages",
-                    f"VOC{year} directory")
+                    f"VOC{year} directory", how)
 
 
 @DATASETS.register("voc")

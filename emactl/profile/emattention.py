@@ -19,7 +19,7 @@ from rich.console import Console
 
 from ..nn.ema import em_attention, init_bases
 from .reference import reference_em_attention
-from .timing import measure
+from .timing import measure_many
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SQUARE = 2048
@@ -50,69 +50,73 @@ def profile_em_attention(
     dtypes: list[torch.dtype],
     repeats: int = 3,
     console: Console | None = None,
+    square: int = SQUARE,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows for both implementations and the GEMMs in every dtype, plus the summary ratios."""
+    """Rows for both implementations and the GEMMs in every dtype, plus the summary ratios.
+
+    Everything is timed in the same interleaved rounds, so the ratios compare like with like.
+    ``square`` is the side of the square GEMM that gives the machine's reference rate.
+    """
     n = size * size
     flops = em_flops(batch, channels, n, bases, iters)
     x32 = torch.randn(batch, channels, n, device=device)  # EMAU's conv1 output: signed features
     mu32 = init_bases(channels, bases).to(device)
     ref32 = reference_em_attention(x32, mu32, iters)[0]
-    rows = []
-    rates: dict[tuple[str, str], float] = {}
-    times: dict[tuple[str, str], float] = {}
+    bmm_label = f"bmm ({batch},{n},{channels})x({batch},{channels},{bases})"
+    mm_label = f"mm {square}^3"
+    work = {"bmm": 2 * batch * n * channels * bases, "mm": 2 * square**3, "reference": flops, "em_attention": flops}
+    fns = {}
     for dtype in dtypes:
-        dname = DTYPE_NAMES[dtype]
+        d = DTYPE_NAMES[dtype]
         x, mu = x32.to(dtype), mu32.to(dtype)
         a = torch.randn(batch, n, channels, device=device, dtype=dtype)
         b = torch.randn(batch, channels, bases, device=device, dtype=dtype)
-        sq = torch.randn(SQUARE, SQUARE, device=device, dtype=dtype)
-        gemms = {
-            f"bmm ({batch},{n},{channels})x({batch},{channels},{bases})": (lambda: torch.bmm(a, b), 2 * batch * n * channels * bases),
-            f"mm {SQUARE}^3": (lambda: torch.mm(sq, sq), 2 * SQUARE**3),
+        sq = torch.randn(square, square, device=device, dtype=dtype)
+        fns[("bmm", d)] = lambda a=a, b=b: torch.bmm(a, b)
+        fns[("mm", d)] = lambda sq=sq: torch.mm(sq, sq)
+        fns[("reference", d)] = lambda x=x, mu=mu: reference_em_attention(x, mu, iters)
+        fns[("em_attention", d)] = lambda x=x, mu=mu: em_attention(x, mu, iters, grad="none")
+    if console is not None:
+        console.log(
+            f"ema: timing reference, em_attention and GEMMs in {', '.join(DTYPE_NAMES[d] for d in dtypes)} "
+            f"(B={batch}, C={channels}, N={size}x{size}, K={bases}, T={iters})"
+        )
+    with torch.no_grad():
+        timings = measure_many(fns, device, rounds=repeats)
+        diffs = {key: float((fn()[0].float() - ref32).abs().max()) for key, fn in fns.items() if key[0] in ("reference", "em_attention")}
+    rate = {key: work[key[0]] / t.median for key, t in timings.items()}
+    base = timings[("reference", "fp32")].median
+    rows = []
+    for (impl, d), t in timings.items():
+        row = {
+            "kind": "GEMM" if impl in ("bmm", "mm") else "EM attention",
+            "impl": {"bmm": bmm_label, "mm": mm_label}.get(impl, impl),
+            "dtype": d,
+            "ms": t.ms,
+            "GFLOP": work[impl] / 1e9,
+            "GFLOP/s": rate[(impl, d)] / 1e9,
         }
-        for label, (fn, work) in gemms.items():
-            if console is not None:
-                console.log(f"ema: {label} {dname}")
-            t = measure(fn, device, min_runs=repeats)
-            rates[(label.split()[0], dname)] = work / t.median
-            rows.append({"kind": "GEMM", "impl": label, "dtype": dname, "ms": t.ms, "GFLOP": work / 1e9, "GFLOP/s": work / t.median / 1e9})
-        impls = {
-            "reference": lambda: reference_em_attention(x, mu, iters),
-            "em_attention": lambda: em_attention(x, mu, iters, grad="none"),
-        }
-        for impl, fn in impls.items():
-            if console is not None:
-                console.log(f"ema: {impl} {dname} (B={batch}, C={channels}, N={size}x{size}, K={bases}, T={iters})")
-            with torch.no_grad():
-                recon = fn()[0]
-                t = measure(fn, device, min_runs=repeats)
-            times[(impl, dname)] = t.median
-            rows.append(
+        if (impl, d) in diffs:
+            row.update(
                 {
-                    "kind": "EM attention",
-                    "impl": impl,
-                    "dtype": dname,
-                    "ms": t.ms,
-                    "GFLOP": flops / 1e9,
-                    "GFLOP/s": flops / t.median / 1e9,
-                    "max |diff| vs reference fp32": float((recon.float() - ref32).abs().max()),
+                    "time / reference fp32": t.median / base,
+                    "fraction of bmm rate": rate[(impl, d)] / rate[("bmm", d)],
+                    f"fraction of {mm_label} rate": rate[(impl, d)] / rate[("mm", d)],
+                    "max |diff| vs reference fp32": diffs[(impl, d)],
                 }
             )
-    df = pd.DataFrame(rows)
-    em = df["kind"] == "EM attention"
-    base = times[("reference", "fp32")]
-    df.loc[em, "time / reference fp32"] = [times[(i, d)] / base for i, d in zip(df.loc[em, "impl"], df.loc[em, "dtype"])]
-    df.loc[em, "fraction of bmm rate"] = [flops / times[(i, d)] / rates[("bmm", d)] for i, d in zip(df.loc[em, "impl"], df.loc[em, "dtype"])]
-    df.loc[em, f"fraction of mm {SQUARE}^3 rate"] = [flops / times[(i, d)] / rates[("mm", d)] for i, d in zip(df.loc[em, "impl"], df.loc[em, "dtype"])]
+        rows.append(row)
+    ours32 = ("em_attention", "fp32")
     summary = [
-        ("fp32: em_attention time / reference time", times[("em_attention", "fp32")] / base),
-        (f"fp32: em_attention rate / mm {SQUARE}^3 rate", flops / times[("em_attention", "fp32")] / rates[("mm", "fp32")]),
-        ("fp32: em_attention rate / bmm rate (E-step shape)", flops / times[("em_attention", "fp32")] / rates[("bmm", "fp32")]),
+        ("fp32: em_attention time / reference time", timings[ours32].median / base),
+        (f"fp32: em_attention rate / {mm_label} rate", rate[ours32] / rate[("mm", "fp32")]),
+        ("fp32: em_attention rate / bmm rate (E-step shape)", rate[ours32] / rate[("bmm", "fp32")]),
     ]
     for dtype in dtypes[1:]:
-        dname = DTYPE_NAMES[dtype]
+        d = DTYPE_NAMES[dtype]
         summary += [
-            (f"{dname}: em_attention time / fp32 reference time", times[("em_attention", dname)] / base),
-            (f"{dname}: em_attention rate / {dname} mm {SQUARE}^3 rate", flops / times[("em_attention", dname)] / rates[("mm", dname)]),
+            (f"{d}: em_attention time / fp32 reference time", timings[("em_attention", d)].median / base),
+            (f"{d}: em_attention time / {d} reference time", timings[("em_attention", d)].median / timings[("reference", d)].median),
+            (f"{d}: em_attention rate / {d} {mm_label} rate", rate[("em_attention", d)] / rate[("mm", d)]),
         ]
-    return df, pd.DataFrame(summary, columns=["metric", "value"])
+    return pd.DataFrame(rows), pd.DataFrame(summary, columns=["metric", "value"])

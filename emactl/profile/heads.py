@@ -17,7 +17,7 @@ from ..config import EMAConfig, ModelConfig
 from ..nn.heads import build_context
 from .counting import count_module, count_params
 from .memory import peak_memory
-from .timing import autocast, measure
+from .timing import autocast, measure_many
 
 
 def head_config(channels: int, bases: int, iters: int) -> ModelConfig:
@@ -70,36 +70,39 @@ def profile_heads(
     repeats: int = 3,
     console: Console | None = None,
 ) -> pd.DataFrame:
-    """One row per context module: parameters, MACs/FLOPs, elements, peak memory, latency."""
+    """One row per context module: parameters, MACs/FLOPs, elements, peak memory, latency.
+
+    All modules see the same input and are timed in interleaved rounds; memory is measured
+    after the timing runs, so caches and pools are warm.
+    """
     shape = (1, channels, size, size)
     conv_macs = count_module(meta_head("conv3x3", channels, bases, iters), shape).macs
+    x = torch.randn(batch, channels, size, size, device=device)
+    modules = {name: build_head(name, channels, bases, iters).to(device) for name in names}
+    calls = {name: _forward_and_train(module, x, dtype) for name, module in modules.items()}
+    if console is not None:
+        console.log(f"heads: timing {', '.join(names)} (C={channels}, {size}x{size}, batch {batch})")
+    fns = {(name, mode): fn for name, pair in calls.items() for mode, fn in zip(("fwd", "train"), pair)}
+    timings = measure_many(fns, device, rounds=repeats)
     rows = []
     for name in names:
-        if console is not None:
-            console.log(f"heads: {name} (C={channels}, {size}x{size}, batch {batch})")
         counts = count_module(meta_head(name, channels, bases, iters), shape)
-        module = build_head(name, channels, bases, iters).to(device)
-        x = torch.randn(batch, channels, size, size, device=device)
-        forward, train = _forward_and_train(module, x, dtype)
-        t_fwd = measure(forward, device, min_runs=repeats)
-        t_train = measure(train, device, min_runs=repeats)
-        mem_fwd = peak_memory(forward, device)  # after the timing runs: warm caches and pools
-        mem_train = peak_memory(train, device)
+        forward, train = calls[name]
+        t_fwd, t_train = timings[(name, "fwd")], timings[(name, "train")]
         rows.append(
             {
                 "head": name,
-                "params (M)": count_params(module) / 1e6,
+                "params (M)": count_params(modules[name]) / 1e6,
                 "GMACs/img": counts.macs / 1e9,
                 "GFLOPs/img": counts.flops / 1e9,
                 "MACs / conv3x3": counts.macs / conv_macs,
                 "non-GEMM Melem/img": counts.elements / 1e6,
-                "fwd peak (MB)": mem_fwd / 2**20,
-                "fwd+bwd peak (MB)": mem_train / 2**20,
+                "fwd peak (MiB)": peak_memory(forward, device) / 2**20,
+                "fwd+bwd peak (MiB)": peak_memory(train, device) / 2**20,
                 "fwd (ms)": t_fwd.ms,
                 "fwd+bwd (ms)": t_train.ms,
                 "fwd img/s": batch / t_fwd.median,
                 "fwd+bwd img/s": batch / t_train.median,
             }
         )
-        del module, x, forward, train
     return pd.DataFrame(rows)

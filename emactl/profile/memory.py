@@ -39,7 +39,8 @@ SAVED_NOTE = (
 
 @contextlib.contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
-    """Silence fd 2 for a moment: the profiler's native library logs there on start and stop."""
+    """Silence fd 2 while profiling: the profiler's native code logs there on start and stop, and
+    warns about every block freed that was allocated before it started (which we mean to skip)."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -57,10 +58,9 @@ def _cpu_peak(fn: Callable[[], Any]) -> int:
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _native_stderr_silenced():
         prof.start()
-    try:
-        fn()
-    finally:
-        with _native_stderr_silenced():
+        try:
+            fn()
+        finally:
             prof.stop()
     cpu = torch._C._autograd.DeviceType.CPU
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]

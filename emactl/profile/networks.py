@@ -19,7 +19,7 @@ from torch import nn
 from ..config import EMAConfig, ModelConfig
 from ..nn.emanet import build_model
 from .counting import count_module, count_params
-from .timing import autocast, measure
+from .timing import autocast, measure_many
 
 NETWORKS = ("emanet", "psp", "deeplabv3", "fcn")
 _EMACTL_HEADS = {"emanet": "ema", "psp": "psp"}
@@ -79,26 +79,32 @@ def profile_networks(
     names: tuple[str, ...] = NETWORKS,
     console: Console | None = None,
 ) -> pd.DataFrame:
-    """One row per network: parameters, MACs per image, training and inference speed."""
+    """One row per network: parameters, MACs per image, training and inference speed.
+
+    The networks share one batch and are timed in interleaved rounds.
+    """
+    x = torch.randn(batch, 3, crop, crop, device=device)
+    target = torch.randint(0, num_classes, (batch, crop, crop), device=device)
+    models, fns = {}, {}
+    for name in names:
+        models[name] = build_network(name, backbone, num_classes, channels, bases, iters).to(device)
+        train_step, inference = _step_fns(models[name], x, target, dtype)
+        fns[(name, "train")], fns[(name, "inference")] = train_step, inference
+    if console is not None:
+        console.log(f"networks: timing {', '.join(names)} ({backbone}, crop {crop}, batch {batch})")
+    timings = measure_many(fns, device, rounds=repeats)
     rows = []
     for name in names:
-        if console is not None:
-            console.log(f"networks: {name} ({backbone}, crop {crop}, batch {batch})")
         with torch.device("meta"):
             meta = build_network(name, backbone, num_classes, channels, bases, iters)
         counts = count_module(meta, (1, 3, crop, crop))
-        model = build_network(name, backbone, num_classes, channels, bases, iters).to(device)
-        x = torch.randn(batch, 3, crop, crop, device=device)
-        target = torch.randint(0, num_classes, (batch, crop, crop), device=device)
-        train_step, inference = _step_fns(model, x, target, dtype)
-        t_train = measure(train_step, device, min_runs=repeats, min_time=0.0)
-        t_infer = measure(inference, device, min_runs=repeats, min_time=0.0)
+        t_train, t_infer = timings[(name, "train")], timings[(name, "inference")]
         rows.append(
             {
                 "network": name,
                 "backbone": f"{backbone} OS8",
                 "crop": crop,
-                "params (M)": count_params(model) / 1e6,
+                "params (M)": count_params(models[name]) / 1e6,
                 "GMACs/img": counts.macs / 1e9,
                 "train step (ms)": t_train.ms,
                 "train img/s": batch / t_train.median,
@@ -106,5 +112,4 @@ def profile_networks(
                 "inference img/s": batch / t_infer.median,
             }
         )
-        del model, x, target, train_step, inference
     return pd.DataFrame(rows)

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from .heads import build_head
 from .memory import peak_memory
-from .timing import autocast, measure
+from .timing import autocast, measure_many
 
 
 def fit_exponent(n: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
@@ -44,36 +44,41 @@ def profile_scaling(
     repeats: int = 3,
     console: Console | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Forward time and peak memory of each head at every size (H = W = s), and the exponents."""
-    raw = []
+    """Forward time and peak memory of each head at every size (H = W = s), and the exponents.
+
+    All (head, size) pairs are timed in interleaved rounds, so load from elsewhere does not
+    bend one head's curve more than another's.
+    """
+    inputs = {s: torch.randn(batch, channels, s, s, device=device) for s in sizes}
+    fns = {}
     for name in names:
         module = build_head(name, channels, bases, iters).to(device).eval()
-        for s in sizes:
-            if console is not None:
-                console.log(f"scaling: {name} at {s}x{s}")
-            x = torch.randn(batch, channels, s, s, device=device)
+        for s, x in inputs.items():
 
-            def forward() -> None:
+            def forward(module: torch.nn.Module = module, x: torch.Tensor = x) -> None:
                 with torch.no_grad(), autocast(device, dtype):
                     module(x)
 
-            t = measure(forward, device, min_runs=repeats)
-            raw.append(
-                {
-                    "head": name,
-                    "size": s,
-                    "N": s * s,
-                    "fwd (ms)": t.ms,
-                    "fwd peak (MB)": peak_memory(forward, device) / 2**20,
-                }
-            )
-            del x, forward
+            fns[(name, s)] = forward
+    if console is not None:
+        console.log(f"scaling: timing {', '.join(names)} at sizes {', '.join(map(str, sizes))}")
+    timings = measure_many(fns, device, rounds=repeats)
+    raw = [
+        {
+            "head": name,
+            "size": s,
+            "N": s * s,
+            "fwd (ms)": timings[(name, s)].ms,
+            "fwd peak (MiB)": peak_memory(fn, device) / 2**20,
+        }
+        for (name, s), fn in fns.items()
+    ]
     raw_df = pd.DataFrame(raw)
     fits = []
     for name in names:
         sub = raw_df[raw_df["head"] == name]
         p_time, r2_time = fit_exponent(sub["N"], sub["fwd (ms)"])
-        p_mem, r2_mem = fit_exponent(sub["N"], sub["fwd peak (MB)"])
+        p_mem, r2_mem = fit_exponent(sub["N"], sub["fwd peak (MiB)"])
         fits.append(
             {
                 "head": name,

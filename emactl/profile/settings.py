@@ -42,8 +42,8 @@ class ProfileSettings:
     size: int | None = None
     batch: int | None = None
     backbone: str = "resnet50"
-    crop: int = 129
-    sizes: tuple[int, ...] = (33, 49, 65, 81, 97)
+    crop: int = 97
+    sizes: tuple[int, ...] = (33, 49, 65, 81)
     heads: tuple[str, ...] | None = None
     repeats: int = 3
     published_memory: bool = False

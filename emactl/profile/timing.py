@@ -1,26 +1,48 @@
-"""Latency as the median of repeated runs after warm-up, with ``torch.utils.benchmark.Timer``.
+"""Latency as the median of repeated runs after warm-up, measured round-robin.
 
-The Timer synchronises the accelerator before it reads the clock (so CUDA kernels are waited
-for) and runs with all of torch's intra-op threads (its default is one). A first untimed call
-warms up lazy initialisation, allocator pools and kernel selection; that call's duration also
-sizes ``blocked_autorange`` so that slow statements still give ``min_runs`` measurements.
+Every candidate of a comparison is measured in the same rounds: one warm-up call each (lazy
+initialisation, allocator pools, kernel selection), then ``rounds`` rounds in which each
+candidate is timed in turn. Interleaving matters on a shared machine: a burst of load from
+elsewhere then slows every candidate of a round alike instead of whichever ran during it, so
+ratios between candidates stay meaningful even when absolute times are noisy.
+
+How one candidate is timed in a round:
+
+* fast calls (under :data:`FAST` seconds): ``torch.utils.benchmark.Timer.blocked_autorange``,
+  which runs blocks of many calls so that clock overhead vanishes, with all of torch's
+  threads (the Timer's default is one) and the accelerator synchronised before each clock read;
+* slow calls: one call between two reads of ``time.perf_counter``, each after synchronising
+  the device — the clock overhead is then negligible, and a blocked run would cost an extra
+  untimed call per round.
+
+The reported value is the median over all rounds.
 """
 from __future__ import annotations
 
+import logging
+import statistics
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
-from torch.utils import benchmark
+
+# torch.utils.benchmark imports cpp_extension, which warns on CUDA-less machines that have a
+# CUDA_HOME; that warning is about compiling extensions, which we never do.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils import benchmark  # noqa: E402
 
 TIMING_NOTE = (
-    "latency: median of repeated runs after warm-up (torch.utils.benchmark.Timer.blocked_autorange, "
-    "accelerator synchronised before each clock read)"
+    "latency: median over interleaved rounds after one warm-up call (calls under 20 ms: "
+    "torch.utils.benchmark.Timer.blocked_autorange; longer calls: one call per round between "
+    "device synchronisations)"
 )
+FAST = 0.02
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -41,26 +63,47 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(
-    fn: Callable[[], Any],
+def _timed_call(fn: Callable[[], Any], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_many(
+    fns: Mapping[K, Callable[[], Any]],
     device: torch.device,
-    min_runs: int = 3,
-    min_time: float = 0.2,
-    max_time: float = 30.0,
-    warmup: int = 1,
-) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then at least ``min_runs`` timed runs if they fit
-    in ``max_time`` seconds, and at least ``min_time`` seconds of runs. Returns the median."""
-    estimate = 0.0
-    for _ in range(max(1, warmup)):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        estimate = time.perf_counter() - start
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    budget = min(max_time, max(min_time, min_runs * estimate * 1.05))
-    m = timer.blocked_autorange(min_run_time=budget)
-    return Timing(m.median, m.iqr, len(m.times))
+    rounds: int = 3,
+    min_time: float = 0.05,
+) -> dict[K, Timing]:
+    """Time every ``fns[key]()`` in ``rounds`` interleaved rounds after one warm-up call each.
+
+    ``min_time`` is the least time a fast call is run for in each round.
+    """
+    estimates = {key: _timed_call(fn, device) for key, fn in fns.items()}  # warm-up
+    times: dict[K, list[float]] = {key: [] for key in fns}
+    timers = {
+        key: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        for key, fn in fns.items()
+        if estimates[key] < FAST
+    }
+    for _ in range(max(1, rounds)):
+        for key, fn in fns.items():
+            if key in timers:
+                times[key].extend(timers[key].blocked_autorange(min_run_time=min_time).times)
+            else:
+                times[key].append(_timed_call(fn, device))
+    result = {}
+    for key, values in times.items():
+        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        result[key] = Timing(statistics.median(values), q[2] - q[0], len(values))
+    return result
+
+
+def measure(fn: Callable[[], Any], device: torch.device, rounds: int = 3, min_time: float = 0.05) -> Timing:
+    """Time a single ``fn()`` (see :func:`measure_many`)."""
+    return measure_many({"fn": fn}, device, rounds, min_time)["fn"]
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:

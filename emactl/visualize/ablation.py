@@ -26,7 +26,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import UserError
-from .common import new_figure, output_dir, safe_name, save
+from .common import new_figure, output_dir, safe_name, save, wrap_title
 
 RESULTS_FILE = "results.csv"
 METRIC = "mIoU"
@@ -113,7 +113,7 @@ def _averaged_note(axes: Sequence[str], shown: Sequence[str]) -> str:
 
 def _error_note(stats: pd.DataFrame) -> str:
     seeds = int(stats["seeds"].max())
-    return f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed: no error bars"
+    return f"mean ± std over {seeds} seeds" if seeds > 1 else "a single seed (no error bars)"
 
 
 def eval_iters_figure(df: pd.DataFrame, axes: Sequence[str], title: str) -> Figure:
@@ -136,8 +136,8 @@ def eval_iters_figure(df: pd.DataFrame, axes: Sequence[str], title: str) -> Figu
     ax.xaxis.set_major_formatter(lambda v, _pos: _label(v))
     ax.grid(True, alpha=0.3)
     ax.legend(title="training" if lines else None, fontsize="small")
-    ax.set_title(f"{title}: {METRIC} vs eval T ({_error_note(stats)})"
-                 + _averaged_note(axes, ["train_iters", "eval_iters"]), fontsize="medium")
+    text = f"{title}: {METRIC} vs eval T\n{_error_note(stats)}" + _averaged_note(axes, ["train_iters", "eval_iters"])
+    ax.set_title(wrap_title(text, LINE_SIZE[0]), fontsize="medium")
     return fig
 
 
@@ -169,8 +169,8 @@ def axis_figure(df: pd.DataFrame, axis: str, axes: Sequence[str], title: str) ->
     ax.set_xlabel(axis)
     ax.set_ylabel(f"{METRIC} (%)" + (" — axis does not start at 0" if zoomed else ""))
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title(f"{title}: {METRIC} per {axis} ({_error_note(stats)})" + _averaged_note(axes, [axis]),
-                 fontsize="medium")
+    text = f"{title}: {METRIC} per {axis}\n{_error_note(stats)}" + _averaged_note(axes, [axis])
+    ax.set_title(wrap_title(text, bar_size(len(stats))[0]), fontsize="medium")
     return fig
 
 
@@ -182,7 +182,7 @@ def draw_ablation(path: str | os.PathLike, out: str | os.PathLike | None = None)
     if not axes:
         raise UserError(f"{csv}: no axis column takes more than one value; nothing to compare")
     out_dir = output_dir(out, sweep_dir)
-    title = sweep_dir.name
+    title = sweep_dir.resolve().name
     written = []
     bar_axes = list(axes)
     if "eval_iters" in axes:

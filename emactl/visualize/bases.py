@@ -3,7 +3,8 @@
 For each image: the input, the ground truth (when there is one), the prediction, a class
 legend, then for every chosen basis k the map Z[:, k] — how strongly each pixel is assigned to
 basis k in the last E step — reshaped to the feature map, upsampled bilinearly to the image
-and drawn with a perceptual colormap and its own colorbar (the maps' ranges differ a lot).
+and drawn with a perceptual colormap on one scale (0 to the largest value shown) with a
+colorbar, so the maps compare directly.
 
 Without explicit bases, the ``top`` bases with the highest spatial variance of their
 responsibilities are shown: those are the ones that separate regions of the image, while a
@@ -32,6 +33,7 @@ from .common import (
     present_classes,
     save,
     show_image,
+    suptitle,
     unique_names,
 )
 from .samples import ImageSet, Recorded, forward_record, load_images, load_run, require_ema
@@ -111,18 +113,20 @@ def bases_figure(sample_image: np.ndarray, label: np.ndarray | None, rec: Record
     k = rec.resp.shape[-1]
     h, w = rec.resp.shape[:2]
     size = sample_image.shape[:2]
+    # One colour scale for all maps, from 0 to the largest shown value: maps compare directly,
+    # and a nearly uniform map (z ≈ 1/K everywhere) looks flat instead of being stretched.
+    vmax = max(float(rec.resp[..., list(chosen)].max()), 1e-6)
+    map_axes, artist = [], None
     for j, basis in enumerate(chosen):
         ax = fig.add_subplot(grid[1 + j // cols, j % cols])
-        resp_k = rec.resp[..., basis]
-        artist = show_image(ax, upsample_map(resp_k, size), f"basis {basis}  (var {resp_k.var().item():.2g})",
-                            cmap=RESP_CMAP, interpolation="nearest")
-        bar = fig.colorbar(artist, ax=ax, shrink=0.85)
-        bar.set_label(f"z[:, {basis}]", fontsize="small")
-        bar.ax.tick_params(labelsize="x-small")
+        artist = show_image(ax, upsample_map(rec.resp[..., basis], size), f"basis {basis}",
+                            cmap=RESP_CMAP, vmin=0.0, vmax=vmax, interpolation="nearest")
+        map_axes.append(ax)
     for j in range(len(chosen), (rows - 1) * cols):
         fig.add_subplot(grid[1 + j // cols, j % cols]).set_axis_off()
-    fig.suptitle(f"{title}\nEMA responsibilities z[:, k] of the last E step (K={k}, feature map {h}×{w})",
-                 fontsize="medium")
+    bar = fig.colorbar(artist, ax=map_axes, shrink=0.9, aspect=25)
+    bar.set_label("responsibility z[:, k]")
+    suptitle(fig, f"{title}\nEMA responsibilities z[:, k] of the last E step (K={k}, feature map {h}×{w})")
     return fig
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -157,6 +158,12 @@ def show_image(ax: Axes, image: np.ndarray, title: str, **kwargs: object) -> obj
     return artist
 
 
-def hide(axes: Iterable[Axes]) -> None:
-    for ax in axes:
-        ax.set_axis_off()
+def wrap_title(text: str, width_in: float) -> str:
+    """Wrap each line of a title to fit ``width_in`` inches at the default font size."""
+    chars = max(20, int(width_in * 14))
+    return "\n".join(textwrap.fill(line, chars) for line in text.splitlines())
+
+
+def suptitle(fig: Figure, text: str) -> None:
+    """A figure title, wrapped to the figure's width."""
+    fig.suptitle(wrap_title(text, float(fig.get_size_inches()[0])), fontsize="medium")

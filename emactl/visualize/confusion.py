@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from ..engine.evaluate import EVAL_DIR, run_dir_of
 from ..errors import UserError
-from .common import HEAT_CMAP, new_figure, output_dir, save
+from .common import HEAT_CMAP, new_figure, output_dir, save, wrap_title
 from .samples import resolve_run
 
 CONFUSION_FILE = "confusion.csv"
@@ -100,7 +100,7 @@ def confusion_figure(counts: pd.DataFrame, title: str) -> Figure:
                 if np.isfinite(norm[r, c]) and values[r, c] > 0:
                     ax.text(c, r, f"{norm[r, c]:.2f}", ha="center", va="center", fontsize="x-small",
                             color="white" if norm[r, c] > 0.6 else "black")
-    ax.set_title(title, fontsize="medium")
+    ax.set_title(wrap_title(title, figure_size(k)[0] - 1.5), fontsize="medium")
     return fig
 
 
@@ -116,5 +116,5 @@ def draw_confusion(path: str | os.PathLike | None = None, out: str | os.PathLike
     csv, run_dir = find_confusion(path)
     counts = read_confusion(csv)
     note = _summary_note(run_dir)
-    title = f"confusion matrix, rows normalised — {run_dir.name}" + (f" ({note})" if note else "")
+    title = f"confusion matrix, rows normalised — {run_dir.resolve().name}" + (f" ({note})" if note else "")
     return [save(confusion_figure(counts, title), output_dir(out, run_dir) / "confusion.png")]

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from ..engine.evaluate import run_dir_of
 from ..engine.rundir import METRICS_FILE, read_metrics
 from ..errors import UserError
-from .common import new_figure, output_dir, save
+from .common import new_figure, output_dir, save, suptitle
 from .samples import resolve_run
 
 PANEL_W, PANEL_H = 4.5, 3.6
@@ -89,7 +89,7 @@ def curves_figure(records: list[dict[str, Any]], title: str) -> Figure:
     for ax in axes:
         ax.set_xlabel("iteration")
         ax.grid(True, alpha=0.3)
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
 
 
@@ -103,5 +103,5 @@ def draw_curves(path: str | os.PathLike | None = None, out: str | os.PathLike | 
     records = read_metrics(run_dir)
     if len(series(records, "train", "loss")[0]) == 0:
         raise UserError(f"{metrics}: holds no training records (kind=train with iter and loss); nothing to draw")
-    title = f"training curves — {run_dir.name}"
+    title = f"training curves — {run_dir.resolve().name}"
     return [save(curves_figure(records, title), output_dir(out, run_dir) / "curves.png")]

@@ -16,7 +16,19 @@ from matplotlib.figure import Figure
 
 from ..engine.evaluate import resolve_eval_config
 from ..predict import predict_label
-from .common import PANEL, class_legend, error_map, new_figure, output_dir, overlay, present_classes, save, show_image, unique_names
+from .common import (
+    PANEL,
+    class_legend,
+    error_map,
+    new_figure,
+    output_dir,
+    overlay,
+    present_classes,
+    save,
+    show_image,
+    suptitle,
+    unique_names,
+)
 from .samples import ImageSet, load_images, load_run
 
 
@@ -44,7 +56,7 @@ def predictions_figure(image: np.ndarray, label: np.ndarray | None, pred: np.nda
         i = 3
     classes = present_classes(label, pred, num_classes=len(images.class_names))
     class_legend(axes[i + 1], classes, images.class_names, palette, title="classes present")
-    fig.suptitle(title, fontsize="medium")
+    suptitle(fig, title)
     return fig
 
 

@@ -2,7 +2,11 @@
 
 Both feature maps, X (the EMA unit's conv1 output) and X̃ = μZᵀ, are (C, h, w). They are
 projected to RGB by **one** PCA fitted on the pixels of both together, with one scaling per
-component shared by both maps, so equal colours mean equal feature vectors in either panel.
+component shared by both maps, so equal colours mean equal feature directions in either panel.
+Before that, each map is divided by its own RMS over all pixels and channels: X̃ is built
+from unit-norm bases and is far smaller than X, and that global factor carries no meaning
+(the unit follows the reconstruction with ReLU, a 1×1 conv and BN, which absorb it); left in,
+it would make X̃ a flat colour.
 The singular-value spectra (each normalised by its largest value, on a log scale) show the
 rank: X̃ is at most rank K, and its within-region noise is smoothed away while the region
 boundaries stay sharp (the paper's "edge-preserving" low-rank reconstruction).
@@ -18,22 +22,28 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .common import PANEL, new_figure, output_dir, save, show_image, unique_names
+from .common import PANEL, new_figure, output_dir, save, show_image, suptitle, unique_names
 from .samples import Recorded, forward_record, load_images, load_run, require_ema
 
 FIGSIZE = (4 * PANEL + 1.5, PANEL + 0.6)
 SPECTRUM_FLOOR = 1e-7  # relative singular values below this are numerical zeros
 
 
+def rms_normalise(x: Tensor) -> Tensor:
+    """``x`` divided by its root-mean-square value (left alone when it is all zeros)."""
+    rms = x.double().pow(2).mean().sqrt()
+    return x / rms if rms > 0 else x
+
+
 def shared_pca_rgb(a: Tensor, b: Tensor, components: int = 3) -> tuple[np.ndarray, np.ndarray, float]:
     """Project two (C, h, w) maps to RGB with one PCA fitted on both; return both images (h, w, 3)
     in [0, 1] and the fraction of the joint variance the components explain.
 
-    Each component is scaled to [0, 1] by its 1st and 99th percentile over both maps together
+    Each map is first divided by its RMS (see the module docstring). Each component is scaled to [0, 1] by its 1st and 99th percentile over both maps together
     (robust to a few extreme pixels, identical for the two maps).
     """
     c, h, w = a.shape
-    pixels = torch.cat([a.reshape(c, -1).T, b.reshape(c, -1).T]).double()  # (2N, C)
+    pixels = torch.cat([rms_normalise(a).reshape(c, -1).T, rms_normalise(b).reshape(c, -1).T]).double()  # (2N, C)
     centred = pixels - pixels.mean(dim=0, keepdim=True)
     _, s, vh = torch.linalg.svd(centred, full_matrices=False)
     k = min(components, vh.shape[0])
@@ -77,21 +87,19 @@ def recon_figure(image: np.ndarray, rec: Recorded, title: str) -> Figure:
 
     ax = fig.add_subplot(grid[0, 3])
     for x, name, style in ((rec.feats, "X (before)", "-"), (rec.recon, "X̃ (after)", "--")):
-        rel = np.maximum(spectrum(x), SPECTRUM_FLOOR)
-        ax.semilogy(np.arange(1, len(rel) + 1), rel, style, lw=1.8,
-                    label=f"{name}: 99% energy in {energy_rank(rel)}")
-    ax.axvline(k, color="0.5", lw=1, ls=":", label=f"K = {k} bases (max rank of X̃)")
-    ax.set_xlabel("singular value index")
-    ax.set_ylabel("σᵢ / σ₁")
-    ax.set_title("singular-value spectra", fontsize="medium")
+        rel = spectrum(x)
+        shown = np.where(rel >= SPECTRUM_FLOOR, rel, np.nan)  # numerical zeros are not drawn
+        ax.semilogy(np.arange(1, len(rel) + 1), shown, style, lw=1.8,
+                    label=f"{name}: 99% of energy in {energy_rank(rel)} components")
+    ax.axvline(k, color="0.5", lw=1, ls=":", label=f"K = {k} bases (the rank limit of X̃)")
+    ax.set_xlabel("index i (largest first)")
+    ax.set_ylabel("σᵢ / σ₁  (log scale)")
+    ax.set_title("singular values of the C×N feature matrices", fontsize="medium")
     ax.set_ylim(SPECTRUM_FLOOR / 2, 2)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper right")
-    fig.suptitle(
-        f"{title}\nshared PCA of X and X̃ (first 3 components → RGB, {100 * explained:.0f}% of variance; "
-        f"C={c}, feature map {h}×{w})",
-        fontsize="medium",
-    )
+    ax.legend(fontsize="x-small", loc="best")
+    suptitle(fig, f"{title}\nX and X̃ (each scaled to unit RMS) → RGB by one shared PCA: first 3 components, "
+                  f"{100 * explained:.0f}% of the variance; C={c}, feature map {h}×{w}")
     return fig
 
 

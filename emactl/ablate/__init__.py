@@ -1,0 +1,61 @@
+"""``emactl ablate``: the paper's ablations (T, bases update × normalisation, grad, heads, K...)
+as one resumable sweep.
+
+* :mod:`.axes` parses the comma-separated axis options and expands them into cells;
+* :mod:`.sweep` owns the sweep directory and runs the cells (resume, parallel workers);
+* :mod:`.report` rebuilds the tidy table, the pivots and the plots from the cells.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .axes import Axes, parse_axes
+from .report import write_report
+from .sweep import SweepOutcome, check_sweep, open_sweep, plan_from, plan_recipe, run_sweep, sweep_lock
+
+__all__ = ["AblationResult", "Axes", "parse_axes", "run_ablation"]
+
+
+@dataclass
+class AblationResult:
+    """The sweep directory, the tidy results table, the files written and what the run did."""
+
+    sweep_dir: Path
+    results: pd.DataFrame
+    paths: list[Path]
+    outcome: SweepOutcome
+
+
+def run_ablation(
+    axes: Axes,
+    recipe: Path | None = None,
+    source: Path | None = None,
+    seeds: int = 1,
+    out: Path | None = None,
+    jobs: int = 1,
+    device: str | None = None,
+    progress: bool = True,
+    show: bool = True,
+) -> AblationResult:
+    """Plan, run (or resume) and report a sweep.
+
+    ``recipe`` trains one run per cell (default ``recipes/shapes.yaml``); ``source`` (a run
+    directory or checkpoint) instead evaluates that run at the eval-side values only. The
+    tables and figures are rebuilt from the cell directories at the end, also after failures
+    or an interruption.
+    """
+    from .sweep import console
+
+    sweep = plan_from(source, axes, seeds, out) if source is not None else plan_recipe(recipe, axes, seeds, out)
+    check_sweep(sweep)
+    with sweep_lock(sweep.dir):
+        open_sweep(sweep)
+        for note in sweep.notes:
+            console.print(note)
+        outcome = run_sweep(sweep, jobs=jobs, device=device, progress=progress)
+        results, paths = write_report(sweep, show=show)
+    console.print(f"wrote {sweep.dir}/results.{{csv,md}} and {len(paths) - 2} more file(s) in {outcome.seconds:.0f} s")
+    return AblationResult(sweep.dir, results, paths, outcome)

@@ -1,0 +1,643 @@
+"""Running a sweep: the sweep directory, one run directory per cell, resume, parallel workers.
+
+Layout of a sweep directory::
+
+    sweep.json                  what the sweep is: source recipe (or checkpoint), axes, seeds
+    cells/<cell>/               one run directory per cell (recipe.yaml, checkpoints/, eval/ ...)
+        ablate_train.json       written once training is complete: iteration, train time
+        ablate_eval_T<t>.json   one per eval T (``ablate_eval.json`` for the model's own T)
+        ablate_error.json       the last failure of this cell (removed when it is retried)
+        ablate.log              everything the trainer and evaluator printed for this cell
+    results.csv/.md, summary.*, pivot_*.*, *.png    rebuilt from the cells after every run
+
+Everything is written atomically, so a ``kill -9`` at any moment loses at most the work since a
+cell's last checkpoint: running the same command again skips finished cells (all of their
+eval files present), resumes interrupted trainings from their newest checkpoint
+(``train(..., resume=True)``) and evaluates whatever is missing. A directory that holds a
+different sweep is never written into.
+
+With ``jobs > 1`` each pending cell runs in its own spawned process with
+``torch.set_num_threads(max(1, cores // jobs))`` threads, so jobs × threads never exceeds the
+cores. The workers sit in their own process group: a Ctrl-C reaches only the main process,
+which forwards exactly one SIGINT to each worker (the trainer then saves a checkpoint and
+stops) and waits for them. A worker whose main process has died stops the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..config import apply_overrides, from_dict, read_yaml, to_dict
+from ..errors import UserError
+from ..io import write_json
+from .axes import AXES, Axes, Cell, cell_label, expand, safe_label, table_columns
+
+SWEEP_FILE = "sweep.json"
+CELLS_DIR = "cells"
+TRAIN_FILE = "ablate_train.json"
+ERROR_FILE = "ablate_error.json"
+LOG_FILE = "ablate.log"
+LOCK_FILE = ".lock"
+DEFAULT_RECIPE = Path("recipes") / "shapes.yaml"
+SWEEPS_DIR = Path("sweeps")
+SPEC_KEYS = ("source", "recipe", "checkpoint", "axes", "seeds")
+FAILED, STOPPED = 3, 128
+
+console = Console(stderr=True, highlight=False)
+
+
+def eval_file(cell_dir: Path, eval_iters: int | None) -> Path:
+    """Where the evaluation of a cell at eval T ``eval_iters`` is stored."""
+    return cell_dir / ("ablate_eval.json" if eval_iters is None else f"ablate_eval_T{eval_iters}.json")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Planning.
+
+
+@dataclass
+class Sweep:
+    """A planned sweep: where it lives, what it is (``spec``), its cells and table columns."""
+
+    dir: Path
+    spec: dict[str, Any]
+    axes: Axes
+    cells: list[Cell]
+    columns: list[str]
+    notes: list[str] = field(default_factory=list)
+    eval_overrides: list[str] = field(default_factory=list)
+
+    def cell_dir(self, cell: Cell) -> Path:
+        return self.dir / CELLS_DIR / cell.name
+
+    def finished(self, cell: Cell) -> bool:
+        d = self.cell_dir(cell)
+        return (d / TRAIN_FILE).is_file() and all(eval_file(d, t).is_file() for t in cell.eval_iters)
+
+
+def default_recipe() -> Path:
+    """``recipes/shapes.yaml`` in the working directory, else the one beside the package."""
+    if DEFAULT_RECIPE.is_file():
+        return DEFAULT_RECIPE
+    beside = Path(__file__).resolve().parents[2] / DEFAULT_RECIPE
+    if beside.is_file():
+        return beside
+    raise UserError(f"{DEFAULT_RECIPE}: default recipe not found here; pass --recipe PATH")
+
+
+def _slug(axes: Axes, seeds: Sequence[int]) -> str:
+    parts = []
+    for column, values in axes.values.items():
+        if column == "eval_iters" and axes.iter_mode == "diagonal":
+            continue
+        name = "iters" if column == "train_iters" and axes.iter_mode == "diagonal" else column
+        labels = [cell_label(column, v).split("-", 1)[-1] if column not in AXES else _value_text(v) for v in values]
+        parts.append(f"{name.rsplit('.', 1)[-1]}-{'-'.join(labels)}")
+    if len(seeds) > 1:
+        parts.append(f"seeds{len(seeds)}")
+    if axes.overrides:
+        parts.append("set-" + hashlib.sha1("\n".join(sorted(axes.overrides)).encode()).hexdigest()[:6])
+    return "_".join(parts)
+
+
+def _value_text(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def default_sweep_dir(stem: str, axes: Axes, seeds: Sequence[int]) -> Path:
+    """``sweeps/<recipe or run name>_<axis>-<values>...`` (long names are cut and hashed)."""
+    name = f"{stem}_{_slug(axes, seeds)}".strip("_")
+    if len(name) > 120:
+        name = f"{name[:100]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return SWEEPS_DIR / name
+
+
+def _seeds(base_seed: int, n: int) -> list[int]:
+    if n < 1:
+        raise UserError(f"--seeds: must be >= 1, got {n}")
+    return [base_seed + i for i in range(n)]
+
+
+def plan_recipe(recipe: Path | None, axes: Axes, seeds: int = 1, out: Path | None = None) -> Sweep:
+    """Plan a sweep that trains one run per cell of ``recipe`` (default: the shapes demo)."""
+    path = recipe if recipe is not None else default_recipe()
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        from_dict(data, source=str(path))
+    base = apply_overrides(data, axes.overrides)
+    resolved = from_dict(base, source=str(path))
+    if not axes.values and seeds <= 1:
+        raise UserError("nothing to sweep: give at least one axis, e.g. --iters 1,3,5 (see emactl ablate --help)")
+    seed_list = _seeds(resolved.train.seed, seeds)
+    cells, notes = expand(to_dict(resolved), axes, seed_list, source=str(path))
+    spec = {
+        "source": "recipe",
+        "recipe": to_dict(resolved),
+        "checkpoint": None,
+        "axes": axes.to_json(),
+        "seeds": seed_list,
+        "recipe_path": str(path),
+    }
+    where = out if out is not None else default_sweep_dir(resolved.name, axes, seed_list)
+    return Sweep(Path(where), spec, axes, cells, table_columns(axes, cells), notes)
+
+
+def plan_from(source: Path, axes: Axes, seeds: int = 1, out: Path | None = None) -> Sweep:
+    """Plan a sweep that only evaluates a trained run (or checkpoint) at the eval-side values."""
+    from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
+    from ..engine.evaluate import run_dir_of
+
+    train_side = [AXES[c].option if c in AXES else f"--set {c}" for c in axes.train_side]
+    if axes.iter_mode == "diagonal":
+        raise UserError("--from: --iters also sets the training T; to evaluate a trained run at several T use --eval-iters")
+    if train_side:
+        raise UserError(
+            f"--from: {', '.join(train_side)} need(s) training; a trained run takes only eval-side axes "
+            "(--eval-iters) and single-valued --set overrides — use --recipe to train the cells"
+        )
+    if seeds != 1:
+        raise UserError("--from: --seeds needs training; a trained run has one seed")
+    if not axes.values:
+        raise UserError("--from: nothing to sweep: give --eval-iters, e.g. --eval-iters 1,2,3,4,5")
+    ckpt = resolve_checkpoint(source)
+    stored = load_checkpoint(ckpt)["recipe"]
+    data = apply_overrides(stored, axes.overrides)
+    data.setdefault("model", {})["pretrained"] = None
+    recipe = from_dict(data, source=f"{ckpt} (stored recipe)")
+    if recipe.model.head != "ema":
+        raise UserError(f"--from {source}: model.head={recipe.model.head!r} has no EMA unit; --eval-iters needs one")
+    run_name = run_dir_of(source).name or "run"
+    values: dict[str, Any] = {"train_iters": recipe.model.ema.iters, "seed": recipe.train.seed}
+    cell = Cell(safe_label(run_name), values, to_dict(recipe), list(axes.values["eval_iters"]),
+                source=str(ckpt.resolve()))
+    spec = {
+        "source": "run",
+        "recipe": to_dict(recipe),
+        "checkpoint": str(ckpt.resolve()),
+        "axes": axes.to_json(),
+        "seeds": [recipe.train.seed],
+    }
+    where = out if out is not None else default_sweep_dir(run_name, axes, [recipe.train.seed])
+    return Sweep(Path(where), spec, axes, [cell], table_columns(axes, [cell]), [], list(axes.overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep directory.
+
+
+def _normal(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _first_difference(old: Any, new: Any, prefix: str) -> str:
+    """The dotted key where two JSON values first differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}.{key}")
+    shown = f"{old!r} → {new!r}"
+    if len(shown) > 80:
+        shown = "changed"
+    return f"{prefix.lstrip('.')} ({shown})"
+
+
+def _check_spec(sweep: Sweep) -> None:
+    """Refuse a directory that holds something other than this very sweep."""
+    path = sweep.dir / SWEEP_FILE
+    if not sweep.dir.exists():
+        return
+    if not sweep.dir.is_dir():
+        raise UserError(f"{sweep.dir}: exists and is not a directory; pass --out DIR for this sweep")
+    if not [p for p in sweep.dir.iterdir() if p.name != LOCK_FILE]:
+        return
+    stored = read_json(path)
+    if stored is None:
+        raise UserError(
+            f"{sweep.dir}: not an ablation sweep directory (no readable {SWEEP_FILE}); refusing to write into it — "
+            "pass --out DIR for this sweep"
+        )
+    old = _normal({k: stored.get(k) for k in SPEC_KEYS})
+    new = _normal({k: sweep.spec.get(k) for k in SPEC_KEYS})
+    if old != new:
+        where = _first_difference(old, new, "")
+        raise UserError(
+            f"{sweep.dir}: holds a different sweep (differs in {where}); refusing to overwrite it — "
+            "pass --out DIR for this sweep"
+        )
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the sweep so that two processes never run the same cells."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no locking
+        yield
+        return
+    with open(sweep_dir / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"{sweep_dir}: another `emactl ablate` is running on this sweep") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def check_sweep(sweep: Sweep) -> None:
+    """Refuse (one-line :class:`UserError`) a directory that holds anything but this sweep."""
+    _check_spec(sweep)
+
+
+def open_sweep(sweep: Sweep) -> None:
+    """Check the directory holds this sweep (or nothing) and write ``sweep.json``."""
+    _check_spec(sweep)
+    spec = dict(sweep.spec)
+    spec["cells"] = [c.name for c in sweep.cells]
+    write_json(sweep.dir / SWEEP_FILE, spec)
+
+
+# --------------------------------------------------------------------------------------------
+# One cell.
+
+
+@dataclass
+class CellTask:
+    """Everything a (possibly separate) process needs to run one cell."""
+
+    name: str
+    dir: str
+    recipe: dict[str, Any]
+    eval_iters: list[int | None]
+    source: str | None = None
+    eval_overrides: list[str] = field(default_factory=list)
+    device: str | None = None
+
+
+@dataclass
+class CellOutcome:
+    """``status`` is ``done``, ``failed`` (``error`` says why) or ``stopped`` (by ``signum``)."""
+
+    name: str
+    status: str
+    error: str | None = None
+    signum: int | None = None
+    seconds: float = 0.0
+
+
+def _count_params(model: Any) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _train_cell(task: CellTask) -> int | None:
+    """Train the cell unless it is trained already; the signal number if a signal stopped it."""
+    from ..engine.checkpoint import checkpoint_path, load_checkpoint, resolve_checkpoint
+    from ..engine.trainer import train
+
+    cell_dir = Path(task.dir)
+    if (cell_dir / TRAIN_FILE).is_file():
+        return None
+    if task.source is not None:
+        ckpt = resolve_checkpoint(task.source)
+    else:
+        recipe = from_dict(task.recipe, source=f"ablate cell {task.name}")
+        if task.device is not None:
+            recipe.train.device = task.device
+        ckpt = checkpoint_path(cell_dir, recipe.train.iters)
+        if not ckpt.is_file():
+            result = train(recipe, cell_dir, resume=True, progress=False)
+            if result.stopped_by is not None:
+                return result.stopped_by
+    state = load_checkpoint(ckpt)
+    elapsed = state.get("elapsed")
+    write_json(
+        cell_dir / TRAIN_FILE,
+        {
+            "checkpoint": str(ckpt),
+            "iteration": int(state.get("iteration", 0)),
+            "train_time_s": float(elapsed) if elapsed is not None else None,
+        },
+    )
+    return None
+
+
+def _eval_cell(task: CellTask) -> None:
+    """Evaluate the cell's final checkpoint at every eval T that has no result yet."""
+    from ..data import build_dataset
+    from ..engine.evaluate import evaluate, load_for_eval
+    from ..nn.emanet import ema_units, set_eval_iters
+
+    cell_dir = Path(task.dir)
+    missing = [t for t in task.eval_iters if not eval_file(cell_dir, t).is_file()]
+    if not missing:
+        return
+    device = task.device or "auto"
+    run, cfg, dev = load_for_eval(task.source or cell_dir, task.eval_overrides, None, device)
+    recipe = run.recipe
+    dataset = build_dataset(recipe.data, recipe.data.val_split, train=False)
+    if dataset.num_classes != recipe.data.num_classes:
+        raise UserError(f"{run.checkpoint}: the model predicts {recipe.data.num_classes} classes but the dataset has "
+                        f"{dataset.num_classes}")
+    if len(dataset) == 0:
+        raise UserError(f"dataset {recipe.data.name!r} split {recipe.data.val_split!r} holds no images")
+    params = _count_params(run.model)
+    for t in missing:
+        if t is not None:
+            set_eval_iters(run.model, t)
+        start = time.perf_counter()
+        result = evaluate(run.model, dataset, cfg, dataset.num_classes, dataset.ignore_index, dev, progress=False,
+                          workers=recipe.data.workers)
+        seconds = time.perf_counter() - start
+        units = ema_units(run.model)
+        write_json(
+            eval_file(cell_dir, t),
+            {
+                "eval_iters": t,
+                "em_iters": units[0].eval_iters if units else None,
+                "metrics": {k: float(v) for k, v in result.summary.items()},
+                "eval_time_s": seconds,
+                "params": params,
+                "checkpoint": str(run.checkpoint),
+                "iteration": run.iteration,
+                "images": len(dataset),
+            },
+        )
+
+
+@contextlib.contextmanager
+def _logged(path: Path) -> Iterator[Any]:
+    """Send everything printed (the trainer's tables and messages) to the cell's log file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield log
+
+
+def run_cell(task: CellTask) -> CellOutcome:
+    """Train (or resume) and evaluate one cell; failures are recorded in the cell, not raised.
+
+    A :class:`UserError` or any other exception (a NaN loss, a bad dataset option in a
+    ``--set`` value...) fails this cell only: the message goes to ``ablate_error.json``, the
+    traceback to ``ablate.log``, and the other cells go on. ``KeyboardInterrupt`` propagates.
+    """
+    cell_dir = Path(task.dir)
+    start = time.perf_counter()
+    (cell_dir / ERROR_FILE).unlink(missing_ok=True)
+    with _logged(cell_dir / LOG_FILE) as log:
+        try:
+            signum = _train_cell(task)
+            if signum is not None:
+                return CellOutcome(task.name, "stopped", signum=signum, seconds=time.perf_counter() - start)
+            _eval_cell(task)
+        except Exception as e:  # noqa: BLE001 - one failed cell must not end the sweep
+            message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            if not isinstance(e, UserError):
+                message = f"{type(e).__name__}: {message}"
+                traceback.print_exc(file=log)
+            else:
+                print(f"error: {message}", file=log)
+            write_json(cell_dir / ERROR_FILE, {"error": message})
+            return CellOutcome(task.name, "failed", error=message, seconds=time.perf_counter() - start)
+    return CellOutcome(task.name, "done", seconds=time.perf_counter() - start)
+
+
+def _task(sweep: Sweep, cell: Cell, device: str | None) -> CellTask:
+    return CellTask(cell.name, str(sweep.cell_dir(cell)), cell.recipe, list(cell.eval_iters), cell.source,
+                    list(sweep.eval_overrides), device)
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes.
+
+
+def _watch_parent(parent: int) -> None:
+    """Stop this worker like a SIGTERM would once its main process has gone."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(task: CellTask, threads: int, parent: int) -> None:
+    """Entry point of a spawned worker: run one cell, report through the exit code.
+
+    0 = done, 3 = failed (the cell's ``ablate_error.json`` says why), 128 + N = stopped by
+    signal N.
+    """
+    import torch
+
+    os.setpgid(0, 0)
+    torch.set_num_threads(threads)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    try:
+        outcome = run_cell(task)
+    except KeyboardInterrupt:
+        sys.exit(STOPPED + signal.SIGINT)
+    if outcome.status == "stopped":
+        sys.exit(STOPPED + int(outcome.signum or signal.SIGINT))
+    sys.exit(FAILED if outcome.status == "failed" else 0)
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Interrupted(Exception):
+    """The main process got SIGINT or SIGTERM while cells were running."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Interrupted` in the main thread (SIGINT already raises)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _outcome_of(task: CellTask, code: int | None, seconds: float) -> CellOutcome:
+    if code == 0:
+        return CellOutcome(task.name, "done", seconds=seconds)
+    if code is not None and code > STOPPED:
+        return CellOutcome(task.name, "stopped", signum=code - STOPPED, seconds=seconds)
+    if code is not None and code < 0:
+        return CellOutcome(task.name, "stopped", signum=-code, seconds=seconds)
+    error = (read_json(Path(task.dir) / ERROR_FILE) or {}).get("error") or f"worker exited with code {code}"
+    return CellOutcome(task.name, "failed", error=str(error), seconds=seconds)
+
+
+def _run_parallel(tasks: list[CellTask], jobs: int, on_done: Any, on_start: Any) -> int | None:
+    """Run ``tasks`` in up to ``jobs`` spawned workers; the signal number if interrupted."""
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, cores() // jobs)
+    queue = list(tasks)
+    running: dict[Any, tuple[Any, CellTask, float]] = {}
+    stopped: int | None = None
+    forwarded = 0
+
+    def forward(sig: int) -> None:
+        for proc, _task, _t in running.values():
+            if proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    while queue or running:
+        try:
+            while queue and len(running) < jobs and stopped is None:
+                task = queue.pop(0)
+                proc = ctx.Process(target=_worker, args=(task, threads, os.getpid()), name=f"ablate-{task.name}")
+                proc.start()
+                running[proc.sentinel] = (proc, task, time.perf_counter())
+                on_start(task)
+            if not running:
+                break
+            ready = multiprocessing.connection.wait(list(running), timeout=0.5)
+            for sentinel in ready:
+                proc, task, t0 = running.pop(sentinel)
+                proc.join()
+                outcome = _outcome_of(task, proc.exitcode, time.perf_counter() - t0)
+                if outcome.status == "stopped" and stopped is None:
+                    stopped = outcome.signum
+                on_done(outcome)
+        except (KeyboardInterrupt, Interrupted) as e:
+            signum = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+            stopped = stopped or signum
+            queue.clear()
+            forwarded += 1
+            forward(signal.SIGINT if forwarded == 1 else signal.SIGTERM)
+    return stopped
+
+
+# --------------------------------------------------------------------------------------------
+# The whole sweep.
+
+
+@dataclass
+class SweepOutcome:
+    """What running a sweep did: cells skipped (already finished), run, failed; a stop signal."""
+
+    skipped: list[str]
+    done: list[str]
+    failed: dict[str, str]
+    stopped_by: int | None
+    seconds: float
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]cells"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        disable=not enabled,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+
+
+def run_sweep(sweep: Sweep, jobs: int = 1, device: str | None = None, progress: bool = True) -> SweepOutcome:
+    """Run every unfinished cell of an opened sweep (see :func:`open_sweep`)."""
+    if jobs < 1:
+        raise UserError(f"--jobs: must be >= 1, got {jobs}")
+    start = time.perf_counter()
+    skipped = [c.name for c in sweep.cells if sweep.finished(c)]
+    pending = [c for c in sweep.cells if not sweep.finished(c)]
+    n_cores = cores()
+    if jobs > n_cores:
+        console.print(f"note: --jobs {jobs} is more than the {n_cores} cores here; running {n_cores} at a time")
+        jobs = n_cores
+    jobs = max(1, min(jobs, len(pending)))
+    console.print(
+        f"sweep {sweep.dir}: {len(sweep.cells)} cell(s), {len(skipped)} finished, {len(pending)} to run"
+        + (f" in {jobs} worker processes × {max(1, n_cores // jobs)} threads" if jobs > 1 else "")
+    )
+    done: list[str] = []
+    failed: dict[str, str] = {}
+    stopped: int | None = None
+    tasks = [_task(sweep, c, device) for c in pending]
+    running: list[str] = []
+    bar = _progress(progress)
+    with bar, _sigterm_raises():
+        task_id = bar.add_task("cells", total=len(sweep.cells), completed=len(skipped), status="")
+
+        def on_start(task: CellTask) -> None:
+            running.append(task.name)
+            bar.update(task_id, status=f"running {', '.join(running)}")
+
+        def on_done(outcome: CellOutcome) -> None:
+            nonlocal stopped
+            if outcome.name in running:
+                running.remove(outcome.name)
+            log = Path(sweep.dir) / CELLS_DIR / outcome.name / LOG_FILE
+            if outcome.status == "done":
+                done.append(outcome.name)
+                bar.advance(task_id)
+                bar.console.print(f"done {outcome.name} ({outcome.seconds:.0f} s)")
+            elif outcome.status == "failed":
+                failed[outcome.name] = outcome.error or "failed"
+                bar.advance(task_id)
+                bar.console.print(f"[red]failed[/] {outcome.name}: {outcome.error} (log: {log})")
+            else:
+                stopped = stopped or outcome.signum
+                bar.console.print(f"stopped {outcome.name} by {signal.Signals(outcome.signum or 2).name}; "
+                                  "run the same command again to resume")
+            bar.update(task_id, status=f"running {', '.join(running)}" if running else "")
+
+        if jobs == 1:
+            try:
+                for task in tasks:
+                    on_start(task)
+                    outcome = run_cell(task)
+                    on_done(outcome)
+                    if outcome.status == "stopped":
+                        break
+            except (KeyboardInterrupt, Interrupted) as e:
+                stopped = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+        else:
+            signum = _run_parallel(tasks, jobs, on_done, on_start)
+            stopped = stopped or signum
+    return SweepOutcome(skipped, done, failed, stopped, time.perf_counter() - start)

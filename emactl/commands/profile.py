@@ -1,0 +1,71 @@
+"""``emactl profile``: benchmark EM attention against the other context modules and networks."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("profile")
+    def profile(
+        device: str = typer.Option("auto", help="cpu, cuda (or cuda:N), or auto: cuda when available."),
+        dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (fp16 needs cuda); bf16/fp16 run under autocast."),
+        out: Path = typer.Option(Path("profile_out"), help="Directory for the CSV/Markdown/JSON tables, notes.md and env.json."),
+        sections: str = typer.Option("heads,networks,scaling,published,ema", help="Comma-separated sections to run, in order."),
+        channels: int = typer.Option(512, help="Channels C of the context modules (and of EMANet's head)."),
+        size: Optional[int] = typer.Option(None, help="Feature size H=W of heads (default 33) and ema (default 65)."),
+        bases: int = typer.Option(64, help="EM bases K."),
+        iters: int = typer.Option(3, help="EM iterations T."),
+        batch: Optional[int] = typer.Option(None, help="Batch size (defaults: heads 2, networks 2, scaling 1, ema 4)."),
+        backbone: str = typer.Option("resnet50", help="Backbone of the networks section: resnet50 or resnet101."),
+        crop: int = typer.Option(97, help="Input crop (H=W) of the networks section."),
+        sizes: str = typer.Option("33,49,65,81", help="Feature sizes H=W swept by the scaling section."),
+        heads: Optional[str] = typer.Option(
+            None, help="Context modules for heads/scaling (default: all six / ema,nonlocal,a2,conv3x3)."
+        ),
+        repeats: int = typer.Option(3, help="Timed rounds per measurement, after one warm-up call."),
+        threads: Optional[int] = typer.Option(
+            None, help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)."
+        ),
+        published_memory: bool = typer.Option(
+            False, help="Also measure inference memory at 513x513 with ResNet-101 (slow on a CPU)."
+        ),
+    ) -> None:
+        """Measure params, MACs/FLOPs, memory, latency and throughput of EMA and the alternatives."""
+        import torch
+        from rich.console import Console
+
+        from ..errors import UserError
+        from ..profile.report import run_profile
+        from ..profile.settings import HEADS, SECTIONS, ProfileSettings, parse_list, parse_sizes, resolve_device, validate
+
+        if threads is not None:
+            if threads < 1:
+                raise UserError(f"--threads: must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        settings = ProfileSettings(
+            device=resolve_device(device),
+            dtype=dtype,
+            out=out,
+            sections=parse_list(sections, "--sections", SECTIONS),
+            channels=channels,
+            bases=bases,
+            iters=iters,
+            size=size,
+            batch=batch,
+            backbone=backbone,
+            crop=crop,
+            sizes=parse_sizes(sizes),
+            heads=parse_list(heads, "--heads", HEADS) if heads is not None else None,
+            repeats=repeats,
+            published_memory=published_memory,
+        )
+        validate(settings)
+        console = Console()
+        if not console.is_terminal:  # logs and pipes: keep wide tables whole
+            console = Console(width=220)
+        run_profile(settings, console)

@@ -1,0 +1,124 @@
+"""``emactl visualize``: figures of a run (EMA bases, reconstruction, predictions, confusion,
+curves) and of an ablation sweep. Every subcommand prints the paths of the PNGs it wrote."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+RUN_HELP = "Run directory or checkpoint file (default: the latest run in runs/)."
+OUT_HELP = "Output folder (default: <run_dir>/figures)."
+IMAGES_HELP = "Image file or folder of images to draw instead of dataset samples (repeatable)."
+SPLIT_HELP = "Dataset split to take images from (default: the recipe's data.val_split)."
+COUNT_HELP = "How many dataset images to draw (the first ones of the split)."
+SET_HELP = "Recipe override KEY=VALUE, e.g. data.root=/data/VOCdevkit (repeatable)."
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
+
+RunArg = typer.Argument(None, help=RUN_HELP, show_default=False)
+OutOpt = typer.Option(None, "--out", "-o", help=OUT_HELP, show_default=False)
+ImagesOpt = typer.Option(None, "--images", help=IMAGES_HELP, show_default=False)
+SplitOpt = typer.Option(None, "--split", help=SPLIT_HELP, show_default=False)
+CountOpt = typer.Option(4, "--count", "-n", help=COUNT_HELP)
+SetOpt = typer.Option(None, "--set", help=SET_HELP, show_default=False)
+DeviceOpt = typer.Option("auto", "--device", help=DEVICE_HELP)
+
+viz = typer.Typer(
+    help="Draw figures: EMA bases and reconstructions, predictions, confusion matrix, curves, ablations.",
+    no_args_is_help=True,
+)
+
+
+def _echo(paths: list[Path]) -> None:
+    for path in paths:
+        typer.echo(str(path))
+
+
+@viz.command("bases")
+def bases(
+    run: Optional[Path] = RunArg,
+    images: Optional[list[Path]] = ImagesOpt,
+    bases: Optional[str] = typer.Option(None, "--bases", help="Comma-separated basis indices, e.g. 0,5,12.",
+                                        show_default=False),
+    top: Optional[int] = typer.Option(None, "--top", help="Show the N bases with the most spatial variance "
+                                      "[default: 4].", show_default=False),
+    out: Optional[Path] = OutOpt,
+    split: Optional[str] = SplitOpt,
+    count: int = CountOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Responsibility maps z[:, k] of EMA bases beside the input, ground truth and prediction."""
+    from ..visualize.bases import draw_bases, parse_bases
+
+    chosen = parse_bases(bases) if bases is not None else None
+    _echo(draw_bases(run, images, chosen, top, out, split, count, overrides or [], device))
+
+
+@viz.command("recon")
+def recon(
+    run: Optional[Path] = RunArg,
+    images: Optional[list[Path]] = ImagesOpt,
+    out: Optional[Path] = OutOpt,
+    split: Optional[str] = SplitOpt,
+    count: int = CountOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Features before EMA vs the reconstruction μZᵀ (one shared PCA to RGB) and their spectra."""
+    from ..visualize.recon import draw_recon
+
+    _echo(draw_recon(run, images, out, split, count, overrides or [], device))
+
+
+@viz.command("predictions")
+def predictions(
+    run: Optional[Path] = RunArg,
+    images: Optional[list[Path]] = ImagesOpt,
+    out: Optional[Path] = OutOpt,
+    split: Optional[str] = SplitOpt,
+    count: int = CountOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Prediction and ground truth overlaid on the image, the errors and a class legend."""
+    from ..visualize.predictions import draw_predictions
+
+    _echo(draw_predictions(run, images, out, split, count, overrides or [], device))
+
+
+@viz.command("confusion")
+def confusion(
+    run: Optional[Path] = typer.Argument(None, help="Run directory, checkpoint or confusion.csv "
+                                         "(default: the latest run in runs/).", show_default=False),
+    out: Optional[Path] = OutOpt,
+) -> None:
+    """Heatmap of the row-normalised confusion matrix in <run>/eval/confusion.csv."""
+    from ..visualize.confusion import draw_confusion
+
+    _echo(draw_confusion(run, out))
+
+
+@viz.command("curves")
+def curves(run: Optional[Path] = RunArg, out: Optional[Path] = OutOpt) -> None:
+    """Training loss, learning rate and val mIoU against iteration, from metrics.jsonl."""
+    from ..visualize.curves import draw_curves
+
+    _echo(draw_curves(run, out))
+
+
+@viz.command("ablation")
+def ablation(
+    sweep: Path = typer.Argument(..., help="Sweep directory (holding results.csv) or the CSV itself.",
+                                 show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: <sweep_dir>/figures).",
+                                       show_default=False),
+) -> None:
+    """mIoU against eval T per train T, and a bar chart of mIoU for every other swept axis."""
+    from ..visualize.ablation import draw_ablation
+
+    _echo(draw_ablation(sweep, out))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(viz, name="visualize")

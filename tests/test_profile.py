@@ -1,0 +1,271 @@
+"""``emactl profile``: counting against hand counts, memory methods, fits and the CLI end to end.
+
+No test asserts a time: timings are only checked to exist and be positive.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+
+import pandas as pd
+import pytest
+import torch
+import typer
+from torch import nn
+
+from emactl.cli import main
+from emactl.nn.ema import EMAU, em_attention, init_bases
+from emactl.nn.heads import NonLocal2d
+from emactl.profile.counting import count_module, count_ops, count_params
+from emactl.profile.emattention import em_flops, profile_em_attention
+from emactl.profile.heads import build_head
+from emactl.profile.memory import peak_memory, saved_tensor_bytes, total_bytes
+from emactl.profile.networks import NETWORKS, build_network, profile_networks
+from emactl.profile.published import PUBLISHED, published, published_check
+from emactl.profile.reference import reference_em_attention
+from emactl.profile.scaling import fit_exponent
+from emactl.profile.settings import HEADS, ProfileSettings
+from emactl.profile.timing import measure_many
+
+CPU = torch.device("cpu")
+
+
+def run(*argv: str) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return e.value.code
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters against hand counts
+
+
+def test_emau_params_hand_count():
+    c = 24
+    unit = EMAU(c, bases=8)
+    # conv1 (C·C weights + C bias) + conv2 (C·C, no bias) + BN (weight and bias, 2C)
+    assert count_params(unit) == c * c + c + c * c + 2 * c
+    buffers = dict(unit.named_buffers())
+    assert buffers["mu"].shape == (1, c, 8)  # the bases are a buffer, not a parameter
+    assert "mu" not in dict(unit.named_parameters())
+
+
+def test_conv3x3_params_hand_count():
+    c = 16
+    assert count_params(build_head("conv3x3", c)) == 9 * c * c + 2 * c  # no conv bias, BN weight + bias
+
+
+def test_nonlocal_params_hand_count():
+    c = 32
+    inter = c // 2
+    # theta, phi, g: 1×1 convs C → C/2 with bias; out: 1×1 conv C/2 → C without bias, then BN
+    expected = 3 * (c * inter + inter) + inter * c + 2 * c
+    assert count_params(NonLocal2d(c)) == expected
+    assert count_params(build_head("nonlocal", c)) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# MACs against hand counts
+
+
+def test_conv_macs_hand_count():
+    conv = nn.Conv2d(3, 8, 3, padding=1, stride=2, bias=True)
+    counts = count_module(conv, (1, 3, 10, 10))
+    # output 8 × 5 × 5, each output element costs 3·3·3 multiply-adds (bias not counted)
+    assert counts.macs == 8 * 5 * 5 * 3 * 9
+    assert counts.flops == 2 * counts.macs
+
+
+def test_bmm_macs_hand_count():
+    a = torch.empty(2, 5, 7, device="meta")
+    b = torch.empty(2, 7, 3, device="meta")
+    assert count_ops(torch.bmm, a, b).macs == 2 * 5 * 7 * 3
+
+
+def test_elementwise_counted_apart_from_macs():
+    x = torch.empty(2, 3, 4, 4, device="meta")
+    counts = count_ops(torch.relu, x)
+    assert counts.macs == 0
+    assert counts.elements == 2 * 3 * 4 * 4
+
+
+def test_em_flop_formula_matches_counter():
+    b, c, n, k, t = 2, 16, 25, 4, 3
+    x = torch.empty(b, c, n, device="meta")
+    mu = torch.empty(1, c, k, device="meta")
+    assert count_ops(reference_em_attention, x, mu, t).flops == em_flops(b, c, n, k, t)
+    assert count_ops(lambda: em_attention(x, mu, t)).flops == em_flops(b, c, n, k, t)
+
+
+def test_emau_costs_about_a_third_of_a_3x3_conv():
+    """The paper's cost claim, as the heads table computes it (C=512, K=64, T=3)."""
+    shape = (1, 512, 17, 17)
+    with torch.device("meta"):
+        ema, conv = build_head("ema", 512), build_head("conv3x3", 512)
+    ratio = count_module(ema, shape).macs / count_module(conv, shape).macs
+    assert 0.28 < ratio < 0.36
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads, memory, fits
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_every_head_keeps_the_shape(name):
+    head = build_head(name, 16, bases=4, iters=2)
+    x = torch.randn(2, 16, 9, 9)
+    head.train()
+    assert head(x).shape == x.shape
+    head.eval()
+    with torch.no_grad():
+        assert head(x).shape == x.shape
+    with torch.device("meta"):
+        meta = build_head(name, 16, bases=4, iters=2)
+    assert count_module(meta, (1, 16, 9, 9)).macs > 0
+
+
+def test_saved_tensor_bytes_hand_count():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.ReLU())
+    with torch.device("meta"):
+        model = model.to("meta")
+    x = torch.empty(1, 3, 5, 5, device="meta")
+    saved = saved_tensor_bytes(model, x, {"all": "", "relu": "1"})
+    # the conv saves its input for the weight gradient (3·25 floats), the ReLU its output (4·25)
+    assert total_bytes(saved["all"]) == (3 * 25 + 4 * 25) * 4
+    assert total_bytes(saved["relu"]) == 4 * 25 * 4
+    assert total_bytes(saved["all"], minus=saved["relu"]) == 3 * 25 * 4
+
+
+def test_cpu_peak_memory_sees_an_allocation():
+    def fn() -> None:
+        y = torch.empty(1_000_000)  # 4 MB, freed on return
+        y.fill_(1.0)
+
+    peak = peak_memory(fn, CPU)
+    assert 4_000_000 <= peak < 4_200_000
+
+
+def test_fit_exponent_recovers_known_exponent():
+    n = [100, 400, 1600, 6400]
+    p, r2 = fit_exponent(n, [3.0 * v**1.5 for v in n])
+    assert p == pytest.approx(1.5)
+    assert r2 == pytest.approx(1.0)
+    gen = torch.Generator().manual_seed(0)
+    noisy = [2.0 * v**0.97 * (1 + 0.02 * float(torch.randn(1, generator=gen))) for v in n]
+    assert fit_exponent(n, noisy)[0] == pytest.approx(0.97, abs=0.05)
+    with pytest.raises(ValueError):
+        fit_exponent([10, 10], [1.0, 2.0])
+
+
+def test_measure_many_returns_every_candidate():
+    timings = measure_many({"a": lambda: torch.ones(8).sum(), "b": lambda: torch.zeros(8).sum()}, CPU, rounds=2, min_time=0.001)
+    assert set(timings) == {"a", "b"}
+    assert all(t.median > 0 and t.runs >= 2 for t in timings.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# EM attention against the reference, networks, published check
+
+
+def test_em_attention_matches_reference():
+    x = torch.randn(2, 16, 30)
+    mu = init_bases(16, 5)
+    ours = em_attention(x, mu, 3)
+    ref = reference_em_attention(x, mu, 3)
+    torch.testing.assert_close(ours.recon, ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.bases, ref[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.resp, ref[2], rtol=1e-4, atol=1e-5)
+
+
+def test_em_attention_section_tiny():
+    df, summary = profile_em_attention(2, 8, 5, 4, 2, CPU, [torch.float32, torch.bfloat16], repeats=1, square=32)
+    em = df[df["kind"] == "EM attention"]
+    assert set(zip(em["impl"], em["dtype"])) == {(i, d) for i in ("reference", "em_attention") for d in ("fp32", "bf16")}
+    assert (df["GFLOP/s"] > 0).all()
+    fp32_ours = em[(em["impl"] == "em_attention") & (em["dtype"] == "fp32")]
+    assert float(fp32_ours["max |diff| vs reference fp32"].iloc[0]) < 1e-4
+    assert summary["metric"].str.contains("bf16: em_attention time / fp32 reference time").any()
+
+
+def test_networks_section_tiny():
+    df = profile_networks("tiny", 33, 2, 16, 4, 1, 3, CPU, torch.float32, repeats=1, names=("emanet", "psp"))
+    assert list(df["network"]) == ["emanet", "psp"]
+    assert (df["train img/s"] > 0).all() and (df["inference img/s"] > 0).all()
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_every_network_returns_logits_at_input_size(name):
+    with torch.device("meta"):
+        model = build_network(name, "resnet50", 3, channels=16, bases=4, iters=1).eval()
+        out = model(torch.empty(1, 3, 33, 33))["out"]
+    assert out.shape == (1, 3, 33, 33)
+
+
+def test_published_check_reproduces_the_paper():
+    """EMANet(512) and DeepLabV3 within ±10% of the published extra MACs and params."""
+    assert published("EMANet(512)").flops_g == 43.1 and len(PUBLISHED) == 6
+    df = published_check()
+    for method in ("EMANet(512)", "DeepLabV3 (torchvision)"):
+        rows = df[(df["method"] == method) & df["counted"].str.startswith("context")]
+        assert len(rows) == 1
+        assert rows["GMACs / published"].iloc[0] == pytest.approx(1.0, abs=0.1)
+        assert rows["params / published"].iloc[0] == pytest.approx(1.0, abs=0.1)
+    deep = df[df["method"].str.contains("deep")]
+    assert deep["GMACs / published"].iloc[0] == pytest.approx(1.0, abs=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_tiny_sections_write_tables(tmp_path):
+    out = tmp_path / "prof"
+    code = run(
+        "profile", "--device", "cpu", "--sections", "heads,scaling", "--channels", "8", "--size", "5",
+        "--bases", "4", "--iters", "1", "--batch", "2", "--sizes", "5,7", "--heads", "ema,nonlocal,conv3x3",
+        "--repeats", "1", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0
+    for stem in ("heads", "scaling", "scaling_exponents"):
+        for suffix in (".csv", ".md", ".json"):
+            assert (out / f"{stem}{suffix}").is_file()
+    heads = pd.read_csv(out / "heads.csv")
+    assert list(heads["head"]) == ["ema", "nonlocal", "conv3x3"]
+    assert heads["params (M)"].iloc[0] == pytest.approx((8 * 8 + 8 + 8 * 8 + 16) / 1e6)
+    records = json.loads((out / "scaling_exponents.json").read_text())
+    assert {r["head"] for r in records} == {"ema", "nonlocal", "conv3x3"}
+    env = json.loads((out / "env.json").read_text())
+    assert {"torch", "device_name", "torch_threads", "date"} <= set(env)
+    assert "heads" in (out / "notes.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--dtype", "fp64"),
+        ("--dtype", "fp16", "--device", "cpu"),
+        ("--sections", "heads,bogus"),
+        ("--sizes", "33"),
+        ("--sections", "networks", "--backbone", "resnet18"),
+        ("--batch", "1", "--sections", "heads"),
+    ],
+)
+def test_cli_bad_options_exit_2_with_one_line(argv, tmp_path, capsys):
+    assert run("profile", "--out", str(tmp_path / "p"), *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error") and len(err.splitlines()) == 1
+    assert not (tmp_path / "p").exists()
+
+
+def test_cli_defaults_match_settings_defaults():
+    """The command's option defaults and ProfileSettings' defaults must not drift apart."""
+    from emactl import cli
+
+    command = typer.main.get_command(cli.app).commands["profile"]
+    defaults = {p.name: p.default for p in command.params}
+    s = ProfileSettings()
+    assert defaults["sections"] == ",".join(s.sections)
+    assert defaults["sizes"] == ",".join(map(str, s.sizes))
+    for name in ("channels", "bases", "iters", "size", "batch", "backbone", "crop", "repeats", "dtype", "published_memory"):
+        assert defaults[name] == getattr(s, name), name
+    assert inspect.signature(ProfileSettings).parameters["out"].default == defaults["out"]

@@ -1,0 +1,373 @@
+"""The trainer: run directory, exact resume, NaN stop, signals, AMP, compile fallback, CLI errors.
+
+Everything runs on the CPU with the tiny backbone, 32 px crops and the synthetic ``shapes``
+dataset. Resumed runs must match uninterrupted ones *exactly* (tolerance 0: ``torch.equal``
+on every tensor of the state dict, and equal logged losses and metrics).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import emactl.engine.trainer as trainer_mod
+from emactl.cli import main as cli_main
+from emactl.config import apply_overrides, from_dict, load_recipe, to_dict
+from emactl.engine.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
+from emactl.engine.rundir import MetricsLogger, read_metrics
+from emactl.engine.trainer import train
+from emactl.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and does not spin on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base_dict(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "name": "t",
+        "out_dir": str(tmp_path / "runs"),
+        "data": {
+            "name": "shapes",
+            "num_classes": 7,
+            "crop_size": 32,
+            "scale_min": 0.75,
+            "scale_max": 1.25,
+            "workers": 0,
+            "args": {"size": 40, "train_length": 12, "val_length": 2},
+        },
+        "model": {"backbone": "tiny", "head_channels": 16, "mid_channels": 16, "ema": {"bases": 8}},
+        "train": {
+            "iters": 6,
+            "batch_size": 4,
+            "lr": 0.01,
+            "warmup_iters": 2,
+            "ckpt_every": 3,
+            "keep_ckpts": 5,
+            "log_every": 1,
+            "val_every": 0,
+            "device": "cpu",
+        },
+        "eval": {"batch_size": 2},
+    }
+
+
+def make_recipe(tmp_path: Path, *overrides: str):
+    return from_dict(apply_overrides(base_dict(tmp_path), list(overrides)))
+
+
+def write_recipe_file(tmp_path: Path, *overrides: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(apply_overrides(base_dict(tmp_path), list(overrides))))
+    return path
+
+
+def ckpt(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Tolerance 0: every tensor bit-identical."""
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[0]}"
+
+
+def train_lines(run_dir: Path) -> list[tuple[int, float, float]]:
+    return [(r["iter"], r["loss"], r["lr"]) for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def val_lines(run_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in read_metrics(run_dir) if r["kind"] == "val"]
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory and exact resume (in-process).
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("data.workers=0",),
+        ("data.workers=2", "train.accum_steps=2", "model.aux=true", "train.val_every=2"),
+    ],
+    ids=["workers0", "workers2-accum-aux-val"],
+)
+def test_resume_matches_straight_run(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    recipe = make_recipe(tmp_path, *extra)
+    straight = tmp_path / "straight"
+    res = train(recipe, straight, progress=False)
+    assert res.iteration == 6 and res.stopped_by is None
+    assert set(res.metrics) == {"aAcc", "mAcc", "mIoU", "fwIoU"}
+
+    # the run directory
+    assert load_recipe(straight / "recipe.yaml") == recipe
+    env = json.loads((straight / "env.json").read_text())
+    for key in ("torch", "torchvision", "python", "device_name", "cuda_available", "cudnn_available",
+                "world_size", "amp", "argv", "start_time", "host"):
+        assert key in env
+    assert env["world_size"] == 1
+    lines = read_metrics(straight)
+    assert [r["iter"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert set(lines[0]) == {"kind", "iter", "loss", "lr", "img_per_s", "time"}
+    assert val_lines(straight)[-1] == {"kind": "val", "iter": 6, **res.metrics}
+    assert (straight / "eval" / "summary.csv").exists() and (straight / "eval" / "per_class.md").exists()
+    assert [p.name for p in list_checkpoints(straight)] == ["iter_0000003.pt", "iter_0000006.pt"]
+
+    # resume from iteration 3 in a fresh run directory: iterations 4-6 must be identical
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint_path(straight, 3), checkpoint_path(resumed, 3))
+    res2 = train(recipe, resumed, resume=True, progress=False)
+    assert res2.iteration == 6
+    a, b = ckpt(checkpoint_path(straight, 6)), ckpt(checkpoint_path(resumed, 6))
+    assert_same_state(a["model"], b["model"])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    assert a["loader"] == b["loader"]
+    assert train_lines(resumed) == [t for t in train_lines(straight) if t[0] > 3]
+    assert res2.metrics == res.metrics
+
+
+def test_data_stream_does_not_depend_on_workers(tmp_path: Path) -> None:
+    a = train(make_recipe(tmp_path, "train.iters=2", "data.workers=0"), tmp_path / "a", progress=False)
+    b = train(make_recipe(tmp_path, "train.iters=2", "data.workers=2"), tmp_path / "b", progress=False)
+    assert_same_state(ckpt(latest_checkpoint(a.run_dir))["model"], ckpt(latest_checkpoint(b.run_dir))["model"])
+
+
+def test_existing_run_needs_resume_and_keep_ckpts(tmp_path: Path) -> None:
+    recipe = make_recipe(tmp_path, "train.iters=4", "train.ckpt_every=1", "train.keep_ckpts=2")
+    res = train(recipe, progress=False)
+    assert res.run_dir == tmp_path / "runs" / "t"
+    assert [p.name for p in list_checkpoints(res.run_dir)] == ["iter_0000003.pt", "iter_0000004.pt"]
+    with pytest.raises(UserError, match="--resume"):
+        train(recipe, progress=False)
+    # resuming a finished run only re-evaluates it
+    res2 = train(recipe, resume=True, progress=False)
+    assert res2.iteration == 4 and res2.metrics == res.metrics
+
+
+def test_metrics_truncate_drops_lines_after_checkpoint_and_partial_lines(tmp_path: Path) -> None:
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for it in range(1, 6):
+        log.log({"kind": "train", "iter": it, "loss": 1.0})
+    with open(log.path, "a") as f:
+        f.write('{"kind": "train", "it')  # what a kill -9 may leave
+    log.truncate(3)
+    assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_tensorboard_scalars_when_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, float, int]] = []
+
+    class FakeWriter:
+        def __init__(self, log_dir: str) -> None:
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            calls.append((tag, value, step))
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    fake = type(sys)("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    log = MetricsLogger(tmp_path)
+    log.log({"kind": "train", "iter": 7, "loss": 0.5, "lr": 0.01, "img_per_s": 3.0, "time": 1.0})
+    log.close()
+    assert ("train/loss", 0.5, 7) in calls and ("train/lr", 0.01, 7) in calls
+    assert not any(tag == "train/time" for tag, _, _ in calls)
+
+
+# --------------------------------------------------------------------------------------------
+# Failures and stops.
+
+
+def test_nan_loss_stops_with_iteration_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = trainer_mod.seg_loss
+    calls = {"n": 0}
+
+    def loss_nan_at_3(*args: Any) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer_mod, "seg_loss", loss_nan_at_3)
+    recipe = make_recipe(tmp_path, "train.ckpt_every=1")
+    with pytest.raises(UserError, match=r"loss is nan at iteration 3\b") as info:
+        train(recipe, progress=False)
+    assert "\n" not in str(info.value)
+    run = tmp_path / "runs" / "t"
+    assert [p.name for p in list_checkpoints(run)] == ["iter_0000001.pt", "iter_0000002.pt"]
+    assert str(checkpoint_path(run, 2)) in str(info.value)
+    assert max(r["iter"] for r in read_metrics(run)) == 2
+
+
+def test_exploding_lr_stops_cleanly(tmp_path: Path) -> None:
+    recipe = make_recipe(tmp_path, "train.lr=1e10", "train.warmup_iters=0", "train.ckpt_every=1", "train.iters=20")
+    with pytest.raises(UserError, match=r"at iteration (\d+)") as info:
+        train(recipe, progress=False)
+    bad = int(str(info.value).split("at iteration ")[1].split(";")[0])
+    run = tmp_path / "runs" / "t"
+    last = latest_checkpoint(run)
+    assert last == checkpoint_path(run, bad - 1)
+    state = ckpt(last)["model"]
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+
+
+def test_sigint_saves_and_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_step = trainer_mod._Trainer.step
+
+    def step_then_sigint(self: Any, flags: torch.Tensor) -> float:
+        loss = real_step(self, flags)
+        if self.iteration == 2:
+            signal.raise_signal(signal.SIGINT)  # handled: sets the flag, read at the next step
+        return loss
+
+    monkeypatch.setattr(trainer_mod._Trainer, "step", step_then_sigint)
+    before = signal.getsignal(signal.SIGINT)
+    res = train(make_recipe(tmp_path, "train.ckpt_every=100", "train.iters=10"), progress=False)
+    assert res.stopped_by == signal.SIGINT and res.metrics is None
+    assert res.iteration == 3
+    assert latest_checkpoint(res.run_dir) == checkpoint_path(res.run_dir, 3)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path: Path) -> None:
+    res = train(make_recipe(tmp_path, "train.amp=bf16", "train.iters=2", "train.channels_last=true"), progress=False)
+    assert all(torch.isfinite(torch.tensor(t[1])) for t in train_lines(res.run_dir))
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        train(make_recipe(tmp_path, "train.amp=fp16", "name=f"), progress=False)
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> Any:
+            raise RuntimeError("backend compiler failed")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: Broken())
+    res = train(make_recipe(tmp_path, "train.compile=true", "train.iters=2"), progress=False)
+    assert res.iteration == 2 and res.metrics is not None
+    assert "torch.compile failed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        cli_main(argv)
+    return int(info.value.code), capsys.readouterr().err
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = write_recipe_file(tmp_path, "train.iters=2", "train.ckpt_every=2")
+    code, err = cli(["train", str(recipe), "--set", "train.bogus=1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "train.bogus" in err
+
+    code, _ = cli(["train", str(recipe), "--no-progress", "--name", "c"], capsys)
+    assert code == 0
+    run = tmp_path / "runs" / "c"
+    assert (run / "eval" / "summary.md").exists()
+
+    code, err = cli(["train", str(recipe), "--no-progress", "--name", "c"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--resume" in err and "--name" in err
+
+    code, err = cli(["train", str(recipe), "--no-progress", "--name", "c", "--resume",
+                     "--set", "model.head_channels=32"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "incompatible checkpoint" in err
+
+    code, err = cli(["train", str(recipe), "--iters", "0"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "train.iters" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Real signals on a real process: SIGTERM, then kill -9, then resume to the end.
+
+
+def _start(recipe: Path, tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "emactl", "train", str(recipe), "--no-progress", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _wait_for(cond: Any, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"process ended early: {proc.communicate()}"
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def _iteration(path: Path | None) -> int:
+    return -1 if path is None else int(path.stem.split("_")[1])
+
+
+def test_sigterm_and_kill9_then_resume_match_uninterrupted(tmp_path: Path) -> None:
+    recipe = write_recipe_file(
+        tmp_path, "train.iters=16", "train.ckpt_every=4", "train.log_every=2", "train.val_every=8",
+        "train.keep_ckpts=2", "data.args.train_length=40",
+    )
+    runs = tmp_path / "runs"
+
+    ref = _start(recipe, tmp_path, "--name", "ref")
+    out, err = ref.communicate(timeout=120)
+    assert ref.returncode == 0, err
+
+    # SIGTERM after the first checkpoint: clean exit 143 with a checkpoint at that iteration
+    run = runs / "b"
+    proc = _start(recipe, tmp_path, "--name", "b")
+    _wait_for(lambda: latest_checkpoint(run) is not None, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = _iteration(latest_checkpoint(run))
+    assert f"stopped by SIGTERM at iteration {stopped}" in err
+    assert 4 <= stopped < 16
+
+    # resume, then kill -9 a little after its next checkpoint
+    proc = _start(recipe, tmp_path, "--name", "b", "--resume")
+    _wait_for(lambda: _iteration(latest_checkpoint(run)) > stopped, proc)
+    time.sleep(0.1)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _iteration(latest_checkpoint(run))
+    assert killed_at < 16
+
+    # resume to the end: same weights, same logged losses, same metrics as the reference
+    proc = _start(recipe, tmp_path, "--name", "b", "--resume")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert_same_state(ckpt(checkpoint_path(runs / "ref", 16))["model"], ckpt(checkpoint_path(run, 16))["model"])
+    assert train_lines(run) == train_lines(runs / "ref")
+    assert val_lines(run) == val_lines(runs / "ref")
+    assert (run / "eval" / "summary.csv").read_text() == (runs / "ref" / "eval" / "summary.csv").read_text()
+    assert json.loads((run / "env.json").read_text())["resumed_from"] == killed_at
+    assert to_dict(load_recipe(run / "recipe.yaml"))["train"]["iters"] == 16
