@@ -30,13 +30,18 @@ def free_port() -> int:
 
 
 def torchrun(recipe: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "emactl", "train", str(recipe), "--no-progress", *args,
-    ]
+    """``torchrun --nproc_per_node 2 -m emactl train``; retried once if the port was taken meanwhile."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    for _ in range(2):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "-m", "emactl", "train", str(recipe), "--no-progress", *args,
+        ]
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+            break
+    return proc
 
 
 def test_torchrun_two_ranks_train_evaluate_and_resume(tmp_path: Path) -> None:

@@ -248,6 +248,8 @@ def test_cli_tiny_sections_write_tables(tmp_path):
         ("--sizes", "33"),
         ("--sections", "networks", "--backbone", "resnet18"),
         ("--batch", "1", "--sections", "heads"),
+        ("--threads", "0"),
+        ("--device", "tpu"),
     ],
 )
 def test_cli_bad_options_exit_2_with_one_line(argv, tmp_path, capsys):
@@ -266,6 +268,12 @@ def test_cli_defaults_match_settings_defaults():
     s = ProfileSettings()
     assert defaults["sections"] == ",".join(s.sections)
     assert defaults["sizes"] == ",".join(map(str, s.sizes))
-    for name in ("channels", "bases", "iters", "size", "batch", "backbone", "crop", "repeats", "dtype", "published_memory"):
+    for name in ("channels", "bases", "iters", "size", "batch", "backbone", "crop", "repeats", "threads", "dtype", "published_memory"):
         assert defaults[name] == getattr(s, name), name
     assert inspect.signature(ProfileSettings).parameters["out"].default == defaults["out"]
+
+
+def test_cpu_threads_default_to_one_on_the_cpu_only():
+    assert ProfileSettings().cpu_threads() == 1
+    assert ProfileSettings(threads=3).cpu_threads() == 3
+    assert ProfileSettings(device=torch.device("cuda")).cpu_threads() is None

@@ -158,18 +158,26 @@ def test_existing_run_needs_resume_and_keep_ckpts(tmp_path: Path) -> None:
     assert [p.name for p in list_checkpoints(res.run_dir)] == ["iter_0000003.pt", "iter_0000004.pt"]
     with pytest.raises(UserError, match="--resume"):
         train(recipe, progress=False)
-    # resuming a finished run only re-evaluates it
+    # resuming a finished run only re-evaluates it (and logs that validation once)
+    lines = read_metrics(res.run_dir)
     res2 = train(recipe, resume=True, progress=False)
     assert res2.iteration == 4 and res2.metrics == res.metrics
+    assert read_metrics(res.run_dir) == lines
+    with pytest.raises(UserError, match="beyond train.iters=3"):
+        train(make_recipe(tmp_path, "train.iters=3"), resume=True, progress=False)
 
 
 def test_metrics_truncate_drops_lines_after_checkpoint_and_partial_lines(tmp_path: Path) -> None:
     log = MetricsLogger(tmp_path, tensorboard=False)
     for it in range(1, 6):
         log.log({"kind": "train", "iter": it, "loss": 1.0})
+        if it == 3:
+            log.log({"kind": "val", "iter": it, "mIoU": 1.0})
     with open(log.path, "a") as f:
         f.write('{"kind": "train", "it')  # what a kill -9 may leave
     log.truncate(3)
+    assert [(r["kind"], r["iter"]) for r in read_metrics(tmp_path)] == [("train", 1), ("train", 2), ("train", 3), ("val", 3)]
+    log.truncate(3, keep_val_at=False)
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 

@@ -39,6 +39,7 @@ def run_ablation(
     device: str | None = None,
     progress: bool = True,
     show: bool = True,
+    threads: int | None = None,
 ) -> AblationResult:
     """Plan, run (or resume) and report a sweep.
 
@@ -55,7 +56,7 @@ def run_ablation(
         open_sweep(sweep)
         for note in sweep.notes:
             console.print(note)
-        outcome = run_sweep(sweep, jobs=jobs, device=device, progress=progress)
+        outcome = run_sweep(sweep, jobs=jobs, device=device, progress=progress, threads=threads)
         results, paths = write_report(sweep, show=show)
     console.print(f"wrote {sweep.dir}/results.{{csv,md}} and {len(paths) - 2} more file(s) in {outcome.seconds:.0f} s")
     return AblationResult(sweep.dir, results, paths, outcome)

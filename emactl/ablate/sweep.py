@@ -17,8 +17,8 @@ eval files present), resumes interrupted trainings from their newest checkpoint
 different sweep is never written into.
 
 With ``jobs > 1`` each pending cell runs in its own spawned process with
-``torch.set_num_threads(max(1, cores // jobs))`` threads, so jobs × threads never exceeds the
-cores. The workers sit in their own process group: a Ctrl-C reaches only the main process,
+``torch.set_num_threads(max(1, cores // jobs))`` threads (or fewer, ``--threads``), so jobs ×
+threads never exceeds the cores. The workers sit in their own process group: a Ctrl-C reaches only the main process,
 which forwards exactly one SIGINT to each worker (the trainer then saves a checkpoint and
 stops) and waits for them. A worker whose main process has died stops the same way.
 """
@@ -58,7 +58,7 @@ SWEEPS_DIR = Path("sweeps")
 SPEC_KEYS = ("source", "recipe", "checkpoint", "axes", "seeds")
 FAILED, STOPPED = 3, 128
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def eval_file(cell_dir: Path, eval_iters: int | None) -> Path:
@@ -506,13 +506,16 @@ def _outcome_of(task: CellTask, code: int | None, seconds: float) -> CellOutcome
     return CellOutcome(task.name, "failed", error=str(error), seconds=seconds)
 
 
-def _run_parallel(tasks: list[CellTask], jobs: int, on_done: Any, on_start: Any) -> int | None:
-    """Run ``tasks`` in up to ``jobs`` spawned workers; the signal number if interrupted."""
+def _run_parallel(tasks: list[CellTask], jobs: int, threads: int, on_done: Any, on_start: Any) -> int | None:
+    """Run ``tasks`` in up to ``jobs`` spawned workers; the signal number if interrupted.
+
+    The main process's own signal wins over the SIGINT it forwarded to the workers.
+    """
     ctx = multiprocessing.get_context("spawn")
-    threads = max(1, cores() // jobs)
     queue = list(tasks)
     running: dict[Any, tuple[Any, CellTask, float]] = {}
     stopped: int | None = None
+    own: int | None = None
     forwarded = 0
 
     def forward(sig: int) -> None:
@@ -540,12 +543,11 @@ def _run_parallel(tasks: list[CellTask], jobs: int, on_done: Any, on_start: Any)
                     stopped = outcome.signum
                 on_done(outcome)
         except (KeyboardInterrupt, Interrupted) as e:
-            signum = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
-            stopped = stopped or signum
+            own = own or (e.signum if isinstance(e, Interrupted) else int(signal.SIGINT))
             queue.clear()
             forwarded += 1
             forward(signal.SIGINT if forwarded == 1 else signal.SIGTERM)
-    return stopped
+    return own or stopped
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,17 +574,25 @@ def _progress(enabled: bool) -> Progress:
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=Console(file=sys.stderr),
+        console=Console(file=sys.stderr, soft_wrap=True),
         disable=not enabled,
         redirect_stdout=False,
         redirect_stderr=False,
     )
 
 
-def run_sweep(sweep: Sweep, jobs: int = 1, device: str | None = None, progress: bool = True) -> SweepOutcome:
-    """Run every unfinished cell of an opened sweep (see :func:`open_sweep`)."""
+def run_sweep(
+    sweep: Sweep, jobs: int = 1, device: str | None = None, progress: bool = True, threads: int | None = None
+) -> SweepOutcome:
+    """Run every unfinished cell of an opened sweep (see :func:`open_sweep`).
+
+    ``threads`` is the torch threads per cell, at most (and by default) ``cores // jobs``.
+    One job runs in this process; more run in spawned worker processes.
+    """
     if jobs < 1:
         raise UserError(f"--jobs: must be >= 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads: must be >= 1, got {threads}")
     start = time.perf_counter()
     skipped = [c.name for c in sweep.cells if sweep.finished(c)]
     pending = [c for c in sweep.cells if not sweep.finished(c)]
@@ -591,9 +601,13 @@ def run_sweep(sweep: Sweep, jobs: int = 1, device: str | None = None, progress: 
         console.print(f"note: --jobs {jobs} is more than the {n_cores} cores here; running {n_cores} at a time")
         jobs = n_cores
     jobs = max(1, min(jobs, len(pending)))
+    limit = max(1, n_cores // jobs)
+    if threads is not None and threads > limit:
+        console.print(f"note: --threads {threads} × {jobs} job(s) is more than the {n_cores} cores here; using {limit}")
+    per_cell = min(threads, limit) if threads is not None else limit
     console.print(
         f"sweep {sweep.dir}: {len(sweep.cells)} cell(s), {len(skipped)} finished, {len(pending)} to run"
-        + (f" in {jobs} worker processes × {max(1, n_cores // jobs)} threads" if jobs > 1 else "")
+        + (f" in {jobs} worker processes" if jobs > 1 else "") + f" × {per_cell} torch thread(s)"
     )
     done: list[str] = []
     failed: dict[str, str] = {}
@@ -628,6 +642,10 @@ def run_sweep(sweep: Sweep, jobs: int = 1, device: str | None = None, progress: 
             bar.update(task_id, status=f"running {', '.join(running)}" if running else "")
 
         if jobs == 1:
+            import torch
+
+            own_threads = torch.get_num_threads()
+            torch.set_num_threads(per_cell)
             try:
                 for task in tasks:
                     on_start(task)
@@ -637,7 +655,8 @@ def run_sweep(sweep: Sweep, jobs: int = 1, device: str | None = None, progress: 
                         break
             except (KeyboardInterrupt, Interrupted) as e:
                 stopped = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+            finally:
+                torch.set_num_threads(own_threads)
         else:
-            signum = _run_parallel(tasks, jobs, on_done, on_start)
-            stopped = stopped or signum
+            stopped = _run_parallel(tasks, jobs, per_cell, on_done, on_start) or stopped
     return SweepOutcome(skipped, done, failed, stopped, time.perf_counter() - start)

@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         seeds: int = typer.Option(1, "--seeds", help="Repeat every cell with train.seed + 0..N-1 and report mean ± std."),
         out: Optional[Path] = typer.Option(None, "--out", help="Sweep directory (default: sweeps/<name from the axes>)."),
         jobs: int = typer.Option(1, "--jobs", "-j", help="Cells trained in parallel worker processes (CPU threads are split between them)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per cell (default and maximum: cores // jobs)."),
         device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (overrides train.device)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     ) -> None:
@@ -44,12 +45,14 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--seeds: must be >= 1, got {seeds}")
         if jobs < 1:
             raise UserError(f"--jobs: must be >= 1, got {jobs}")
+        if threads is not None and threads < 1:
+            raise UserError(f"--threads: must be >= 1, got {threads}")
         axes = parse_axes(
             iters=iters, train_iters=train_iters, eval_iters=eval_iters, bases_update=bases_update, norm=norm,
             grad=grad, heads=heads, bases=bases, momentum=momentum, sets=set_,
         )
         result = run_ablation(axes, recipe=recipe, source=source, seeds=seeds, out=out, jobs=jobs, device=device,
-                              progress=progress)
+                              progress=progress, threads=threads)
         outcome = result.outcome
         if outcome.stopped_by is not None:
             raise typer.Exit(128 + outcome.stopped_by)

@@ -15,13 +15,13 @@ COUNT_HELP = "How many dataset images to draw (the first ones of the split)."
 SET_HELP = "Recipe override KEY=VALUE, e.g. data.root=/data/VOCdevkit (repeatable)."
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 
-RunArg = typer.Argument(None, help=RUN_HELP, show_default=False)
-OutOpt = typer.Option(None, "--out", "-o", help=OUT_HELP, show_default=False)
-ImagesOpt = typer.Option(None, "--images", help=IMAGES_HELP, show_default=False)
-SplitOpt = typer.Option(None, "--split", help=SPLIT_HELP, show_default=False)
-CountOpt = typer.Option(4, "--count", "-n", help=COUNT_HELP)
-SetOpt = typer.Option(None, "--set", help=SET_HELP, show_default=False)
-DeviceOpt = typer.Option("auto", "--device", help=DEVICE_HELP)
+RunArg = typer.Argument(None, help=RUN_HELP, metavar="RUN_OR_CHECKPOINT", show_default=False)
+OutOpt = typer.Option(None, "--out", "-o", help=OUT_HELP, metavar="DIR", show_default=False)
+ImagesOpt = typer.Option(None, "--images", help=IMAGES_HELP, metavar="PATH", show_default=False)
+SplitOpt = typer.Option(None, "--split", help=SPLIT_HELP, metavar="SPLIT", show_default=False)
+CountOpt = typer.Option(4, "--count", "-n", help=COUNT_HELP, metavar="N")
+SetOpt = typer.Option(None, "--set", help=SET_HELP, metavar="KEY=VALUE", show_default=False)
+DeviceOpt = typer.Option("auto", "--device", help=DEVICE_HELP, metavar="DEVICE")
 
 viz = typer.Typer(
     help="Draw figures: EMA bases and reconstructions, predictions, confusion matrix, curves, ablations.",
@@ -39,9 +39,10 @@ def bases(
     run: Optional[Path] = RunArg,
     images: Optional[list[Path]] = ImagesOpt,
     bases: Optional[str] = typer.Option(None, "--bases", help="Comma-separated basis indices, e.g. 0,5,12.",
-                                        show_default=False),
-    top: Optional[int] = typer.Option(None, "--top", help="Show the N bases with the most spatial variance "
-                                      "[default: 4].", show_default=False),
+                                        metavar="I,J,...", show_default=False),
+    top: Optional[int] = typer.Option(None, "--top", help="Without --bases: show the N bases whose "
+                                      "responsibilities vary most over the image (default 4).", metavar="N",
+                                      show_default=False),
     out: Optional[Path] = OutOpt,
     split: Optional[str] = SplitOpt,
     count: int = CountOpt,
@@ -90,7 +91,8 @@ def predictions(
 @viz.command("confusion")
 def confusion(
     run: Optional[Path] = typer.Argument(None, help="Run directory, checkpoint or confusion.csv "
-                                         "(default: the latest run in runs/).", show_default=False),
+                                         "(default: the latest run in runs/).", metavar="RUN_OR_CSV",
+                                         show_default=False),
     out: Optional[Path] = OutOpt,
 ) -> None:
     """Heatmap of the row-normalised confusion matrix in <run>/eval/confusion.csv."""
@@ -110,9 +112,9 @@ def curves(run: Optional[Path] = RunArg, out: Optional[Path] = OutOpt) -> None:
 @viz.command("ablation")
 def ablation(
     sweep: Path = typer.Argument(..., help="Sweep directory (holding results.csv) or the CSV itself.",
-                                 show_default=False),
+                                 metavar="SWEEP_DIR_OR_CSV", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: <sweep_dir>/figures).",
-                                       show_default=False),
+                                       metavar="DIR", show_default=False),
 ) -> None:
     """mIoU against eval T per train T, and a bar chart of mIoU for every other swept axis."""
     from ..visualize.ablation import draw_ablation

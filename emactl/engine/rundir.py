@@ -101,17 +101,22 @@ class MetricsLogger:
             if tensorboard:
                 self._tb = _summary_writer(Path(run_dir) / "tb")
 
-    def truncate(self, iteration: int) -> None:
-        """Keep only well-formed lines with ``iter <= iteration`` (atomically)."""
+    def truncate(self, iteration: int, keep_val_at: bool = True) -> None:
+        """Keep only well-formed lines with ``iter <= iteration`` (atomically).
+
+        ``keep_val_at=False`` also drops validation lines *at* ``iteration``: a run resumed at
+        its last iteration evaluates again and would otherwise log that validation twice.
+        """
         if not self.enabled or not self.path.exists():
             return
         kept = []
         for line in self.path.read_text().splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+                it = int(record["iter"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue
-            if isinstance(record, dict) and int(record.get("iter", 0)) <= iteration:
+            if it < iteration or (it == iteration and (keep_val_at or record.get("kind") != "val")):
                 kept.append(line)
         write_text(self.path, "".join(f"{line}\n" for line in kept))
 

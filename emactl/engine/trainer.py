@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import inspect
 import math
@@ -77,7 +78,7 @@ from .rundir import MetricsLogger, capture_env, check_run_dir, write_env, write_
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "iteration", "loader", "ranks")
 
-_console = Console(stderr=True)
+_console = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass
@@ -396,7 +397,10 @@ class _Trainer:
 
     def _build_model(self) -> None:
         cfg, dev = self.cfg, self.device
-        model = build_model(self.recipe.model, self.num_classes).to(dev)
+        model_cfg = self.recipe.model
+        if self.ckpt is not None:  # the checkpoint holds every weight: skip fetching ImageNet ones
+            model_cfg = dataclasses.replace(model_cfg, pretrained=None)
+        model = build_model(model_cfg, self.num_classes).to(dev)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.ckpt is not None:
@@ -482,6 +486,10 @@ class _Trainer:
         if self.scaler.is_enabled() and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration = int(ckpt["iteration"])
+        if self.iteration > self.cfg.iters:
+            raise UserError(
+                f"{path}: checkpoint is at iteration {self.iteration}, beyond train.iters={self.cfg.iters}"
+            )
         self.elapsed = float(ckpt.get("elapsed", 0.0))
         window = ckpt.get("loss_window", [0.0, 0])
         self.window = [float(window[0]), int(window[1])]
@@ -618,7 +626,7 @@ class _Trainer:
             write_recipe(self.run_dir, self.recipe)
             resumed = self.iteration if self.resume_from is not None else None
             write_env(self.run_dir, capture_env(self.device, self.info.world_size, cfg.amp, resumed))
-            logger.truncate(self.iteration)
+            logger.truncate(self.iteration, keep_val_at=self.iteration < cfg.iters)
             where = f"resuming {self.resume_from} at iteration {self.iteration}" if resumed is not None else "training"
             _console.print(
                 f"{where} → {self.run_dir} on {self.device} × {self.info.world_size} "

@@ -83,7 +83,11 @@ def profile_em_attention(
         )
     with torch.no_grad():
         timings = measure_many(fns, device, rounds=repeats)
-        diffs = {key: float((fn()[0].float() - ref32).abs().max()) for key, fn in fns.items() if key[0] in ("reference", "em_attention")}
+        diffs = {
+            key: float((fn()[0].float() - ref32).abs().max())
+            for key, fn in fns.items()
+            if key[0] in ("reference", "em_attention")
+        }
     rate = {key: work[key[0]] / t.median for key, t in timings.items()}
     base = timings[("reference", "fp32")].median
     rows = []
@@ -116,7 +120,10 @@ def profile_em_attention(
         d = DTYPE_NAMES[dtype]
         summary += [
             (f"{d}: em_attention time / fp32 reference time", timings[("em_attention", d)].median / base),
-            (f"{d}: em_attention time / {d} reference time", timings[("em_attention", d)].median / timings[("reference", d)].median),
+            (
+                f"{d}: em_attention time / {d} reference time",
+                timings[("em_attention", d)].median / timings[("reference", d)].median,
+            ),
             (f"{d}: em_attention rate / {d} {mm_label} rate", rate[("em_attention", d)] / rate[("mm", d)]),
         ]
     return pd.DataFrame(rows), pd.DataFrame(summary, columns=["metric", "value"])

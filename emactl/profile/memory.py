@@ -28,7 +28,9 @@ MEASURED_NOTE = {
     "cuda": "peak memory: torch.cuda.max_memory_allocated during the call minus memory allocated before it",
     "cpu": (
         "peak memory: peak of the running sum of allocation/free events recorded by "
-        "torch.profiler (profile_memory=True) during the call; tensor memory only"
+        "torch.profiler (profile_memory=True) during the call; tensor memory only; on the CPU this "
+        "includes oneDNN's per-call copy of each conv weight into its blocked layout, a term "
+        "that does not grow with H*W"
     ),
 }
 SAVED_NOTE = (

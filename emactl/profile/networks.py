@@ -44,7 +44,11 @@ def build_network(name: str, backbone: str, num_classes: int, channels: int = 51
     return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
 
 
-def _step_fns(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> tuple[Callable[[], None], Callable[[], None]]:
+def _step_fns(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: torch.dtype
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A training step (SGD, momentum 0.9, tiny lr so that repeated steps stay finite) and an
+    inference call of ``model`` on one fixed batch."""
     device = x.device
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 

@@ -51,10 +51,22 @@ class SectionResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _threads_note(s: ProfileSettings) -> str:
+    if s.device.type != "cpu":
+        return f"torch CPU threads: {torch.get_num_threads()}"
+    return (
+        f"torch CPU threads: {torch.get_num_threads()} (default 1: on a shared machine every multi-threaded op "
+        "waits at its barrier for descheduled threads, which swamped the timings; --threads N uses N)"
+    )
+
+
 def _precision_note(s: ProfileSettings) -> str:
     if s.dtype == "fp32":
         return "precision: fp32"
-    return f"precision: {s.dtype} through torch.autocast; parameters stay fp32 (as in mixed-precision training)"
+    note = f"precision: {s.dtype} through torch.autocast; parameters stay fp32 (as in mixed-precision training)"
+    if s.dtype == "fp16":
+        note += "; no GradScaler in the timed steps"
+    return note
 
 
 def run_heads(s: ProfileSettings, console: Console) -> SectionResult:
@@ -72,6 +84,7 @@ def run_heads(s: ProfileSettings, console: Console) -> SectionResult:
             "MACs / conv3x3: against a 3x3 conv + BN + ReLU with C in and out (the paper says EMAU costs about 1/3)",
             measured_note(s.device),
             TIMING_NOTE,
+            _threads_note(s),
             "fwd: eval mode under no_grad; fwd+bwd: train mode, backward to the input and the parameters "
             "(EMAU with grad=none, so no gradient flows through the EM iterations, as in the public code)",
             _precision_note(s),
@@ -82,7 +95,8 @@ def run_heads(s: ProfileSettings, console: Console) -> SectionResult:
 def run_networks(s: ProfileSettings, console: Console) -> SectionResult:
     batch = s.section_batch(NETWORKS_BATCH)
     df = profile_networks(
-        s.backbone, s.crop, batch, s.channels, s.bases, s.iters, NUM_CLASSES, s.device, s.torch_dtype, s.repeats, NETWORKS, console
+        s.backbone, s.crop, batch, s.channels, s.bases, s.iters, NUM_CLASSES, s.device, s.torch_dtype, s.repeats,
+        NETWORKS, console,
     )
     title = f"Networks: {s.backbone} output stride 8, crop {s.crop}, batch {batch}, {NUM_CLASSES} classes, {s.dtype}, {s.device}"
     return SectionResult(
@@ -94,6 +108,7 @@ def run_networks(s: ProfileSettings, console: Console) -> SectionResult:
             "train step: forward + cross-entropy + backward + SGD step in train mode; inference: eval mode under no_grad",
             "GMACs/img: " + MACS_NOTE,
             TIMING_NOTE,
+            _threads_note(s),
             _precision_note(s),
         ],
     )
@@ -115,6 +130,7 @@ def run_scaling(s: ProfileSettings, console: Console) -> SectionResult:
             "at small N the linear 1x1-conv terms still dominate the non-local block, so its exponent only nears 2 once N >> C",
             measured_note(s.device),
             TIMING_NOTE,
+            _threads_note(s),
             _precision_note(s),
         ],
     )
@@ -133,8 +149,8 @@ def run_published(s: ProfileSettings, console: Console) -> SectionResult:
         MACS_NOTE,
         SAVED_NOTE + "; fp32, batch 1, eval-mode BN",
         "convention found: " + CONVENTION_NOTE,
-        "the paper does not say how its memory was measured; no activation or inference-memory convention of "
-        "ours reproduces all its memory figures, so the memory ratios are shown for reference only",
+        "memory: the paper does not say how it measured memory; activations saved for backward match its "
+        "DeepLabV3 figure but not its EMANet or backbone figures, so memory ratios are for reference only",
     ]
     if s.published_memory:
         tables["published_memory"] = (
@@ -163,6 +179,7 @@ def run_ema(s: ProfileSettings, console: Console) -> SectionResult:
             f"GEMM rate: torch.bmm at the E-step's shape and a square {SQUARE}^3 torch.mm, same dtype, measured in this run",
             "dtypes: the inputs are cast (no autocast); fp32 and bf16 always, plus --dtype",
             TIMING_NOTE,
+            _threads_note(s),
         ],
     )
 
@@ -188,8 +205,12 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(s: ProfileSettings, durations: dict[str, float] | None = None) -> dict:
-    """What ran where: library versions, device, threads, date and the resolved options."""
+def _load_average() -> list[float] | None:
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def environment(s: ProfileSettings) -> dict:
+    """What ran where: library versions, device, threads, load, date and the resolved options."""
     settings = asdict(s)
     settings["device"] = str(s.device)
     settings["out"] = str(s.out)
@@ -203,16 +224,32 @@ def environment(s: ProfileSettings, durations: dict[str, float] | None = None) -
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average_start": _load_average(),
         "platform": platform.platform(),
         "settings": settings,
-        "section_seconds": durations or {},
     }
 
 
 def run_profile(s: ProfileSettings, console: Console) -> dict[str, SectionResult]:
-    """Run ``s.sections`` in order; every table is written as soon as its section ends."""
+    """Run ``s.sections`` in order; every table is written as soon as its section ends.
+
+    On the CPU, torch runs with ``s.threads`` threads (see :func:`ProfileSettings.cpu_threads`)
+    for the duration of the run.
+    """
+    previous = torch.get_num_threads()
+    threads = s.cpu_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_sections(s, console)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_sections(s: ProfileSettings, console: Console) -> dict[str, SectionResult]:
     s.out.mkdir(parents=True, exist_ok=True)
-    write_json(s.out / "env.json", environment(s))
+    env = environment(s)
+    write_json(s.out / "env.json", env)
     results: dict[str, SectionResult] = {}
     durations: dict[str, float] = {}
     notes_md = []
@@ -229,6 +266,7 @@ def run_profile(s: ProfileSettings, console: Console) -> dict[str, SectionResult
         console.print(f"[dim]{name}: {durations[name]:.1f} s[/dim]\n")
         notes_md.append(f"## {name}\n\n" + "\n".join(f"- {n}" for n in result.notes) + "\n")
         write_text(s.out / "notes.md", "# emactl profile: how each table was measured\n\n" + "\n".join(notes_md))
-    write_json(s.out / "env.json", environment(s, durations))
+    env.update(section_seconds=durations, load_average_end=_load_average())
+    write_json(s.out / "env.json", env)
     console.print(f"wrote {', '.join(sorted(p.name for p in s.out.iterdir() if not p.name.startswith('.')))} to {s.out}/")
     return results

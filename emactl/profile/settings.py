@@ -46,6 +46,7 @@ class ProfileSettings:
     sizes: tuple[int, ...] = (33, 49, 65, 81)
     heads: tuple[str, ...] | None = None
     repeats: int = 3
+    threads: int | None = None
     published_memory: bool = False
 
     @property
@@ -61,9 +62,23 @@ class ProfileSettings:
     def head_names(self, default: tuple[str, ...]) -> tuple[str, ...]:
         return self.heads if self.heads is not None else default
 
+    def cpu_threads(self) -> int | None:
+        """Threads to give torch: ``threads`` if set; else 1 on the CPU; else leave torch's choice.
+
+        One thread is the CPU default because this tool runs on shared development machines:
+        there, a multi-threaded op waits at every barrier for whichever of its threads the
+        scheduler has parked, and on a 2-core machine under load that made timings several times
+        slower and erratic (time exponents near 0) while one thread gave steady ones.
+        """
+        if self.threads is not None:
+            return self.threads
+        return 1 if self.device.type == "cpu" else None
+
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda`` (``cuda:N`` too); a CUDA device must exist."""
+    """``cpu``, ``cuda`` (``cuda:N`` too; it must exist) or ``auto``: CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -106,9 +121,12 @@ def validate(s: ProfileSettings) -> None:
         raise UserError(f"--dtype: got {s.dtype!r}; choose one of {', '.join(DTYPES)}")
     if s.dtype == "fp16" and s.device.type == "cpu":
         raise UserError("--dtype fp16 is not supported on the CPU; use --dtype bf16 or fp32, or --device cuda")
-    for name, value in (("--channels", s.channels), ("--bases", s.bases), ("--iters", s.iters), ("--crop", s.crop), ("--repeats", s.repeats)):
+    positive = {"--channels": s.channels, "--bases": s.bases, "--iters": s.iters, "--crop": s.crop, "--repeats": s.repeats}
+    for name, value in positive.items():
         if value < 1:
             raise UserError(f"{name}: must be >= 1, got {value}")
+    if s.threads is not None and s.threads < 1:
+        raise UserError(f"--threads: must be >= 1, got {s.threads}")
     if s.size is not None and s.size < 1:
         raise UserError(f"--size: must be >= 1, got {s.size}")
     if s.batch is not None and s.batch < 1:

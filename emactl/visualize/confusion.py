@@ -98,7 +98,8 @@ def confusion_figure(counts: pd.DataFrame, title: str) -> Figure:
         for r in range(k):
             for c in range(k):
                 if np.isfinite(norm[r, c]) and values[r, c] > 0:
-                    ax.text(c, r, f"{norm[r, c]:.2f}", ha="center", va="center", fontsize="x-small",
+                    text = f"{norm[r, c]:.2f}" if norm[r, c] >= 0.005 else "<.01"
+                    ax.text(c, r, text, ha="center", va="center", fontsize="x-small",
                             color="white" if norm[r, c] > 0.6 else "black")
     ax.set_title(wrap_title(title, figure_size(k)[0] - 1.5), fontsize="medium")
     return fig

@@ -56,6 +56,8 @@ class Recorded:
 def resolve_run(path: str | os.PathLike | None) -> Path:
     """The run or checkpoint path given, or the latest run in ``runs/`` (announced on stderr)."""
     if path is not None:
+        if not Path(path).exists():
+            raise UserError(f"{path}: no such run directory or file")
         return Path(path)
     run = latest_run()
     print(f"using the latest run: {run}", file=sys.stderr)

@@ -1,0 +1,274 @@
+"""``emactl ablate``: axis parsing and grid expansion, tiny end-to-end sweeps, resume and refusal."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+import emactl.engine.trainer as trainer
+from emactl.ablate.axes import expand, parse_axes, split_values
+from emactl.ablate.sweep import SWEEP_FILE, TRAIN_FILE, default_recipe, eval_file
+from emactl.cli import main
+from emactl.config import to_dict
+from emactl.engine.checkpoint import checkpoint_path, latest_checkpoint
+
+TINY = {
+    "name": "tiny",
+    "data": {"name": "shapes", "num_classes": 7, "workers": 0, "crop_size": 32, "flip": False,
+             "args": {"size": 32, "train_length": 8, "val_length": 4}},
+    "model": {"backbone": "tiny", "head_channels": 16, "mid_channels": 16, "pretrained": None,
+              "ema": {"bases": 4, "iters": 2}},
+    "train": {"iters": 2, "batch_size": 2, "ckpt_every": 1, "keep_ckpts": 2, "log_every": 1, "warmup_iters": 0,
+              "lr": 0.01},
+    "eval": {"batch_size": 4},
+}
+AXIS_COLUMNS = ["train_iters", "eval_iters", "seed"]
+METRIC_COLUMNS = ["mIoU", "aAcc", "mAcc", "train_time_s", "eval_time_s", "params"]
+# One torch thread per cell: on a small shared CPU two spinning OpenMP threads are many times slower.
+QUIET = ["--no-progress", "--threads", "1"]
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def one_line_error(code: int, err: str) -> str:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error"), err
+    return lines[0]
+
+
+def base_recipe() -> dict:
+    from emactl.config import from_dict
+
+    return to_dict(from_dict(TINY))
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid(recipe_file, tmp_path_factory) -> Path:
+    """A 2-cell sweep: train T 1,2 × eval T 1,2 (two trainings, four evaluations)."""
+    out = tmp_path_factory.mktemp("sweeps") / "grid"
+    with pytest.raises(SystemExit) as exc:
+        main(["ablate", "--recipe", str(recipe_file), "--train-iters", "1,2", "--eval-iters", "1,2",
+              "--out", str(out), *QUIET])
+    assert exc.value.code == 0
+    return out
+
+
+def grid_argv(recipe_file: Path, out: Path) -> list[str]:
+    return ["ablate", "--recipe", str(recipe_file), "--train-iters", "1,2", "--eval-iters", "1,2",
+            "--out", str(out), *QUIET]
+
+
+@pytest.fixture
+def count_train(monkeypatch) -> list[int]:
+    """Calls to the trainer, each recorded with the iteration it resumed from (0: fresh)."""
+    calls: list[int] = []
+    real = trainer.train
+
+    def counting(recipe, run_dir=None, resume=False, progress=True):
+        ckpt = latest_checkpoint(run_dir) if run_dir is not None else None
+        calls.append(int(ckpt.stem.split("_")[1]) if ckpt is not None else 0)
+        return real(recipe, run_dir, resume=resume, progress=progress)
+
+    monkeypatch.setattr(trainer, "train", counting)
+    return calls
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and expansion.
+
+
+def test_iters_sets_train_and_eval_t_together():
+    axes = parse_axes(iters="1,3,5")
+    assert axes.iter_mode == "diagonal"
+    cells, notes = expand(base_recipe(), axes, [0])
+    assert [c.name for c in cells] == ["T1_seed0", "T3_seed0", "T5_seed0"]
+    assert [c.eval_iters for c in cells] == [[1], [3], [5]]
+    assert [c.recipe["model"]["ema"]["iters"] for c in cells] == [1, 3, 5]
+    assert not notes
+
+
+def test_train_t_by_eval_t_grid_and_eval_only_axis():
+    cells, _ = expand(base_recipe(), parse_axes(train_iters="1,3", eval_iters="1,2,3"), [0])
+    assert len(cells) == 2 and all(c.eval_iters == [1, 2, 3] for c in cells)
+    cells, _ = expand(base_recipe(), parse_axes(eval_iters="1,4"), [0])
+    assert len(cells) == 1 and cells[0].values["train_iters"] == 2 and cells[0].eval_iters == [1, 4]
+
+
+def test_set_axis_and_plain_override():
+    axes = parse_axes(norm="l2,none", sets=["train.lr=0.01,0.02", "train.iters=5", "eval.scales=[0.5,1.0],[1.0]"])
+    assert axes.values["train.lr"] == [0.01, 0.02]
+    assert axes.values["eval.scales"] == [[0.5, 1.0], [1.0]]
+    assert axes.overrides == ["train.iters=5"]
+    cells, _ = expand(base_recipe(), axes, [0, 1])
+    assert len(cells) == 2 * 2 * 2 * 2
+    first = cells[0]
+    assert first.values == {"norm": "l2", "train.lr": 0.01, "eval.scales": [0.5, 1.0], "seed": 0}
+    assert first.recipe["train"]["lr"] == 0.01 and first.recipe["model"]["ema"]["norm"] == "l2"
+    assert {c.recipe["train"]["seed"] for c in cells} == {0, 1}
+    assert len({c.name for c in cells}) == len(cells)
+    assert split_values("a,[1,2],'x,y'") == ["a", "[1,2]", "'x,y'"]
+
+
+def test_backprop_cells_get_grad_full_with_a_note():
+    cells, notes = expand(base_recipe(), parse_axes(bases_update="moving_average,backprop,none", norm="l2,none"), [0])
+    assert len(cells) == 6
+    grads = {(c.values["bases_update"], c.values["norm"]): c.values["grad"] for c in cells}
+    assert grads[("backprop", "l2")] == "full" and grads[("moving_average", "l2")] == "none"
+    assert all(c.recipe["model"]["ema"]["grad"] == c.values["grad"] for c in cells)
+    assert len(notes) == 1 and "grad=full" in notes[0]
+    cells, notes = expand(base_recipe(), parse_axes(bases_update="moving_average,backprop", grad="none,full"), [0])
+    assert [(c.values["bases_update"], c.values["grad"]) for c in cells] == [
+        ("moving_average", "none"), ("moving_average", "full"), ("backprop", "full")]
+    assert "skipped 1" in notes[0]
+
+
+def test_heads_without_ema_collapse_the_ema_axes():
+    cells, _ = expand(base_recipe(), parse_axes(iters="1,3", heads="ema,fcn"), [0])
+    assert [c.name for c in cells] == ["T1_head-ema_seed0", "head-fcn_seed0", "T3_head-ema_seed0"]
+    assert cells[1].eval_iters == [None] and cells[1].values["train_iters"] is None
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--norm", "l3"], "--norm: got 'l3'"),
+        (["--iters", "0"], "--iters: got '0'"),
+        (["--iters", "a"], "--iters: got 'a'"),
+        (["--iters", "1,,3"], "--iters"),
+        (["--iters", "1,1"], "given twice"),
+        (["--momentum", "1.5"], "--momentum"),
+        (["--heads", "ema,transformer"], "--heads"),
+        (["--iters", "1,3", "--train-iters", "2"], "--iters"),
+        (["--set", "model.ema.norm=l2,none"], "--norm"),
+        (["--set", "train.seed=1,2"], "--seeds"),
+        (["--seeds", "0"], "--seeds"),
+        (["--iters", "1", "--threads", "0"], "--threads"),
+    ],
+)
+def test_bad_axis_values_are_one_line_errors(argv, needle, capsys):
+    line = one_line_error(*cli(["ablate", *argv, "--no-progress"], capsys)[::2])
+    assert needle in line
+
+
+def test_default_recipe_is_the_shapes_demo():
+    assert default_recipe().name == "shapes.yaml"
+
+
+# --------------------------------------------------------------------------------------------
+# End to end on tiny sweeps.
+
+
+def test_grid_sweep_writes_tidy_results_and_pivots(grid):
+    df = pd.read_csv(grid / "results.csv")
+    assert list(df.columns[:3]) == AXIS_COLUMNS
+    assert set(METRIC_COLUMNS) <= set(df.columns)
+    assert len(df) == 4
+    assert sorted(zip(df.train_iters, df.eval_iters)) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert df["mIoU"].notna().all() and (df["params"] > 0).all() and (df["train_time_s"] > 0).all()
+    pivot = pd.read_csv(grid / "pivot_iters.csv")
+    assert list(pivot.columns) == ["train_iters", "eval_iters=1", "eval_iters=2"]
+    assert list(pivot.train_iters) == [1, 2] and pivot.notna().all().all()
+    assert (grid / "pivot_iters.md").is_file() and (grid / "results.md").is_file()
+    assert (grid / "miou_vs_eval_iters.png").stat().st_size > 0
+    summary = pd.read_csv(grid / "summary.csv")
+    assert {"mIoU_mean", "mIoU_std", "n"} <= set(summary.columns) and (summary.n == 1).all()
+    spec = json.loads((grid / SWEEP_FILE).read_text())
+    assert spec["axes"]["values"] == {"train_iters": [1, 2], "eval_iters": [1, 2]} and spec["seeds"] == [0]
+    cell = grid / "cells" / "T1_seed0"
+    assert (cell / "recipe.yaml").is_file() and (cell / TRAIN_FILE).is_file()
+    assert eval_file(cell, 1).is_file() and eval_file(cell, 2).is_file()
+
+
+def test_rerun_skips_finished_cells_and_rebuilds_the_table(grid, recipe_file, count_train, capsys):
+    ckpts = sorted(grid.glob("cells/*/checkpoints/*.pt"))
+    mtimes = [p.stat().st_mtime_ns for p in ckpts]
+    before = pd.read_csv(grid / "results.csv")
+    for name in ("results.csv", "results.md", "pivot_iters.csv", "miou_vs_eval_iters.png"):
+        (grid / name).unlink()
+    code, out, err = cli(grid_argv(recipe_file, grid), capsys)
+    assert code == 0, err
+    assert count_train == []
+    assert [p.stat().st_mtime_ns for p in sorted(grid.glob("cells/*/checkpoints/*.pt"))] == mtimes
+    assert "2 finished, 0 to run" in err
+    pd.testing.assert_frame_equal(pd.read_csv(grid / "results.csv"), before)
+    assert (grid / "pivot_iters.csv").is_file() and (grid / "miou_vs_eval_iters.png").is_file()
+
+
+def test_interrupted_cell_resumes_from_its_checkpoint(grid, recipe_file, count_train, capsys):
+    cell = grid / "cells" / "T2_seed0"
+    (cell / TRAIN_FILE).unlink()
+    checkpoint_path(cell, 2).unlink()
+    eval_file(cell, 2).unlink()
+    code, _, err = cli(grid_argv(recipe_file, grid), capsys)
+    assert code == 0, err
+    assert count_train == [1]
+    assert checkpoint_path(cell, 2).is_file() and eval_file(cell, 2).is_file()
+    assert len(pd.read_csv(grid / "results.csv")) == 4
+
+
+def test_a_different_sweep_is_refused(grid, recipe_file, capsys):
+    spec = (grid / SWEEP_FILE).read_text()
+    argv = grid_argv(recipe_file, grid)
+    argv[argv.index("1,2")] = "1,3"
+    line = one_line_error(*cli(argv, capsys)[::2])
+    assert "different sweep" in line and "--out" in line and "axes" in line
+    line = one_line_error(*cli(grid_argv(recipe_file, grid) + ["--set", "train.lr=0.02"], capsys)[::2])
+    assert "different sweep" in line and "train.lr" in line
+    assert (grid / SWEEP_FILE).read_text() == spec
+
+
+def test_from_a_trained_run_evaluates_eval_axes_only(grid, tmp_path, count_train, capsys):
+    run = grid / "cells" / "T2_seed0"
+    out = tmp_path / "from"
+    code, _, err = cli(["ablate", "--from", str(run), "--eval-iters", "1,3", "--out", str(out), *QUIET], capsys)
+    assert code == 0, err
+    assert count_train == []
+    df = pd.read_csv(out / "results.csv")
+    assert list(df.eval_iters) == [1, 3] and list(df.train_iters) == [2, 2] and df["mIoU"].notna().all()
+    assert (out / "pivot_iters.csv").is_file()
+    for argv, needle in ((["--norm", "l2,none"], "--norm"), (["--iters", "1,3"], "--eval-iters"),
+                         (["--set", "train.lr=0.1,0.2"], "train.lr"), (["--seeds", "2", "--eval-iters", "1"], "--seeds")):
+        line = one_line_error(*cli(["ablate", "--from", str(run), *argv, "--out", str(tmp_path / "x")], capsys)[::2])
+        assert needle in line
+
+
+def test_seeds_give_mean_and_std(recipe_file, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    code, stdout, err = cli(["ablate", "--recipe", str(recipe_file), "--eval-iters", "1,2", "--seeds", "2",
+                             "--out", str(out), *QUIET], capsys)
+    assert code == 0, err
+    df = pd.read_csv(out / "results.csv")
+    assert sorted(df.seed.unique()) == [0, 1] and len(df) == 4
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.eval_iters) == [1, 2] and (summary.n == 2).all()
+    means = df.groupby("eval_iters")["mIoU"].agg(["mean", "std"])
+    assert summary.mIoU_mean.tolist() == pytest.approx(means["mean"].tolist())
+    assert summary.mIoU_std.tolist() == pytest.approx(means["std"].tolist())
+    assert "±" in (out / "pivot_iters.md").read_text() and "mean ± std" in stdout
+
+
+def test_failed_cell_is_recorded_and_the_others_finish(recipe_file, tmp_path, capsys):
+    out = tmp_path / "failing"
+    code, _, err = cli(["ablate", "--recipe", str(recipe_file), "--set", "data.args.val_length=4,0",
+                        "--out", str(out), *QUIET, "-j", "2"], capsys)
+    line = one_line_error(code, err.strip().splitlines()[-1])
+    assert "1 of 2 cells failed" in line and "val-length-0_seed0" in line
+    df = pd.read_csv(out / "results.csv")
+    assert list(df["data.args.val_length"]) == [4, 0]
+    assert df["mIoU"].notna().tolist() == [True, False] and df["error"].notna().tolist() == [False, True]
