@@ -242,8 +242,10 @@ def test_from_a_trained_run_evaluates_eval_axes_only(grid, tmp_path, count_train
     df = pd.read_csv(out / "results.csv")
     assert list(df.eval_iters) == [1, 3] and list(df.train_iters) == [2, 2] and df["mIoU"].notna().all()
     assert (out / "pivot_iters.csv").is_file()
-    for argv, needle in ((["--norm", "l2,none"], "--norm"), (["--iters", "1,3"], "--eval-iters"),
-                         (["--set", "train.lr=0.1,0.2"], "train.lr"), (["--seeds", "2", "--eval-iters", "1"], "--seeds")):
+    refused = [(["--norm", "l2,none"], "--norm"), (["--iters", "1,3"], "--eval-iters"),
+               (["--set", "train.lr=0.1,0.2"], "train.lr"), (["--seeds", "2", "--eval-iters", "1"], "--seeds"),
+               (["--recipe", "x.yaml", "--eval-iters", "1"], "--recipe")]
+    for argv, needle in refused:
         line = one_line_error(*cli(["ablate", "--from", str(run), *argv, "--out", str(tmp_path / "x")], capsys)[::2])
         assert needle in line
 

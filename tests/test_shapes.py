@@ -108,3 +108,22 @@ def test_knob_validation():
         build_dataset(cfg(noise="high"), "train", False)
     ds = build_dataset(cfg(noise=0, cue=0.2, clutter=0), "train", False)  # ints accepted
     assert len(ds) == 8
+
+
+def test_cue_on_objects_marks_objects_not_background():
+    """With ``cue_on=objects`` the objects' mean red−blue names the scene; the background's is 0."""
+    ds = build_dataset(cfg(cue_on="objects", cue=0.1, clutter=0.02, noise=0.02, min_shapes=3,
+                           max_shapes=4, size=48, val_length=12), "val", False)
+    for i in range(len(ds)):
+        sample = ds.load(i)
+        red_blue = sample.image[..., 0].astype(float) - sample.image[..., 2].astype(float)
+        objects = (sample.label > 0) & (sample.label != 255)
+        background = sample.label == 0
+        sign = 1 if ds.scene(i) == 0 else -1
+        assert sign * red_blue[objects].mean() > 0.05 * 255
+        assert abs(red_blue[background].mean()) < 0.02 * 255
+
+
+def test_unknown_cue_on_is_refused():
+    with pytest.raises(UserError, match="data.args.cue_on"):
+        build_dataset(cfg(cue_on="sky"), "val", False)

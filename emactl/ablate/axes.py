@@ -299,7 +299,9 @@ def _ordered(columns: Sequence[str]) -> list[str]:
     return named + [c for c in columns if c not in AXES]
 
 
-def expand(base: dict[str, Any], axes: Axes, seeds: Sequence[int], source: str = "recipe") -> tuple[list[Cell], list[str]]:
+def expand(
+    base: dict[str, Any], axes: Axes, seeds: Sequence[int], source: str = "recipe"
+) -> tuple[list[Cell], list[str]]:
     """All cells of the sweep (with validated recipes) and the notes to print once.
 
     ``base`` is the recipe dictionary with the plain overrides applied; ``seeds`` the
@@ -340,7 +342,8 @@ def expand(base: dict[str, Any], axes: Axes, seeds: Sequence[int], source: str =
         head = values.get("head", base_recipe.model.head)
         if head != "ema":
             values = {c: (None if c in AXES and AXES[c].ema_only else v) for c, v in values.items()}
-        elif values.get("bases_update", base_recipe.model.ema.bases_update) == "backprop" and values.get("grad", base_grad) != "full":
+        elif (values.get("bases_update", base_recipe.model.ema.bases_update) == "backprop"
+              and values.get("grad", base_grad) != "full"):
             skipped += 1
             continue
         values = {c: values[c] for c in columns}

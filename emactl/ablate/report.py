@@ -28,7 +28,6 @@ from .sweep import CELLS_DIR, ERROR_FILE, TRAIN_FILE, Sweep, eval_file, read_jso
 
 METRICS = ("mIoU", "aAcc", "mAcc", "fwIoU")
 RESULT_COLUMNS = METRICS + ("train_time_s", "eval_time_s", "params")
-INT_COLUMNS = ("train_iters", "eval_iters", "bases", "seed", "params")
 
 
 def file_stem(axis: str) -> str:
@@ -79,20 +78,26 @@ def collect(sweep: Sweep) -> pd.DataFrame:
     columns = list(sweep.columns) + ["seed", *RESULT_COLUMNS, "cell"]
     if any("error" in r for r in records):
         columns.append("error")
-    df = pd.DataFrame.from_records(records, columns=columns)
-    return _typed(df)
+    return _frame(records, columns)
 
 
-def _typed(df: pd.DataFrame) -> pd.DataFrame:
-    """Integer columns as nullable integers (no ``3.0`` in the CSV), metrics as floats."""
-    for column in df.columns:
-        values = [v for v in df[column] if v is not None and not (isinstance(v, float) and math.isnan(v))]
+def _frame(records: list[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
+    """A DataFrame whose column types come from the Python values, not from pandas' guess.
+
+    Integer columns with gaps (an axis that does not apply to some cells) become nullable
+    integers, so the CSV says ``3`` rather than ``3.0``; metrics become floats.
+    """
+    data = {}
+    for column in columns:
+        values = [r.get(column) for r in records]
+        present = [v for v in values if _key(v) is not None]
         if column in METRICS or column in ("train_time_s", "eval_time_s"):
-            df[column] = pd.to_numeric(df[column], errors="coerce").astype("float64")
-        elif values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-            df[column] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-                                   for v in df[column]], dtype="Int64")
-    return df
+            data[column] = pd.Series([math.nan if _key(v) is None else float(v) for v in values], dtype="float64")
+        elif present and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in present):
+            data[column] = pd.Series([None if _key(v) is None else int(v) for v in values], dtype="Int64")
+        else:
+            data[column] = pd.Series(values, dtype=object).infer_objects()
+    return pd.DataFrame(data, columns=list(columns))
 
 
 def _key(value: Any) -> Any:
@@ -126,8 +131,7 @@ def summarize(df: pd.DataFrame, axes: Sequence[str]) -> pd.DataFrame:
             "aAcc_mean": float(part["aAcc"].mean()),
             "mAcc_mean": float(part["mAcc"].mean()),
         })
-    out = pd.DataFrame.from_records(records, columns=[*axes, "mIoU_mean", "mIoU_std", "n", "aAcc_mean", "mAcc_mean"])
-    return _typed(out)
+    return _frame(records, [*axes, "mIoU_mean", "mIoU_std", "n", "aAcc_mean", "mAcc_mean"])
 
 
 def varying(summary: pd.DataFrame, axes: Sequence[str]) -> list[str]:
@@ -175,7 +179,7 @@ def pivot(summary: pd.DataFrame, rows: Sequence[str], cols: Sequence[str]) -> tu
                 text_row[col_name(ck)] = f"{found[0]:.2f}"
         numeric.append(num_row)
         text.append(text_row)
-    return _typed(pd.DataFrame(numeric)), pd.DataFrame(text)
+    return _frame(numeric, list(numeric[0]) if numeric else rows), pd.DataFrame(text)
 
 
 def pivots(sweep: Sweep, summary: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, str]]:

@@ -37,7 +37,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -173,7 +173,9 @@ def plan_from(source: Path, axes: Axes, seeds: int = 1, out: Path | None = None)
 
     train_side = [AXES[c].option if c in AXES else f"--set {c}" for c in axes.train_side]
     if axes.iter_mode == "diagonal":
-        raise UserError("--from: --iters also sets the training T; to evaluate a trained run at several T use --eval-iters")
+        raise UserError(
+            "--from: --iters also sets the training T; to evaluate a trained run at several T use --eval-iters"
+        )
     if train_side:
         raise UserError(
             f"--from: {', '.join(train_side)} need(s) training; a trained run takes only eval-side axes "
@@ -357,7 +359,7 @@ def _eval_cell(task: CellTask) -> None:
     missing = [t for t in task.eval_iters if not eval_file(cell_dir, t).is_file()]
     if not missing:
         return
-    device = task.device or "auto"
+    device = task.device or str(task.recipe.get("train", {}).get("device") or "auto")
     run, cfg, dev = load_for_eval(task.source or cell_dir, task.eval_overrides, None, device)
     recipe = run.recipe
     dataset = build_dataset(recipe.data, recipe.data.val_split, train=False)
@@ -506,7 +508,13 @@ def _outcome_of(task: CellTask, code: int | None, seconds: float) -> CellOutcome
     return CellOutcome(task.name, "failed", error=str(error), seconds=seconds)
 
 
-def _run_parallel(tasks: list[CellTask], jobs: int, threads: int, on_done: Any, on_start: Any) -> int | None:
+def _run_parallel(
+    tasks: list[CellTask],
+    jobs: int,
+    threads: int,
+    on_done: Callable[[CellOutcome], None],
+    on_start: Callable[[CellTask], None],
+) -> int | None:
     """Run ``tasks`` in up to ``jobs`` spawned workers; the signal number if interrupted.
 
     The main process's own signal wins over the SIGINT it forwarded to the workers.
@@ -603,7 +611,9 @@ def run_sweep(
     jobs = max(1, min(jobs, len(pending)))
     limit = max(1, n_cores // jobs)
     if threads is not None and threads > limit:
-        console.print(f"note: --threads {threads} × {jobs} job(s) is more than the {n_cores} cores here; using {limit}")
+        console.print(
+            f"note: --threads {threads} × {jobs} job(s) is more than the {n_cores} cores here; using {limit}"
+        )
     per_cell = min(threads, limit) if threads is not None else limit
     console.print(
         f"sweep {sweep.dir}: {len(sweep.cells)} cell(s), {len(skipped)} finished, {len(pending)} to run"

@@ -1,7 +1,7 @@
 """``shapes``: a procedural dataset where global context matters. Needs no files.
 
-Each image shows 1–3 textured shapes (circle, square, triangle) on a textured, noisy
-background. Every image also has a hidden *scene*, warm or cool, and a shape's class is the
+Each image shows 1–3 shapes (light circles, dark squares, finely striped triangles: the kind
+is easy to tell locally) on a textured, noisy background. Every image also has a hidden *scene*, warm or cool, and a shape's class is the
 pair (shape type, scene): 3 × 2 object classes plus background = 7 classes.
 
 The scene is signalled only by a weak colour cast spread over the whole image: the red−blue
@@ -38,6 +38,8 @@ from .base import DATASETS, Sample, SegDataset
 
 SHAPES = ("circle", "square", "triangle")
 SCENES = ("warm", "cool")
+KIND_LEVEL = (1.0, -1.0, 0.0)  # circle lighter, square darker, triangle at the background's level
+STRIPE_AMPLITUDE = 0.2  # triangles' stripes
 CLASSES = ("background",) + tuple(f"{s}_{c}" for s in SHAPES for c in SCENES)
 TEXTURE_CYCLES = 6
 
@@ -110,6 +112,7 @@ def render(
     texture: float = 0.06,
     border: int = 1,
     ignore_index: int = 255,
+    cue_on: str = "image",
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One image (uint8 RGB), its label map (int64) and its scene (0 warm, 1 cool)."""
     scene = int(rng.integers(len(SCENES)))
@@ -125,17 +128,25 @@ def render(
         r = rng.uniform(0.12, 0.22) * size
         cy, cx = rng.uniform(r, size - r, size=2)
         mask = shape_mask(kind, yy, xx, cy, cx, r, rng.uniform(0, 2 * np.pi))
-        # Mean level clearly off the background; red == blue so the colour hides the scene.
-        level = base + rng.choice((-1.0, 1.0)) * rng.uniform(0.2, 0.3)
-        green = level + rng.uniform(-0.15, 0.15)
+        # Each kind also has its own local look, so the kind is easy and only the scene is
+        # hard: circles are lighter than the background, squares darker, triangles carry
+        # strong fine stripes. Red == blue, so no shape says anything about the scene.
+        level = base + KIND_LEVEL[kind] * rng.uniform(0.2, 0.3)
+        green = level + rng.uniform(-0.1, 0.1)
         red_blue = (3 * level - green) / 2
-        angle, period = rng.uniform(0, np.pi), rng.uniform(4, 8)
-        stripes = texture * np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period)
+        angle, period = rng.uniform(0, np.pi), rng.uniform(3, 4) if kind == 2 else rng.uniform(4, 8)
+        amplitude = STRIPE_AMPLITUDE if kind == 2 else texture
+        stripes = amplitude * np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period)
         image[mask] = np.stack([red_blue, green, red_blue]) + stripes[mask][:, None]
+        if cue_on == "objects":
+            cast = (cue if scene == 0 else -cue) + clutter * rng.normal()
+            image[mask, 0] += cast / 2
+            image[mask, 2] -= cast / 2
         label[mask] = class_index(kind, scene)
-    cast = (cue if scene == 0 else -cue) + clutter * wave_field(rng, size, clutter_cycles)
-    image[..., 0] += cast / 2
-    image[..., 2] -= cast / 2
+    if cue_on == "image":
+        cast = (cue if scene == 0 else -cue) + clutter * wave_field(rng, size, clutter_cycles)
+        image[..., 0] += cast / 2
+        image[..., 2] -= cast / 2
     image += rng.normal(0.0, noise, size=image.shape)
     image = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
     label[border_mask(label, border)] = ignore_index
@@ -152,6 +163,9 @@ class ShapesDataset(SegDataset):
     scenes), ``clutter`` (std of the zero-mean red−blue field hiding the cue locally),
     ``clutter_cycles`` (its highest frequency, in cycles per image), ``texture`` (amplitude of the
     background waves and shape stripes) and ``border`` (ignore band, px per side).
+    ``cue_on`` is ``image`` (the cast covers the whole image, hidden by the clutter field) or
+    ``objects`` (each object carries ``±cue`` plus its own offset of std ``clutter``; the
+    background none), where the scene is best read by pooling over all the objects.
     Harder: lower ``cue``, higher ``clutter``; ``cue=0`` makes the scene a coin toss.
     """
 
@@ -176,6 +190,7 @@ class ShapesDataset(SegDataset):
         clutter_cycles: int = 2,
         texture: float = 0.06,
         border: int = 1,
+        cue_on: str = "image",
     ) -> None:
         super().__init__(cfg, split, train)
         for key, value, ok, limit in (
@@ -190,6 +205,7 @@ class ShapesDataset(SegDataset):
             ("clutter_cycles", clutter_cycles, clutter_cycles >= 1, ">= 1"),
             ("texture", texture, texture >= 0, ">= 0"),
             ("border", border, border >= 0, ">= 0"),
+            ("cue_on", cue_on, cue_on in ("image", "objects"), "image or objects"),
         ):
             if not ok:
                 raise UserError(f"data.args.{key}: must be {limit}, got {value}")
@@ -198,7 +214,8 @@ class ShapesDataset(SegDataset):
         self.split_id = zlib.crc32(split.encode())
         self.params = dict(size=size, min_shapes=min_shapes, max_shapes=max_shapes, noise=noise,
                            cue=cue, clutter=clutter, clutter_cycles=clutter_cycles,
-                           texture=texture, border=border, ignore_index=cfg.ignore_index)
+                           texture=texture, border=border, ignore_index=cfg.ignore_index,
+                           cue_on=cue_on)
 
     def __len__(self) -> int:
         return self.length
