@@ -369,6 +369,7 @@ def test_sigterm_and_kill9_then_resume_match_uninterrupted(tmp_path: Path) -> No
     assert killed_at < 60
 
     # resume to the end: same weights, same logged losses, same metrics as the reference
+    (run / "checkpoints" / ".iter_0000099.pt.x.tmp").write_bytes(b"half-written")  # kill -9 litter
     proc = _start(recipe, tmp_path, "--name", "b", "--resume")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -377,4 +378,5 @@ def test_sigterm_and_kill9_then_resume_match_uninterrupted(tmp_path: Path) -> No
     assert val_lines(run) == val_lines(runs / "ref")
     assert (run / "eval" / "summary.csv").read_text() == (runs / "ref" / "eval" / "summary.csv").read_text()
     assert json.loads((run / "env.json").read_text())["resumed_from"] == killed_at
+    assert not list((run / "checkpoints").glob(".*.tmp"))
     assert to_dict(load_recipe(run / "recipe.yaml"))["train"]["iters"] == 60

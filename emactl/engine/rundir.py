@@ -28,7 +28,7 @@ import torchvision
 from ..config import Recipe, dump_yaml
 from ..errors import UserError
 from ..io import write_json, write_text
-from .checkpoint import latest_checkpoint
+from .checkpoint import CKPT_DIR, latest_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,6 +45,14 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
             "pass --resume to continue it or choose another --name"
         )
     return ckpt if resume else None
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete temporary files a killed run left behind in ``checkpoints/`` (see emactl.io)."""
+    folder = Path(run_dir) / CKPT_DIR
+    if folder.is_dir():
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def write_recipe(run_dir: Path, recipe: Recipe) -> Path:

@@ -73,7 +73,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .optim import build_optimizer, build_scheduler
-from .rundir import MetricsLogger, capture_env, check_run_dir, write_env, write_recipe
+from .rundir import MetricsLogger, capture_env, check_run_dir, remove_stale_temps, write_env, write_recipe
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "iteration", "loader", "ranks")
@@ -623,6 +623,7 @@ class _Trainer:
         logger = MetricsLogger(self.run_dir, enabled=main)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.run_dir)
             write_recipe(self.run_dir, self.recipe)
             resumed = self.iteration if self.resume_from is not None else None
             write_env(self.run_dir, capture_env(self.device, self.info.world_size, cfg.amp, resumed))

