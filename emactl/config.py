@@ -40,6 +40,7 @@ class EMAConfig:
     bases_update: Literal["moving_average", "backprop", "none"] = "moving_average"
     momentum: float = 0.9
     renorm: bool = True
+    zero_init: bool = False
 
 
 @dataclass

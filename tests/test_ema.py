@@ -427,3 +427,16 @@ def test_distributed_bases_agree(tmp_path):
     want = update((m0 + m1) / 2)
     assert max_abs(r0["mu_after"], want) <= 1e-6
     assert max_abs(update(m0), want) > 1e-4  # a rank-local update would be detectably different
+
+
+def test_zero_init_starts_as_identity_and_still_learns():
+    """With ``zero_init`` the unit's output equals its (ReLU-positive) input at initialisation,
+    and the BN weight after conv2 receives a gradient, so the branch can grow."""
+    torch.manual_seed(0)
+    unit = EMAU(8, bases=4, zero_init=True)
+    x = torch.relu(torch.randn(2, 8, 5, 5))
+    y = unit(x)
+    assert torch.equal(y, x)
+    y.square().sum().backward()
+    assert unit.bn.weight.grad is not None and unit.bn.weight.grad.abs().sum() > 0
+    assert not torch.equal(EMAU(8, bases=4)(x), x)

@@ -146,6 +146,9 @@ class EMAU(nn.Module):
       ``grad="full"`` (otherwise no gradient can reach it).
     * ``none``: a fixed random buffer.
 
+    ``zero_init`` starts the BN after conv2 at weight 0, so the unit begins as the identity
+    and learns how much of the reconstruction to add (the public code starts it at 1).
+
     ``iters`` applies in training; ``eval_iters`` (default: ``iters``) in eval mode, and can be
     changed at any time, e.g. by ``emactl eval --iters``.
     """
@@ -163,6 +166,7 @@ class EMAU(nn.Module):
         momentum: float = 0.9,
         renorm: bool = True,
         bn_momentum: float = 0.1,
+        zero_init: bool = False,
     ) -> None:
         super().__init__()
         if norm not in NORMS:
@@ -178,6 +182,7 @@ class EMAU(nn.Module):
         self.norm, self.grad = norm, grad
         self.bases_update = bases_update
         self.momentum, self.renorm = momentum, renorm
+        self.zero_init = zero_init
         self.record = False  # when True, keep the last responsibilities for visualisation
         self.last: EMAOutput | None = None
         self._buffer: Tensor | None = None
@@ -196,7 +201,7 @@ class EMAU(nn.Module):
         for conv in (self.conv1, self.conv2):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.conv1.bias)
-        nn.init.ones_(self.bn.weight)
+        nn.init.constant_(self.bn.weight, 0.0 if self.zero_init else 1.0)
         nn.init.zeros_(self.bn.bias)
 
     @property
@@ -259,5 +264,5 @@ class EMAU(nn.Module):
             f"channels={self.channels}, bases={self.k}, iters={self.iters}, "
             f"eval_iters={self.eval_iters}, temperature={self.temperature}, norm={self.norm}, "
             f"grad={self.grad}, bases_update={self.bases_update}, momentum={self.momentum}, "
-            f"renorm={self.renorm}"
+            f"renorm={self.renorm}, zero_init={self.zero_init}"
         )

@@ -130,6 +130,7 @@ def ema_unit(channels: int, cfg: ModelConfig) -> EMAU:
         momentum=e.momentum,
         renorm=e.renorm,
         bn_momentum=cfg.bn_momentum,
+        zero_init=e.zero_init,
     )
 
 
