@@ -233,6 +233,24 @@ def test_a_different_sweep_is_refused(grid, recipe_file, capsys):
     assert (grid / SWEEP_FILE).read_text() == spec
 
 
+def test_a_sweep_from_before_a_new_recipe_key_still_resumes(grid, recipe_file, count_train, capsys):
+    path = grid / SWEEP_FILE
+    original = path.read_text()
+    spec = json.loads(original)
+    try:
+        del spec["recipe"]["model"]["ema"]["renorm"]
+        path.write_text(json.dumps(spec))
+        code, _, err = cli(grid_argv(recipe_file, grid), capsys)
+        assert code == 0, err
+        assert count_train == []
+        spec["recipe"]["model"]["ema"]["renorm"] = False
+        path.write_text(json.dumps(spec))
+        line = one_line_error(*cli(grid_argv(recipe_file, grid), capsys)[::2])
+        assert "recipe.model.ema.renorm (False → True)" in line
+    finally:
+        path.write_text(original)
+
+
 def test_from_a_trained_run_evaluates_eval_axes_only(grid, tmp_path, count_train, capsys):
     run = grid / "cells" / "T2_seed0"
     out = tmp_path / "from"

@@ -20,12 +20,13 @@ from emactl.profile.counting import count_module, count_ops, count_params
 from emactl.profile.emattention import em_flops, profile_em_attention
 from emactl.profile.heads import build_head
 from emactl.profile.memory import peak_memory, saved_tensor_bytes, total_bytes
-from emactl.profile.networks import NETWORKS, build_network, profile_networks
+from emactl.profile.networks import NETWORKS, build_network, network_ratios, profile_networks
 from emactl.profile.published import PUBLISHED, published, published_check
 from emactl.profile.reference import reference_em_attention
 from emactl.profile.scaling import fit_exponent
 from emactl.profile.settings import HEADS, ProfileSettings
 from emactl.profile.timing import measure_many
+from emactl.profile.training import compile_step, profile_training
 
 CPU = torch.device("cpu")
 
@@ -193,6 +194,60 @@ def test_networks_section_tiny():
     assert (df["train img/s"] > 0).all() and (df["inference img/s"] > 0).all()
 
 
+def test_network_ratios_emanet_over_deeplabv3():
+    df = pd.DataFrame(
+        {"network": ["emanet", "deeplabv3"], "train step (ms)": [30.0, 40.0], "inference (ms)": [10.0, 20.0]}
+    )
+    ratios = dict(network_ratios(df).itertuples(index=False))
+    assert ratios == {"EMANet train step / DeepLabV3 train step": 0.75, "EMANet inference / DeepLabV3 inference": 0.5}
+    assert network_ratios(df[df["network"] == "emanet"]).empty
+
+
+def _failing_compile(model):
+    raise RuntimeError("no C++ compiler\nsecond line")
+
+
+def _slow_compile(model):
+    import time
+
+    time.sleep(5)
+    return model
+
+
+@pytest.mark.parametrize(
+    "compile_fn,timeout,note",
+    [
+        (lambda m: m, 60, "compile + 2 warm-up steps"),
+        (_failing_compile, 60, "skipped: torch.compile failed (RuntimeError: no C++ compiler)"),
+        (_slow_compile, 0.2, "skipped: compiling took over the 0.2 s cap"),
+    ],
+    ids=["compiled", "fails", "too-slow"],
+)
+def test_train_section_tiny(compile_fn, timeout, note):
+    df, summary = profile_training(
+        "tiny", 33, 2, 16, 4, 1, 3, CPU, torch.bfloat16, repeats=1, use_compile=True, compile_timeout=timeout,
+        names=("emanet",), compile_fn=compile_fn,
+    )  # fmt: skip
+    assert list(df["variant"]) == ["fp32 eager", "bf16+channels_last", "bf16+channels_last+compile"]
+    assert df["note"].iloc[2].startswith(note)
+    assert df["speed-up over fp32 eager"].iloc[0] == 1.0 and df["ms/step"].iloc[1] > 0
+    metrics = list(summary["metric"])
+    assert metrics[0] == "bf16+channels_last train step speed-up over fp32 eager (EMANet)"
+    compiled = note == "compile + 2 warm-up steps"
+    assert any("+compile" in m for m in metrics) == compiled
+    assert (df["ms/step"].iloc[2] > 0) if compiled else pd.isna(df["ms/step"].iloc[2])
+
+
+def test_compile_step_leaves_no_alarm_behind():
+    import signal
+
+    model = build_network("emanet", "tiny", 3, channels=16, bases=4, iters=1)
+    x, target = torch.randn(2, 3, 33, 33), torch.randint(0, 3, (2, 33, 33))
+    assert compile_step(model, x, target, torch.float32, 0.1, _slow_compile).step is None
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None, signal.default_int_handler)
+
+
 @pytest.mark.parametrize("name", NETWORKS)
 def test_every_network_returns_logits_at_input_size(name):
     with torch.device("meta"):
@@ -247,6 +302,9 @@ def test_cli_tiny_sections_write_tables(tmp_path):
         ("--sections", "heads,bogus"),
         ("--sizes", "33"),
         ("--sections", "networks", "--backbone", "resnet18"),
+        ("--sections", "train", "--backbone", "tiny"),
+        ("--sections", "train", "--compile-timeout", "0"),
+        ("--batch", "1", "--sections", "train"),
         ("--batch", "1", "--sections", "heads"),
         ("--threads", "0"),
         ("--device", "tpu"),
@@ -268,7 +326,7 @@ def test_cli_defaults_match_settings_defaults():
     s = ProfileSettings()
     assert defaults["sections"] == ",".join(s.sections)
     assert defaults["sizes"] == ",".join(map(str, s.sizes))
-    for name in ("channels", "bases", "iters", "size", "batch", "backbone", "crop", "repeats", "threads", "dtype", "published_memory"):
+    for name in ("channels", "bases", "iters", "size", "batch", "backbone", "crop", "repeats", "threads", "dtype", "published_memory", "compile", "compile_timeout"):
         assert defaults[name] == getattr(s, name), name
     assert inspect.signature(ProfileSettings).parameters["out"].default == defaults["out"]
 

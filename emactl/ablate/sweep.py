@@ -227,6 +227,17 @@ def _first_difference(old: Any, new: Any, prefix: str) -> str:
     return f"{prefix.lstrip('.')} ({shown})"
 
 
+def _current_schema(recipe: Any) -> Any:
+    """A stored recipe re-read with today's :class:`Recipe`, so that keys added to emactl since
+    (with their defaults) do not make an old sweep look different; unreadable ones stay as is."""
+    if not isinstance(recipe, dict):
+        return recipe
+    try:
+        return _normal(to_dict(from_dict(recipe, source=SWEEP_FILE)))
+    except UserError:
+        return recipe
+
+
 def _check_spec(sweep: Sweep) -> None:
     """Refuse a directory that holds something other than this very sweep."""
     path = sweep.dir / SWEEP_FILE
@@ -243,6 +254,7 @@ def _check_spec(sweep: Sweep) -> None:
             "pass --out DIR for this sweep"
         )
     old = _normal({k: stored.get(k) for k in SPEC_KEYS})
+    old["recipe"] = _current_schema(old.get("recipe"))
     new = _normal({k: sweep.spec.get(k) for k in SPEC_KEYS})
     if old != new:
         where = _first_difference(old, new, "")

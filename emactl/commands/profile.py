@@ -13,14 +13,18 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="cpu, cuda (or cuda:N), or auto: cuda when available."),
         dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (fp16 needs cuda); bf16/fp16 run under autocast."),
         out: Path = typer.Option(Path("profile_out"), help="Directory for the CSV/Markdown/JSON tables, notes.md and env.json."),
-        sections: str = typer.Option("heads,networks,scaling,published,ema", help="Comma-separated sections to run, in order."),
+        sections: str = typer.Option(
+            "heads,networks,scaling,published,ema,train",
+            help="Comma-separated sections to run, in order. train: EMANet's training step in fp32 eager against "
+            "bf16 autocast + channels_last (and torch.compile with --compile), and against DeepLabV3.",
+        ),
         channels: int = typer.Option(512, help="Channels C of the context modules (and of EMANet's head)."),
         size: Optional[int] = typer.Option(None, help="Feature size H=W of heads (default 33) and ema (default 65)."),
         bases: int = typer.Option(64, help="EM bases K."),
         iters: int = typer.Option(3, help="EM iterations T."),
-        batch: Optional[int] = typer.Option(None, help="Batch size (defaults: heads 2, networks 2, scaling 1, ema 4)."),
-        backbone: str = typer.Option("resnet50", help="Backbone of the networks section: resnet50 or resnet101."),
-        crop: int = typer.Option(97, help="Input crop (H=W) of the networks section."),
+        batch: Optional[int] = typer.Option(None, help="Batch size (defaults: heads 2, networks 2, train 2, scaling 1, ema 4)."),
+        backbone: str = typer.Option("resnet50", help="Backbone of the networks and train sections: resnet50 or resnet101."),
+        crop: int = typer.Option(97, help="Input crop (H=W) of the networks and train sections."),
         sizes: str = typer.Option("33,49,65,81", help="Feature sizes H=W swept by the scaling section."),
         heads: Optional[str] = typer.Option(
             None, help="Context modules for heads/scaling (default: all six / ema,nonlocal,a2,conv3x3)."
@@ -31,6 +35,15 @@ def register(app: typer.Typer) -> None:
         ),
         published_memory: bool = typer.Option(
             False, help="Also measure inference memory at 513x513 with ResNet-101 (slow on a CPU)."
+        ),
+        compile: bool = typer.Option(
+            False,
+            "--compile/--no-compile",
+            help="train section: also time EMANet's training step under torch.compile (opt-in: compiling takes "
+            "minutes on a CPU).",
+        ),
+        compile_timeout: float = typer.Option(
+            300.0, help="Seconds allowed for torch.compile's compilation; past it the compiled variant is skipped."
         ),
     ) -> None:
         """Measure params, MACs/FLOPs, memory, latency and throughput of EMA and the alternatives."""
@@ -56,6 +69,8 @@ def register(app: typer.Typer) -> None:
             repeats=repeats,
             threads=threads,
             published_memory=published_memory,
+            compile=compile,
+            compile_timeout=compile_timeout,
         )
         validate(settings)
         console = Console()

@@ -115,7 +115,8 @@ def em_attention(
         z = e_step(x, mu, temperature)
         mu = m_step(x, z, norm)
     needs_grad = torch.is_grad_enabled() and (mu.requires_grad or z.requires_grad)
-    if out is not None and not needs_grad and out.shape == (b, x.shape[2], x.shape[1]) and out.dtype == mu.dtype:
+    fits = out is not None and out.shape == (b, x.shape[2], x.shape[1]) and out.dtype == mu.dtype == z.dtype
+    if fits and not needs_grad:
         recon = torch.bmm(z.transpose(1, 2), mu.transpose(1, 2), out=out).transpose(1, 2)
     else:
         recon = torch.bmm(mu, z)
@@ -232,7 +233,7 @@ class EMAU(nn.Module):
         Only the EMA branch's own output lives here; nothing autograd saves refers to it (the
         ReLU after it saves its own output), so the next forward may overwrite it.
         """
-        if torch.is_grad_enabled() and self.grad != "none":
+        if (torch.is_grad_enabled() and self.grad != "none") or torch.compiler.is_compiling():
             return None
         buf = self._buffer
         stale = (

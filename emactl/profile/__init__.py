@@ -11,5 +11,6 @@ Modules, by what they hold:
 * :mod:`.published` the paper's cost table and our counts at its setting
 * :mod:`.reference` EM attention written plainly, as the original repository does
 * :mod:`.emattention` ``em_attention`` against the reference and the GEMM rate
+* :mod:`.training`  EMANet's training step: fp32 eager vs bf16 + channels_last (+ compile), vs DeepLabV3
 * :mod:`.settings`  the options of one run; :mod:`.report` runs, writes and prints
 """

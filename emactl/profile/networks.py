@@ -117,3 +117,20 @@ def profile_networks(
             }
         )
     return pd.DataFrame(rows)
+
+
+def network_ratios(df: pd.DataFrame, name: str = "emanet", other: str = "deeplabv3") -> pd.DataFrame:
+    """EMANet's training step and inference time over DeepLabV3's, from :func:`profile_networks`'
+    table (empty when either network is missing)."""
+    rows = df.set_index("network")
+    if name not in rows.index or other not in rows.index:
+        return pd.DataFrame(columns=["metric", "value"])
+    label = {"emanet": "EMANet", "deeplabv3": "DeepLabV3", "fcn": "FCN", "psp": "PSP"}
+    a, b = label.get(name, name), label.get(other, other)
+    return pd.DataFrame(
+        [
+            (f"{a} train step / {b} train step", rows.at[name, "train step (ms)"] / rows.at[other, "train step (ms)"]),
+            (f"{a} inference / {b} inference", rows.at[name, "inference (ms)"] / rows.at[other, "inference (ms)"]),
+        ],
+        columns=["metric", "value"],
+    )

@@ -19,13 +19,14 @@ import torch
 import torchvision
 from rich.console import Console
 
+from ..config import EMAConfig
 from ..io import write_json, write_text
 from ..tables import print_table, save_table
 from .counting import ELEMENTS_NOTE, MACS_NOTE
-from .emattention import SQUARE, benchmark_dtypes, profile_em_attention
+from .emattention import DTYPE_NAMES, SQUARE, benchmark_dtypes, profile_em_attention
 from .heads import profile_heads
 from .memory import SAVED_NOTE, measured_note
-from .networks import NETWORKS, profile_networks
+from .networks import NETWORKS, network_ratios, profile_networks
 from .published import CONVENTION_NOTE, SOURCE, measured_published_memory, published_check
 from .scaling import profile_scaling
 from .settings import (
@@ -38,9 +39,11 @@ from .settings import (
     NUM_CLASSES,
     SCALING_BATCH,
     SCALING_HEADS,
+    TRAIN_BATCH,
     ProfileSettings,
 )
 from .timing import TIMING_NOTE
+from .training import TRAIN_NETWORKS, mixed_dtype, profile_training
 
 
 @dataclass
@@ -99,13 +102,18 @@ def run_networks(s: ProfileSettings, console: Console) -> SectionResult:
         NETWORKS, console,
     )
     title = f"Networks: {s.backbone} output stride 8, crop {s.crop}, batch {batch}, {NUM_CLASSES} classes, {s.dtype}, {s.device}"
+    tables = {"networks": (title, df)}
+    ratios = network_ratios(df)
+    if len(ratios):
+        tables["networks_summary"] = (f"Networks summary ({s.backbone} OS8, crop {s.crop}, batch {batch}, {s.dtype}, {s.device})", ratios)
     return SectionResult(
-        {"networks": (title, df)},
+        tables,
         [
             "emanet and psp: emactl's model (head=ema / head=psp); deeplabv3 and fcn: torchvision "
             f"{{deeplabv3,fcn}}_{s.backbone}(weights=None, weights_backbone=None, num_classes={NUM_CLASSES}, aux_loss=False), "
             "whose backbone is dilated to output stride 8",
             "train step: forward + cross-entropy + backward + SGD step in train mode; inference: eval mode under no_grad",
+            "networks_summary: EMANet time / DeepLabV3 time, from this table (same backbone, crop, batch and precision)",
             "GMACs/img: " + MACS_NOTE,
             TIMING_NOTE,
             _threads_note(s),
@@ -184,12 +192,51 @@ def run_ema(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
+def run_train(s: ProfileSettings, console: Console) -> SectionResult:
+    batch = s.section_batch(TRAIN_BATCH)
+    dtype = mixed_dtype(s.device, s.torch_dtype)
+    df, summary = profile_training(
+        s.backbone, s.crop, batch, s.channels, s.bases, s.iters, NUM_CLASSES, s.device, dtype, s.repeats,
+        s.compile, s.compile_timeout, TRAIN_NETWORKS, console,
+    )
+    shape = f"{s.backbone} output stride 8, crop {s.crop}, batch {batch}, {NUM_CLASSES} classes, {s.device}"
+    fast = f"{DTYPE_NAMES[dtype]}+channels_last"
+    notes = [
+        "train step: forward + cross-entropy + backward + SGD step (momentum 0.9) in train mode on one fixed batch, "
+        "as in the networks section; every variant of a network starts from the same weights",
+        "fp32 eager: fp32, contiguous NCHW model and input, no compilation (the baseline of every ratio)",
+        f"{fast}: forward under torch.autocast({dtype}) with fp32 parameters; model and input "
+        "converted with to(memory_format=torch.channels_last) (train.amp + train.channels_last)",
+        "speed-up over fp32 eager = fp32 eager time / variant time, for the same network; "
+        "EMANet / DeepLabV3 = EMANet step time / DeepLabV3 step time in the same variant",
+        f"EMANet: emactl's model, EMAU grad={EMAConfig().grad}; DeepLabV3: torchvision deeplabv3_{s.backbone}(weights=None, "
+        f"weights_backbone=None, num_classes={NUM_CLASSES}, aux_loss=False)",
+    ]
+    if s.compile:
+        notes.append(
+            f"{fast}+compile: torch.compile(model) on EMANet only, compiled before timing within a "
+            f"{s.compile_timeout:g} s cap (--compile-timeout) and skipped, with the reason, if it fails or runs past it; "
+            "compile time depends on torch inductor's on-disk cache (much shorter on a second run)"
+        )
+    else:
+        notes.append("torch.compile: not timed (add --compile; compiling EMANet's training step takes minutes on a CPU)")
+    notes += [TIMING_NOTE, _threads_note(s)]
+    return SectionResult(
+        {
+            "train": (f"Training step: fp32 eager against {fast}: {shape}", df),
+            "train_summary": (f"Training step summary ({shape})", summary),
+        },
+        notes,
+    )
+
+
 RUNNERS: dict[str, Callable[[ProfileSettings, Console], SectionResult]] = {
     "heads": run_heads,
     "networks": run_networks,
     "scaling": run_scaling,
     "published": run_published,
     "ema": run_ema,
+    "train": run_train,
 }
 
 

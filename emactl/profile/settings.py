@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..nn.backbone import BACKBONES
 from .timing import DTYPES
 
-SECTIONS = ("heads", "networks", "scaling", "published", "ema")
+SECTIONS = ("heads", "networks", "scaling", "published", "ema", "train")
 HEADS = ("ema", "nonlocal", "a2", "conv3x3", "aspp", "psp")
 SCALING_HEADS = ("ema", "nonlocal", "a2", "conv3x3")
 NETWORK_BACKBONES = ("resnet50", "resnet101")  # torchvision ships DeepLabV3/FCN for these
@@ -24,6 +24,7 @@ NETWORK_BACKBONES = ("resnet50", "resnet101")  # torchvision ships DeepLabV3/FCN
 HEADS_SIZE, HEADS_BATCH = 33, 2
 EMA_SIZE, EMA_BATCH = 65, 4
 NETWORKS_BATCH = 2
+TRAIN_BATCH = NETWORKS_BATCH  # the train section times the networks section's setting
 SCALING_BATCH = 1
 NUM_CLASSES = 21  # PASCAL VOC
 
@@ -48,6 +49,8 @@ class ProfileSettings:
     repeats: int = 3
     threads: int | None = None
     published_memory: bool = False
+    compile: bool = False  # train section: also time torch.compile (minutes of compiling on a CPU)
+    compile_timeout: float = 300.0  # seconds; past it the compiled variant is skipped
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,19 +134,22 @@ def validate(s: ProfileSettings) -> None:
         raise UserError(f"--size: must be >= 1, got {s.size}")
     if s.batch is not None and s.batch < 1:
         raise UserError(f"--batch: must be >= 1, got {s.batch}")
-    training = {"heads", "networks"} & set(s.sections)
+    if s.compile_timeout <= 0:
+        raise UserError(f"--compile-timeout: must be > 0 seconds, got {s.compile_timeout:g}")
+    training = {"heads", "networks", "train"} & set(s.sections)
     if s.batch == 1 and training:
         raise UserError(
             f"--batch 1: the {'/'.join(sorted(training))} section times training steps, and training-mode "
             "BatchNorm after the 1x1 pooling branches (ASPP, PSP) needs a batch of at least 2"
         )
-    if "networks" in s.sections:
+    networks = [name for name in ("networks", "train") if name in s.sections]
+    if networks:
         if s.backbone not in BACKBONES:
             raise UserError(f"--backbone: unknown backbone {s.backbone!r}; choose one of {', '.join(NETWORK_BACKBONES)}")
         if s.backbone not in NETWORK_BACKBONES:
             raise UserError(
                 f"--backbone {s.backbone}: torchvision's DeepLabV3 and FCN exist only for "
-                f"{' and '.join(NETWORK_BACKBONES)}, so the networks section needs one of them"
+                f"{' and '.join(NETWORK_BACKBONES)}, so the {'/'.join(networks)} section needs one of them"
             )
         if s.crop < 32:
             raise UserError(f"--crop: must be >= 32 for a ResNet at output stride 8, got {s.crop}")

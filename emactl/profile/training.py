@@ -1,0 +1,211 @@
+"""Training-step speed of EMANet in fp32 eager against the fast paths, and against DeepLabV3.
+
+Variants of one training step (forward + cross-entropy + backward + SGD step, train mode), all
+timed in the same interleaved rounds on one fixed batch:
+
+* ``fp32 eager``: fp32, contiguous (NCHW) model and input, no compilation — the baseline;
+* ``bf16+channels_last`` (``fp16`` where asked for on CUDA): the forward under
+  ``torch.autocast`` with fp32 parameters, model and input in ``torch.channels_last`` — what
+  ``train.amp=bf16 train.channels_last=true`` does;
+* ``bf16+channels_last+compile`` (opt-in): the same with ``torch.compile`` on the model. It is
+  compiled before the timing, within a time cap; if compiling fails or runs past the cap the
+  variant is skipped and the table says why.
+
+EMANet and torchvision's DeepLabV3 use the same dilated backbone (output stride 8), crop, batch
+and classes as the networks section. Every variant of a network starts from the same weights.
+"""
+from __future__ import annotations
+
+import copy
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import pandas as pd
+import torch
+from rich.console import Console
+from torch import nn
+
+from .emattention import DTYPE_NAMES
+from .networks import _step_fns, build_network
+from .timing import measure_many
+
+TRAIN_NETWORKS = ("emanet", "deeplabv3")
+DISPLAY = {"emanet": "EMANet", "deeplabv3": "DeepLabV3"}
+EAGER = "fp32 eager"
+
+
+def mixed_dtype(device: torch.device, requested: torch.dtype) -> torch.dtype:
+    """The low-precision dtype of the fast variant: ``--dtype`` if not fp32, else bf16 where the
+    device has it (fp16 on a CUDA device without bf16)."""
+    if requested != torch.float32:
+        return requested
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+class CompileTimeout(BaseException):
+    """Raised inside a capped compilation; a BaseException so torch's handlers pass it on."""
+
+
+@contextmanager
+def time_cap(seconds: float) -> Iterator[bool]:
+    """Raise :class:`CompileTimeout` in the block after ``seconds`` (SIGALRM, main thread only).
+
+    Yields whether the cap is armed: without SIGALRM (Windows) or off the main thread it is not.
+    """
+    armed = seconds > 0 and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not armed:
+        yield False
+        return
+
+    def _expire(signum, frame):  # noqa: ARG001
+        raise CompileTimeout
+
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass
+class Compiled:
+    """The compiled training step, or why there is none; ``seconds``: compilation + warm-up."""
+
+    step: Callable[[], None] | None
+    seconds: float
+    note: str
+
+
+def compile_step(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: torch.dtype, timeout: float,
+    compile_fn: Callable[[nn.Module], nn.Module] = torch.compile,
+) -> Compiled:
+    """``torch.compile`` the model and run two training steps (compilation happens in the first,
+    a guard-triggered recompilation in the second) within ``timeout`` seconds."""
+    start = time.perf_counter()
+    try:
+        with time_cap(timeout) as armed:
+            step, _ = _step_fns(compile_fn(model), x, target, dtype)
+            step()
+            step()
+    except CompileTimeout:
+        _reset_dynamo()
+        return Compiled(None, time.perf_counter() - start, f"skipped: compiling took over the {timeout:g} s cap")
+    except Exception as e:  # noqa: BLE001 - any failure to compile or run compiled means "skip"
+        _reset_dynamo()
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return Compiled(None, time.perf_counter() - start, f"skipped: torch.compile failed ({type(e).__name__}: {first})")
+    seconds = time.perf_counter() - start
+    note = f"compile + 2 warm-up steps: {seconds:.0f} s"
+    if not armed:
+        note += " (no time cap on this platform)"
+    return Compiled(step, seconds, note)
+
+
+def _reset_dynamo() -> None:
+    try:
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def profile_training(
+    backbone: str,
+    crop: int,
+    batch: int,
+    channels: int,
+    bases: int,
+    iters: int,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    repeats: int = 3,
+    use_compile: bool = False,
+    compile_timeout: float = 300.0,
+    names: tuple[str, ...] = TRAIN_NETWORKS,
+    console: Console | None = None,
+    compile_fn: Callable[[nn.Module], nn.Module] = torch.compile,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per (network, variant) and the summary ratios; see the module docstring.
+
+    ``dtype`` is the low-precision dtype of the fast variants; ``use_compile`` adds the compiled
+    variant of the first network (EMANet) only.
+    """
+    fast = f"{DTYPE_NAMES[dtype]}+channels_last"
+    compiled_name = f"{fast}+compile"
+    x = torch.randn(batch, 3, crop, crop, device=device)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, num_classes, (batch, crop, crop), device=device)
+    fns: dict[tuple[str, str], Callable[[], None]] = {}
+    notes: dict[tuple[str, str], str] = {}
+    for i, name in enumerate(names):
+        model = build_network(name, backbone, num_classes, channels, bases, iters).to(device)
+        fast_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        compiled_model = copy.deepcopy(fast_model) if use_compile and i == 0 else None
+        fns[(name, EAGER)] = _step_fns(model, x, target, torch.float32)[0]
+        fns[(name, fast)] = _step_fns(fast_model, x_cl, target, dtype)[0]
+        if compiled_model is not None:
+            if console is not None:
+                console.log(f"train: compiling {name} with torch.compile (cap {compile_timeout:g} s)")
+            result = compile_step(compiled_model, x_cl, target, dtype, compile_timeout, compile_fn)
+            notes[(name, compiled_name)] = result.note
+            if result.step is not None:
+                fns[(name, compiled_name)] = result.step
+            if console is not None:
+                console.log(f"train: {name} {compiled_name}: {result.note}")
+    if console is not None:
+        console.log(f"train: timing {', '.join(f'{n} {v}' for n, v in fns)} ({backbone}, crop {crop}, batch {batch})")
+    timings = measure_many(fns, device, rounds=repeats)
+    rows = []
+    keys = list(fns) + [k for k in notes if k not in fns]
+    for name in names:
+        base = timings[(name, EAGER)].median
+        for key in (k for k in keys if k[0] == name):
+            t = timings.get(key)
+            rows.append(
+                {
+                    "network": DISPLAY.get(name, name),
+                    "variant": key[1],
+                    "ms/step": t.ms if t else float("nan"),
+                    "img/s": batch / t.median if t else float("nan"),
+                    "time / fp32 eager": t.median / base if t else float("nan"),
+                    "speed-up over fp32 eager": base / t.median if t else float("nan"),
+                    "note": notes.get(key, ""),
+                }
+            )
+    summary = []
+    head = names[0]
+    head_name = DISPLAY.get(head, head)
+    eager = timings[(head, EAGER)].median
+    summary.append((f"{fast} train step speed-up over fp32 eager ({head_name})", eager / timings[(head, fast)].median))
+    if (head, compiled_name) in timings:
+        summary.append(
+            (f"{compiled_name} train step speed-up over fp32 eager ({head_name})", eager / timings[(head, compiled_name)].median)
+        )
+        summary.append(
+            (
+                f"{compiled_name} train step speed-up over {fast} eager ({head_name})",
+                timings[(head, fast)].median / timings[(head, compiled_name)].median,
+            )
+        )
+    for other in names[1:]:
+        other_name = DISPLAY.get(other, other)
+        summary.append(
+            (f"{fast} train step speed-up over fp32 eager ({other_name})", timings[(other, EAGER)].median / timings[(other, fast)].median)
+        )
+        for variant in (EAGER, fast):
+            summary.append(
+                (
+                    f"{head_name} train step / {other_name} train step ({variant})",
+                    timings[(head, variant)].median / timings[(other, variant)].median,
+                )
+            )
+    return pd.DataFrame(rows), pd.DataFrame(summary, columns=["metric", "value"])

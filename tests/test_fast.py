@@ -1,0 +1,321 @@
+"""The fast paths of EM attention and the EMA unit against plain references.
+
+Fast paths: the (B, K, N) responsibilities layout, the l2 M step without the division by
+Σ_n z, the reusable (B, N, C) reconstruction buffer (``out=``, and ``EMAU``'s own), bf16 inputs
+and bf16 autocast, channels_last inputs. The reference here is a float64, (B, N, K)-layout
+implementation written as the public code writes it; every comparison is a relative error
+‖a − b‖ / ‖b‖. Shapes are tiny; no test looks at time.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emactl.nn.ema import EMAU, em_attention, init_bases, m_step
+
+BF16 = torch.bfloat16
+FP32_TOL = 1e-5
+BF16_TOL = 1e-2
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def reference(x: torch.Tensor, mu0: torch.Tensor, iters: int = 3, lam: float = 1.0, norm: str = "l2"):
+    """EM attention in float64, (B, N, K) responsibilities, every normalisation spelled out.
+
+    x (B, C, N), mu0 (1|B, C, K) → recon (B, C, N), bases (B, C, K), resp (B, N, K).
+    """
+    x = x.double()
+    mu = mu0.double().expand(x.shape[0], -1, -1)
+    for _ in range(iters):
+        z = torch.softmax(lam * torch.bmm(x.transpose(1, 2), mu), dim=2)  # (B, N, K)
+        mu = torch.bmm(x, z / (1e-6 + z.sum(dim=1, keepdim=True)))  # weighted mean of the pixels
+        if norm == "l2":
+            mu = mu / mu.norm(dim=1, keepdim=True)
+        elif norm == "layernorm":
+            mu = (mu - mu.mean(dim=1, keepdim=True)) / torch.sqrt(mu.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
+    return torch.bmm(mu, z.transpose(1, 2)), mu, z
+
+
+def features(b: int = 2, c: int = 24, n: int = 40, seed: int = 0) -> torch.Tensor:
+    """Signed features like EMAU's conv1 output."""
+    return torch.randn(b, c, n, generator=torch.Generator().manual_seed(seed))
+
+
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def check(out, ref, tol: float) -> None:
+    for name, ours, theirs in zip(("recon", "bases", "resp"), out, ref):
+        assert ours.shape == theirs.shape, name
+        err = rel(ours, theirs)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# em_attention in fp32, with and without the reconstruction buffer
+
+CASES = [("l2", 1.0), ("l2", 2.5), ("layernorm", 1.0), ("none", 0.5)]
+
+
+@pytest.mark.parametrize("use_out", [False, True], ids=["alloc", "out"])
+@pytest.mark.parametrize("norm,lam", CASES)
+def test_em_attention_fp32_matches_reference(norm, lam, use_out):
+    x, mu0 = features(), init_bases(24, 6, norm)
+    out = torch.full((2, 40, 24), float("nan")) if use_out else None
+    ours = em_attention(x, mu0, 3, lam, norm, "none", out=out)
+    check(ours, reference(x, mu0, 3, lam, norm), FP32_TOL)
+    if use_out:
+        assert ours.recon.shape == (2, 24, 40)
+        assert shares_storage(ours.recon, out) and ours.recon.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, ours.recon.transpose(1, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad", ["none", "last", "full"])
+def test_em_attention_grad_modes_fp32_match_reference(grad):
+    x, mu0 = features(), init_bases(24, 6)
+    check(em_attention(x, mu0, 3, grad=grad), reference(x, mu0), FP32_TOL)
+
+
+def test_em_attention_per_image_bases_match_reference():
+    x = features(3)
+    mu0 = torch.cat([init_bases(24, 5) for _ in range(3)])
+    check(em_attention(x, mu0, 2, out=torch.empty(3, 40, 24)), reference(x, mu0, 2), FP32_TOL)
+
+
+def test_out_buffer_reused_across_calls():
+    """One buffer, several inputs: each call's answer is right when it returns (and lives in
+    the buffer, so the next call overwrites it)."""
+    mu0 = init_bases(24, 6)
+    out = torch.empty(2, 40, 24)
+    previous = None
+    for seed in range(4):
+        x = features(seed=seed) * (1 + seed)
+        ours = em_attention(x, mu0, 3, out=out)
+        assert shares_storage(ours.recon, out)
+        check(ours, reference(x, mu0), FP32_TOL)
+        if previous is not None:  # the previous call's reconstruction was overwritten
+            assert previous.data_ptr() == ours.recon.data_ptr()
+            torch.testing.assert_close(previous, ours.recon, rtol=0, atol=0)
+        previous = ours.recon
+
+
+@pytest.mark.parametrize(
+    "shape,dtype", [((2, 40, 23), torch.float32), ((2, 24, 40), torch.float32), ((2, 40, 24), torch.float64)]
+)
+def test_unfit_out_buffer_is_ignored(shape, dtype):
+    x, mu0 = features(), init_bases(24, 6)
+    out = torch.zeros(shape, dtype=dtype)
+    ours = em_attention(x, mu0, 3, out=out)
+    assert not shares_storage(ours.recon, out) and bool((out == 0).all())
+    check(ours, reference(x, mu0), FP32_TOL)
+
+
+@pytest.mark.parametrize("grad", ["last", "full"])
+def test_out_buffer_unused_when_recon_needs_grad(grad):
+    x = features().requires_grad_()
+    mu0 = init_bases(24, 6)
+    out = torch.zeros(2, 40, 24)
+    ours = em_attention(x, mu0, 3, grad=grad, out=out)
+    assert ours.recon.requires_grad and not shares_storage(ours.recon, out)
+    assert bool((out == 0).all())
+    check(ours, reference(x, mu0), FP32_TOL)
+
+
+def test_l2_m_step_without_sum_normalisation_equals_normalised():
+    x = features(3, 16, 50)
+    logits = torch.randn(3, 5, 50, generator=torch.Generator().manual_seed(1))
+    logits[:, 0] -= 8.0  # a nearly empty basis: Σ_n z of order 1e-2
+    logits[:, 1] *= 6.0  # a peaked one
+    z = torch.softmax(logits, dim=1)  # (B, K, N) as em_attention keeps it
+    skipped = m_step(x, z, "l2")
+    mu = torch.bmm(x.double(), z.double().transpose(1, 2)) / (1e-6 + z.double().sum(dim=2).unsqueeze(1))
+    normalised = mu / mu.norm(dim=1, keepdim=True)
+    assert rel(skipped, normalised) <= FP32_TOL
+    assert rel(skipped.norm(dim=1), torch.ones(3, 5)) <= FP32_TOL
+    # the same through the public normalise-then-l2 path of the package (layout aside)
+    public = F.normalize(torch.bmm(x, (z / (1e-6 + z.sum(dim=2, keepdim=True))).transpose(1, 2)), dim=1, eps=1e-6)
+    assert rel(skipped, public) <= FP32_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16: cast inputs and autocast, against the fp32 reference
+
+
+# l2 only: with layernorm the bases have norm √C, the logits are √C times larger and the
+# softmax that much sharper, so rounding the inputs to bf16 alone moves the result by 1–3%
+# (a plain bf16 implementation does no better); the 1e-2 bound is for the default l2.
+
+
+@pytest.mark.parametrize("use_out", [False, True], ids=["alloc", "out"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_em_attention_bf16_inputs(seed, use_out):
+    x, mu0 = features(seed=seed), init_bases(24, 6)
+    out = torch.empty(2, 40, 24, dtype=BF16) if use_out else None
+    ours = em_attention(x.to(BF16), mu0.to(BF16), 3, out=out)
+    assert ours.recon.dtype == BF16
+    if use_out:
+        assert shares_storage(ours.recon, out)
+    check(ours, reference(x, mu0), BF16_TOL)
+
+
+@pytest.mark.parametrize("inputs", [torch.float32, BF16], ids=["fp32-in", "bf16-in"])
+@pytest.mark.parametrize("use_out", [False, True], ids=["alloc", "out"])
+def test_em_attention_under_bf16_autocast(inputs, use_out):
+    x, mu0 = features(), init_bases(24, 6)
+    out = torch.empty(2, 40, 24, dtype=BF16) if use_out else None
+    with torch.autocast("cpu", dtype=BF16):
+        ours = em_attention(x.to(inputs), mu0.to(inputs), 3, out=out)
+        again = em_attention(x.to(inputs), mu0.to(inputs), 3, out=out)  # the buffer once more
+    check(ours, reference(x, mu0), BF16_TOL)
+    check(again, reference(x, mu0), BF16_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# EMAU: channels_last, bf16 autocast, buffer reuse in training, inference tensors
+
+C, K = 16, 4
+
+
+def unit_input(b: int = 2, h: int = 5, w: int = 6, seed: int = 0) -> torch.Tensor:
+    """ReLU-positive features, as after the head's reduction conv + BN + ReLU."""
+    return torch.randn(b, C, h, w, generator=torch.Generator().manual_seed(seed)).relu()
+
+
+def make_unit(**kwargs) -> EMAU:
+    unit = EMAU(C, K, **kwargs)
+    with torch.no_grad():  # non-trivial BN so that the EMA branch shows in the output
+        unit.bn.running_mean.uniform_(-0.5, 0.5)
+        unit.bn.running_var.uniform_(0.5, 2.0)
+        unit.bn.weight.uniform_(0.5, 1.5)
+    return unit
+
+
+def eval_outputs(unit: EMAU, x: torch.Tensor, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, EMA reconstruction, EMA bases) of one eval-mode forward under no_grad."""
+    unit.eval().record = True
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=amp):
+        y = unit(x)
+    return y, unit.last.recon, unit.last.bases
+
+
+@pytest.mark.parametrize(
+    "channels_last,amp,tol",
+    [(True, False, FP32_TOL), (False, True, BF16_TOL), (True, True, BF16_TOL)],
+    ids=["channels_last", "bf16", "bf16+channels_last"],
+)
+def test_emau_eval_fast_paths_match_fp32_contiguous(channels_last, amp, tol):
+    unit = make_unit()
+    x = unit_input()
+    ref = [t.clone() for t in eval_outputs(unit, x, amp=False)]
+    fast_x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    for _ in range(2):  # the second call reuses the unit's buffer
+        fast = eval_outputs(unit, fast_x, amp=amp)
+        for name, ours, theirs in zip(("output", "recon", "bases"), fast, ref):
+            assert rel(ours, theirs) <= tol, name
+    assert ref[1].dtype == torch.float32 and unit._buffer is not None
+
+
+def train_step(unit: EMAU, x: torch.Tensor, weight: torch.Tensor, amp: bool) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=BF16, enabled=amp):
+        return (unit(x).float() * weight).sum()
+
+
+def grads(unit: EMAU, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    found = {name: p.grad.clone() for name, p in unit.named_parameters() if p.grad is not None}
+    found.update({f"input{i}": x.grad.clone() for i, x in enumerate(inputs)})
+    return found
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_emau_buffer_reuse_keeps_gradients(channels_last, amp):
+    """Two training forwards on one unit (the second overwrites the reconstruction buffer)
+    before one backward, then again step by step: the gradients equal those of fresh copies
+    that never share a buffer."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x1 = unit_input(seed=1).contiguous(memory_format=fmt)
+    x2 = unit_input(seed=2).contiguous(memory_format=fmt)
+    w1, w2 = torch.randn(2, C, 5, 6), torch.randn(2, C, 5, 6)
+    unit = make_unit(grad="none").train()
+    fresh1 = copy.deepcopy(unit)
+
+    a1, a2 = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+    loss = train_step(unit, a1, w1, amp)
+    fresh2 = copy.deepcopy(fresh1)  # the copy sees the bases the unit's second forward sees
+    fresh2.mu.copy_(unit.mu)
+    loss = loss + train_step(unit, a2, w2, amp)  # overwrites the buffer of the first forward
+    assert unit._buffer is not None
+    loss.backward()
+    reused = grads(unit, a1, a2)
+
+    b1, b2 = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+    train_step(fresh1, b1, w1, amp).backward()
+    train_step(fresh2, b2, w2, amp).backward()
+    assert fresh1._buffer is not None and fresh2._buffer is not None
+    assert not shares_storage(fresh1._buffer, fresh2._buffer)
+    expected = grads(fresh1, b1)
+    expected["input1"] = b2.grad.clone()
+    for name, p in fresh2.named_parameters():
+        if p.grad is not None:
+            expected[name] = expected[name] + p.grad if name in expected else p.grad.clone()
+    assert set(reused) == set(expected)
+    assert "conv2.weight" in reused and "conv1.weight" not in reused  # grad=none: conv1 gets nothing
+    for name in expected:
+        torch.testing.assert_close(reused[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # and step by step: forward + backward, twice, on one unit against fresh copies
+    unit = make_unit(grad="none").train()
+    fresh = copy.deepcopy(unit)
+    for x, w in ((x1, w1), (x2, w2)):
+        unit.zero_grad(set_to_none=True)
+        fresh = copy.deepcopy(fresh)
+        fresh._buffer = None
+        fresh.mu.copy_(unit.mu)
+        fresh.zero_grad(set_to_none=True)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        train_step(unit, a, w, amp).backward()
+        train_step(fresh, b, w, amp).backward()
+        got, want = grads(unit, a), grads(fresh, b)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("grad", ["none", "last", "full"])
+def test_emau_inference_mode_then_training(grad):
+    unit = make_unit(grad=grad)
+    x = unit_input()
+    unit.eval()
+    with torch.inference_mode():
+        unit(x)
+    unit.train()
+    xt = x.clone().requires_grad_()
+    unit(xt).sum().backward()  # must not write into an inference tensor
+    assert xt.grad is not None
+    with torch.inference_mode():
+        unit.eval()(x)
+    unit.eval()
+    with torch.no_grad():
+        y = unit(x)
+    unit.train()
+    unit(x).sum().backward()
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("grad", ["none", "last", "full"])
+def test_emau_eval_with_and_without_grad_agree(grad):
+    """Eval mode: the buffered no_grad path equals the autograd path (no buffer for last/full)."""
+    unit = make_unit(grad=grad).eval()
+    x = unit_input()
+    with torch.no_grad():
+        buffered = unit(x)
+    tracked = unit(x.clone().requires_grad_())
+    assert rel(buffered, tracked) <= FP32_TOL
