@@ -130,6 +130,7 @@ def eval_iters_figure(df: pd.DataFrame, axes: Sequence[str], title: str) -> Figu
         label = "mIoU" if train_t is None else f"train T = {_label(train_t)}"
         yerr = part["std"].to_numpy() if part["std"].notna().any() else None
         ax.errorbar(part["eval_iters"], part["mean"], yerr=yerr, marker="o", capsize=4, lw=2, label=label)
+    _min_span(ax, MIN_SPAN)
     ax.set_xlabel("EM iterations at test time (eval T)")
     ax.set_ylabel(f"{METRIC} (%)")
     ax.set_xticks(sorted({float(v) for v in stats["eval_iters"].dropna()}))
@@ -139,6 +140,17 @@ def eval_iters_figure(df: pd.DataFrame, axes: Sequence[str], title: str) -> Figu
     text = f"{title}: {METRIC} vs eval T\n{_error_note(stats)}" + _averaged_note(axes, ["train_iters", "eval_iters"])
     ax.set_title(wrap_title(text, LINE_SIZE[0]), fontsize="medium")
     return fig
+
+
+MIN_SPAN = 2.0  # mIoU points: hundredths of a point must not look like a trend
+
+
+def _min_span(ax: Axes, span: float) -> None:
+    """Widen the y axis to at least ``span`` around the data, so noise-sized gaps look small."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        ax.set_ylim(mid - span / 2, mid + span / 2)
 
 
 def _bar_limits(ax: Axes, means: np.ndarray, stds: np.ndarray) -> bool:
