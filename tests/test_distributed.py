@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +19,8 @@ from emactl.engine.checkpoint import checkpoint_path
 from emactl.engine.rundir import read_metrics
 from emactl.errors import UserError
 
+from gloo import free_port
 from test_train import assert_same_state, base_dict, ckpt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(recipe: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -6,8 +6,6 @@ floats, explicit loops over batch, bases, pixels and channels.
 from __future__ import annotations
 
 import math
-import multiprocessing as std_mp
-import socket
 
 import pytest
 import torch
@@ -15,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from emactl.nn.ema import EMAU, em_attention
+
+from gloo import run_gloo_workers
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -389,29 +389,13 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_bases_agree(tmp_path):
     import torch.distributed as dist
 
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    ctx = std_mp.get_context("spawn")
-    port, world = _free_port(), 2
-    procs = [ctx.Process(target=_dist_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=60)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0, 0]
+    world = 2
+    run_gloo_workers(_dist_worker, tmp_path, world, timeout=60)
 
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(world))
     assert torch.equal(r0["mu_before"], r1["mu_before"])

@@ -1,8 +1,6 @@
 """``emactl eval`` end to end on a tiny model and the synthetic ``shapes`` set, plus the loop."""
 from __future__ import annotations
 
-import multiprocessing as std_mp
-import socket
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +14,8 @@ from emactl.engine.checkpoint import checkpoint_path, save_checkpoint
 from emactl.engine.evaluate import evaluate, load_for_eval
 from emactl.engine.metrics import compute_metrics
 from emactl.nn.emanet import build_model, ema_units, set_eval_iters
+
+from gloo import run_gloo_workers
 
 RECIPE = {
     "name": "tiny",
@@ -178,30 +178,14 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_eval_counts_every_image_once(tmp_path):
     """Two gloo ranks split 5 images 3/2 and all-reduce to the single-process confusion."""
     import torch.distributed as dist
 
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    ctx = std_mp.get_context("spawn")
-    port, world = _free_port(), 2
-    procs = [ctx.Process(target=_dist_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0, 0]
+    world = 2
+    run_gloo_workers(_dist_worker, tmp_path, world, timeout=120)
 
     torch.manual_seed(0)
     single = evaluate(nn.Conv2d(3, 3, 1), ListDataset(SIZES), EvalConfig(), 3, 255, "cpu", progress=False)
