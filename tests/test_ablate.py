@@ -14,6 +14,7 @@ from emactl.ablate.sweep import SWEEP_FILE, TRAIN_FILE, default_recipe, eval_fil
 from emactl.cli import main
 from emactl.config import to_dict
 from emactl.engine.checkpoint import checkpoint_path, latest_checkpoint
+from emactl.engine.rundir import code_version
 
 TINY = {
     "name": "tiny",
@@ -247,6 +248,24 @@ def test_a_sweep_from_before_a_new_recipe_key_still_resumes(grid, recipe_file, c
         path.write_text(json.dumps(spec))
         line = one_line_error(*cli(grid_argv(recipe_file, grid), capsys)[::2])
         assert "recipe.model.ema.renorm (False → True)" in line
+    finally:
+        path.write_text(original)
+
+
+def test_sweep_records_code_versions_and_warns_when_they_change(grid, recipe_file, count_train, capsys):
+    path = grid / SWEEP_FILE
+    original = path.read_text()
+    spec = json.loads(original)
+    assert spec["code_versions"] == [code_version()]
+    try:
+        spec["code_versions"] = [{"emactl": "0.0.1", "git_commit": "0123456789abcdef", "git_dirty": False}]
+        path.write_text(json.dumps(spec))
+        code, _, err = cli(grid_argv(recipe_file, grid), capsys)
+        assert code == 0, err
+        assert count_train == []
+        assert "warning:" in err and "emactl 0.0.1 @ 0123456789" in err
+        versions = json.loads(path.read_text())["code_versions"]
+        assert versions == [spec["code_versions"][0], code_version()]
     finally:
         path.write_text(original)
 

@@ -23,14 +23,14 @@ from gloo import free_port
 from test_train import assert_same_state, base_dict, ckpt
 
 
-def torchrun(recipe: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m emactl train``; retried once if the port was taken meanwhile."""
+def torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m emactl ARGS``; retried once if the port was taken meanwhile."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for _ in range(2):
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "-m", "emactl", "train", str(recipe), "--no-progress", *args,
+            "-m", "emactl", *args, "--no-progress",
         ]
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
@@ -47,7 +47,7 @@ def test_torchrun_two_ranks_train_evaluate_and_resume(tmp_path: Path) -> None:
     recipe.write_text(yaml.safe_dump(data))
     runs = tmp_path / "runs"
 
-    proc = torchrun(recipe, tmp_path, "--name", "ddp")
+    proc = torchrun(tmp_path, "train", str(recipe), "--name", "ddp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = runs / "ddp"
     assert (run / "eval" / "summary.csv").exists() and (run / "eval" / "confusion.csv").exists()
@@ -69,10 +69,17 @@ def test_torchrun_two_ranks_train_evaluate_and_resume(tmp_path: Path) -> None:
     resumed = runs / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(checkpoint_path(run, 2), checkpoint_path(resumed, 2))
-    proc = torchrun(recipe, tmp_path, "--name", "resumed", "--resume")
+    proc = torchrun(tmp_path, "train", str(recipe), "--name", "resumed", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_state(final["model"], ckpt(checkpoint_path(resumed, 4))["model"])
     assert (resumed / "eval" / "summary.csv").read_text() == (run / "eval" / "summary.csv").read_text()
+
+    # `emactl eval` under torchrun joins the group: each rank sees half the images, and the
+    # all-reduced confusion matrix equals the one the training run wrote
+    proc = torchrun(tmp_path, "eval", str(run), "--out", str(run / "eval_ddp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "eval_ddp" / "confusion.csv").read_text() == (run / "eval" / "confusion.csv").read_text()
+    assert proc.stderr.count("wrote ") == 1  # only rank 0 writes; without the group both would
 
 
 def test_single_process_helpers() -> None:

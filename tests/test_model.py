@@ -49,6 +49,26 @@ def test_backbone_feature_stride(name, output_stride):
     assert feats["layer3"].shape[-1] == 64 // min(output_stride, 16)
 
 
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_micro_backbone_strides(output_stride):
+    backbone = build_backbone("micro", output_stride).eval()
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 64, 64))
+    assert feats["layer4"].shape == (1, 128, 64 // output_stride, 64 // output_stride)
+    assert feats["layer3"].shape[1] == backbone.channels["layer3"]
+
+
+def test_micro_backbone_receptive_field_is_103_px():
+    """The input pixels that reach one output pixel span 103 px, as the docstring says."""
+    torch.manual_seed(0)
+    backbone = build_backbone("micro", 8).eval()
+    x = torch.randn(1, 3, 192, 192, requires_grad=True)
+    backbone(x)["layer4"][0, :, 12, 12].sum().backward()
+    rows, cols = (x.grad[0].abs().sum(0) > 0).nonzero().unbind(1)
+    assert rows.max() - rows.min() + 1 == 103
+    assert cols.max() - cols.min() + 1 == 103
+
+
 def test_resnet18_dilated_forward_matches_stride():
     model = build_model(tiny_cfg(backbone="resnet18", output_stride=8), 3).eval()
     with torch.no_grad():

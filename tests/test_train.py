@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+import emactl
 import emactl.engine.trainer as trainer_mod
 from emactl.cli import main as cli_main
 from emactl.config import apply_overrides, from_dict, load_recipe, to_dict
@@ -122,6 +123,8 @@ def test_resume_matches_straight_run(tmp_path: Path, extra: tuple[str, ...]) -> 
                 "world_size", "amp", "argv", "start_time", "host"):
         assert key in env
     assert env["world_size"] == 1
+    assert env["code"]["emactl"] == emactl.__version__
+    assert env["code"]["git_commit"] is None or len(env["code"]["git_commit"]) == 40
     lines = read_metrics(straight)
     assert [r["iter"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert set(lines[0]) == {"kind", "iter", "loss", "lr", "img_per_s", "time"}

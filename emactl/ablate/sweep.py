@@ -44,6 +44,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import apply_overrides, from_dict, read_yaml, to_dict
 from ..errors import UserError
+from ..engine.rundir import code_version
 from ..io import write_json
 from .axes import AXES, Axes, Cell, cell_label, expand, safe_label, table_columns
 
@@ -290,11 +291,33 @@ def check_sweep(sweep: Sweep) -> None:
 
 
 def open_sweep(sweep: Sweep) -> None:
-    """Check the directory holds this sweep (or nothing) and write ``sweep.json``."""
+    """Check the directory holds this sweep (or nothing) and write ``sweep.json``.
+
+    ``sweep.json`` records the code version of every session that ran it; resuming a sweep
+    with different code says so, since its cells then come from more than one version.
+    """
     _check_spec(sweep)
+    stored = read_json(sweep.dir / SWEEP_FILE) or {}
+    code = code_version()
+    versions = [v for v in stored.get("code_versions", []) if isinstance(v, dict)]
+    if versions and versions[-1] != code:
+        console.print(
+            f"warning: {sweep.dir} was last run by emactl {_describe(versions[-1])}, now {_describe(code)}; "
+            "finished cells keep their results (see code_versions in sweep.json)", markup=False)
+    if not versions or versions[-1] != code:
+        versions.append(code)
     spec = dict(sweep.spec)
     spec["cells"] = [c.name for c in sweep.cells]
+    spec["code_versions"] = versions
     write_json(sweep.dir / SWEEP_FILE, spec)
+
+
+def _describe(code: dict[str, Any]) -> str:
+    commit = code.get("git_commit")
+    text = str(code.get("emactl"))
+    if commit:
+        text += f" @ {str(commit)[:10]}" + (" (modified)" if code.get("git_dirty") else "")
+    return text
 
 
 # --------------------------------------------------------------------------------------------

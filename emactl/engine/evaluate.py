@@ -256,6 +256,26 @@ def evaluate_run(
     eval settings; see :func:`load_for_eval` for the EM iterations. Results go to ``out_dir``
     or ``<run_dir>/eval/`` together with the resolved recipe, and are printed as tables.
     """
+    from .distributed import cleanup, init_distributed, is_initialized
+
+    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized()
+    if own_group:  # started by torchrun: join the group so the confusion matrix is all-reduced
+        device = str(init_distributed(device).device)
+    try:
+        return _evaluate_run(path, overrides, iters, out_dir, device, progress)
+    finally:
+        if own_group:
+            cleanup()
+
+
+def _evaluate_run(
+    path: str | os.PathLike,
+    overrides: list[str],
+    iters: int | None,
+    out_dir: Path | None,
+    device: str,
+    progress: bool,
+) -> EvalResult:
     from ..data import build_dataset
 
     run, cfg, dev = load_for_eval(path, overrides, iters, device)

@@ -3,7 +3,7 @@
 ``runs/<name>/`` holds::
 
     recipe.yaml          the resolved recipe (rewritten on every start, atomically)
-    env.json             versions, device, world size, AMP, argv, start time, host
+    env.json             code version (git commit), versions, device, world size, AMP, argv, start time, host
     metrics.jsonl        one JSON object per line: {"kind": "train"|"val", "iter": ..., ...}
     checkpoints/         iter_XXXXXXX.pt (see :mod:`emactl.engine.checkpoint`)
     eval/                the final evaluation tables
@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +60,24 @@ def write_recipe(run_dir: Path, recipe: Recipe) -> Path:
     return write_text(run_dir / "recipe.yaml", dump_yaml(recipe))
 
 
+def code_version() -> dict[str, Any]:
+    """emactl's version and, in a git checkout, its commit and whether files were modified."""
+    from .. import __version__
+
+    out: dict[str, Any] = {"emactl": __version__, "git_commit": None, "git_dirty": None}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            out["git_commit"] = commit.stdout.strip()
+            out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
 def capture_env(device: torch.device, world_size: int, amp: str, resumed_from: int | None = None) -> dict[str, Any]:
     """What ran this: versions, hardware, world size, AMP mode, command line, time and host."""
     cuda = torch.cuda.is_available()
@@ -67,6 +86,7 @@ def capture_env(device: torch.device, world_size: int, amp: str, resumed_from: i
     else:
         device_name = platform.processor() or platform.machine() or "cpu"
     return {
+        "code": code_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
