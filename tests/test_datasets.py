@@ -1,6 +1,8 @@
 """Dataset loaders on tiny trees written in each dataset's real on-disk layout."""
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +83,7 @@ def voc_root(tmp_path):
 
 def test_registered_names():
     assert set(DATASETS.names()) >= {"voc", "voc_aug", "context", "context60", "cocostuff",
-                                      "cityscapes", "ade20k", "folder", "shapes"}
+                                      "cocostuff10k", "cityscapes", "ade20k", "folder", "shapes"}
 
 
 @pytest.mark.parametrize("level", ["", "VOCdevkit", "VOCdevkit/VOC2012"])
@@ -228,6 +230,107 @@ def test_cocostuff_missing_label_names_file(tmp_path):
     write_label(tmp_path / "annotations/val2017/000000000285_labelTrainIds.png", label_map([1]))
     with pytest.raises(UserError, match="000000000139_labelTrainIds.png for image .* does not exist"):
         build_dataset(cfg("cocostuff", tmp_path, 171), "val2017", False)
+
+
+# COCO-Stuff 10k: raw COCO ids in annotations/<name>.mat (field S), or a train-id PNG.
+COCO10K_IDS = [0, 1, 11, 13, 92, 182]
+# Written out by hand: 12 is unused, so 13 (stop sign) is train id 11; 91 is unused, so the
+# first stuff id 92 (banner) follows the 80 things; 0 (unlabeled) is ignored.
+COCO10K_TRAIN_IDS = {0: 255, 1: 0, 11: 10, 13: 11, 92: 80, 182: 170}
+
+
+def write_mat(path: Path, ids: np.ndarray, key: str = "S") -> None:
+    import scipy.io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(path, {key: ids})
+
+
+def make_cocostuff10k(root: Path) -> Path:
+    """train: a (uint16 .mat), b (double .mat), c (.mat and a train-id PNG); test: d (.png)."""
+    base = root / "cocostuff-10k-v1.1"
+    names = ["COCO_train2014_000000000077", "COCO_train2014_000000000078",
+             "COCO_train2014_000000000079", "COCO_train2014_000000000080"]
+    for i, name in enumerate(names):
+        write_jpeg(base / "images" / f"{name}.jpg", seed=i)
+    ids = stored_values(COCO10K_IDS)
+    write_mat(base / "annotations" / f"{names[0]}.mat", ids.astype(np.uint16))
+    write_mat(base / "annotations" / f"{names[1]}.mat", ids.astype(np.float64))
+    write_mat(base / "annotations" / f"{names[2]}.mat", stored_values([12]).astype(np.uint16))
+    write_label(base / "annotations" / f"{names[2]}_labelTrainIds.png", label_map([0, 170]))
+    write_label(base / "annotations" / f"{names[3]}.png", label_map([5, 11]))
+    write_list(base / "imageLists" / "train.txt", names[:3])
+    write_list(base / "imageLists" / "test.txt", names[3:])
+    return base
+
+
+def test_cocostuff10k_maps_coco_ids_to_train_ids(tmp_path):
+    make_cocostuff10k(tmp_path)
+    ds = build_dataset(cfg("cocostuff10k", tmp_path, 171), "train", False)
+    ids = stored_values(COCO10K_IDS)
+    for i in (0, 1):  # the uint16 and the double .mat
+        label = ds.load(i).label
+        assert label.dtype == np.int64
+        for raw, mapped in COCO10K_TRAIN_IDS.items():
+            assert (label[ids == raw] == mapped).all(), (i, raw)
+    assert ds.class_names[11] == "stop sign" and ds.class_names[80] == "banner"
+    assert ds.class_names[170] == "wood" and len(ds.class_names) == 171
+    x, y = ds[0]
+    assert x.shape == (3, H, W) and (y.numpy() == ds.load(0).label).all()
+
+
+@pytest.mark.parametrize("level", ["", "cocostuff-10k-v1.1"])
+def test_cocostuff10k_lists_select_images(tmp_path, level):
+    make_cocostuff10k(tmp_path)
+    names = {split: [item.name for item in
+                     build_dataset(cfg("cocostuff10k", tmp_path / level, 171), split, False).items]
+             for split in ("train", "test", "val")}
+    assert names["train"] == [f"COCO_train2014_0000000000{n}" for n in (77, 78, 79)]
+    assert names["test"] == names["val"] == ["COCO_train2014_000000000080"]
+
+
+def test_cocostuff10k_prefers_png_labels(tmp_path):
+    make_cocostuff10k(tmp_path)
+    train = build_dataset(cfg("cocostuff10k", tmp_path, 171), "train", False)
+    assert train.source(2).endswith("_labelTrainIds.png")  # its .mat (id 12) is not read
+    assert (train.load(2).label == label_map([0, 170])).all()
+    test = build_dataset(cfg("cocostuff10k", tmp_path, 171), "test", False)
+    assert test.source(0).endswith("000000000080.png")
+    assert set(np.unique(test.load(0).label)) == {5, 11, 255}
+
+
+def test_cocostuff10k_missing_root_and_label_are_one_line(tmp_path):
+    with pytest.raises(UserError) as e:
+        build_dataset(cfg("cocostuff10k", tmp_path / "nowhere", 171), "train", False)
+    assert "\n" not in str(e.value) and "nowhere" in str(e.value) and "data.root" in str(e.value)
+    with pytest.raises(UserError, match=r"no COCO-Stuff 10k directory .*imageLists"):
+        build_dataset(cfg("cocostuff10k", tmp_path, 171), "train", False)
+    base = make_cocostuff10k(tmp_path)
+    write_jpeg(base / "images" / "COCO_train2014_000000000081.jpg")
+    write_list(base / "imageLists" / "train.txt", ["COCO_train2014_000000000081"])
+    with pytest.raises(UserError) as e:
+        build_dataset(cfg("cocostuff10k", tmp_path, 171), "train", False)
+    assert "\n" not in str(e.value)
+    assert re.search(r"label .*000000000081.mat for 'COCO_train2014_000000000081' \(listed in "
+                     r".*train.txt\) does not exist", str(e.value))
+    ds = build_dataset(cfg("cocostuff10k", tmp_path, 171), "train", False, strict=False)
+    assert len(ds) == 0 and ds.missing[0].kind == "label"
+
+
+def test_cocostuff10k_bad_mat_files(tmp_path, monkeypatch):
+    base = make_cocostuff10k(tmp_path)
+    (base / "annotations" / "COCO_train2014_000000000079_labelTrainIds.png").unlink()
+    ds = build_dataset(cfg("cocostuff10k", tmp_path, 171), "train", False)
+    with pytest.raises(UserError, match=r"000000000079.mat: S holds 12, not COCO-Stuff category"):
+        ds.load(2)
+    write_mat(base / "annotations" / "COCO_train2014_000000000079.mat", stored_values([1]), "L")
+    with pytest.raises(UserError, match=r"000000000079.mat: no field S"):
+        ds.load(2)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
+    with pytest.raises(UserError) as e:
+        build_dataset(cfg("cocostuff10k", tmp_path, 171), "train", False)
+    assert "\n" not in str(e.value) and "000000000077.mat" in str(e.value)
+    assert "needs scipy" in str(e.value) and "_labelTrainIds.png" in str(e.value)
 
 
 def make_cityscapes(root: Path) -> Path:
@@ -436,8 +539,8 @@ def test_save_palette_png_round_trip(tmp_path):
     assert tuple(voc_palette()[1]) == (128, 0, 0) and tuple(voc_palette()[255]) == (224, 224, 192)
 
 
-@pytest.mark.parametrize("name", ["voc_aug", "context", "context60", "cocostuff", "cityscapes",
-                                  "ade20k"])
+@pytest.mark.parametrize("name", ["voc_aug", "context", "context60", "cocostuff", "cocostuff10k",
+                                  "cityscapes", "ade20k"])
 def test_dataset_recipes_match_their_datasets(name):
     from emactl.config import load_recipe
 

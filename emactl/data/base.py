@@ -192,12 +192,16 @@ class ImageListDataset(SegDataset):
         label[ignore] = self.ignore_index
         return label
 
+    def read_stored_label(self, path: Path) -> np.ndarray:
+        """The label map as stored in ``path``, before :meth:`map_label`."""
+        return read_label(path)
+
     def load_raw(self, i: int) -> Sample:
         item = self.items[i]
         image = read_image(item.image)
         label = None
         if item.label is not None:
-            stored = read_label(item.label)
+            stored = self.read_stored_label(item.label)
             if stored.shape != image.shape[:2]:
                 (lh, lw), (ih, iw) = stored.shape, image.shape[:2]
                 raise DataFileError(

@@ -16,7 +16,7 @@ from ..io import atomic_path, write_text
 from .palette import save_palette_png, voc_palette
 from .paths import find_dir, read_split_list
 from .progress import progress_bar
-from .readers import DataFileError
+from .readers import DataFileError, load_mat
 from .voc import find_voc
 
 
@@ -38,17 +38,7 @@ def read_sbd_mat(path: Path) -> np.ndarray:
     ``CategoriesPresent``; scipy returns it as an object whose fields are attributes when
     loaded with ``struct_as_record=False``.
     """
-    try:
-        from scipy.io import loadmat
-    except ImportError:
-        raise UserError("reading SBD .mat files needs scipy: pip install scipy "
-                        "(or pip install 'emactl[mat]')") from None
-    try:
-        mat = loadmat(path, squeeze_me=True, struct_as_record=False, variable_names=["GTcls"])
-    except Exception as e:  # scipy raises ValueError, TypeError, OSError... for corrupt files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        message = f"{path}: cannot read .mat file ({reason})"
-        raise DataFileError(message, path, "unreadable") from None
+    mat = load_mat(path, "GTcls", "SBD", squeeze_me=True, struct_as_record=False)
     seg = getattr(mat.get("GTcls"), "Segmentation", None)
     if seg is None:
         raise DataFileError(f"{path}: no GTcls.Segmentation field; is this an SBD dataset/cls "

@@ -79,3 +79,26 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
             "unreadable",
         )
     return array
+
+
+def require_scipy(path: str | os.PathLike, what: str, fix: str = "") -> None:
+    """Raise a UserError naming ``path`` unless scipy (an optional dependency) imports."""
+    try:
+        import scipy.io  # noqa: F401
+    except ImportError:
+        raise UserError(f"{path}: reading {what} .mat files needs scipy: pip install scipy "
+                        f"(or pip install 'emactl[mat]'){fix}") from None
+
+
+def load_mat(path: str | os.PathLike, variable: str, what: str, fix: str = "", **kwargs: object) -> dict:
+    """``scipy.io.loadmat(path, variable_names=[variable], **kwargs)``, with one-line errors.
+
+    Without scipy: see :func:`require_scipy`. A corrupt file raises a DataFileError.
+    """
+    require_scipy(path, what, fix)
+    from scipy.io import loadmat
+
+    try:
+        return loadmat(path, variable_names=[variable], **kwargs)
+    except Exception as e:  # scipy raises ValueError, TypeError, OSError... for corrupt files
+        raise DataFileError(f"{path}: cannot read .mat file ({_reason(e)})", path, "unreadable") from None

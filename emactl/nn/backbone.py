@@ -98,13 +98,6 @@ def tiny_resnet(output_stride: int) -> Backbone:
     return Backbone(resnet, {"layer3": widths[2], "layer4": widths[3]})
 
 
-def _basic_stage(cin: int, cout: int, stride: int) -> nn.Sequential:
-    downsample = None
-    if stride != 1 or cin != cout:
-        downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-    return nn.Sequential(BasicBlock(cin, cout, stride, downsample))
-
-
 @BACKBONES.register("micro")
 def micro_resnet(output_stride: int) -> Backbone:
     """Four BasicBlocks, widths 16-32-64-128, no dilation: a receptive field of only 103 px.
@@ -118,13 +111,14 @@ def micro_resnet(output_stride: int) -> Backbone:
         raise UserError(f"model.output_stride: got {output_stride}; choose one of 8, 16, 32")
     strides = {8: (2, 1, 1), 16: (2, 2, 1), 32: (2, 2, 2)}[output_stride]
     resnet = ResNet(BasicBlock, [1, 1, 1, 1])
+    resnet.inplanes = 16
     resnet.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
     resnet.bn1 = nn.BatchNorm2d(16)
     resnet.maxpool = nn.Identity()
-    resnet.layer1 = _basic_stage(16, 32, 2)
-    resnet.layer2 = _basic_stage(32, 64, strides[0])
-    resnet.layer3 = _basic_stage(64, 64, strides[1])
-    resnet.layer4 = _basic_stage(64, 128, strides[2])
+    resnet.layer1 = resnet._make_layer(BasicBlock, 32, 1, stride=2)
+    resnet.layer2 = resnet._make_layer(BasicBlock, 64, 1, stride=strides[0])
+    resnet.layer3 = resnet._make_layer(BasicBlock, 64, 1, stride=strides[1])
+    resnet.layer4 = resnet._make_layer(BasicBlock, 128, 1, stride=strides[2])
     for m in resnet.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
