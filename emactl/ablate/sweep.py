@@ -43,8 +43,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..config import apply_overrides, from_dict, read_yaml, to_dict
-from ..errors import UserError
 from ..engine.rundir import code_version
+from ..errors import UserError
 from ..io import write_json
 from .axes import AXES, Axes, Cell, cell_label, expand, safe_label, table_columns
 

@@ -66,6 +66,8 @@ def code_version() -> dict[str, Any]:
 
     out: dict[str, Any] = {"emactl": __version__, "git_commit": None, "git_dirty": None}
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():  # an installed copy, not a checkout: no commit to name
+        return out
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
