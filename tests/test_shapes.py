@@ -45,7 +45,7 @@ def test_lengths_per_split():
 
 
 def test_labels_in_range_with_ignore_borders():
-    ds = build_dataset(cfg(size=48, max_shapes=3), "train", False)
+    ds = build_dataset(cfg(size=48, min_shapes=1, max_shapes=3), "train", False)
     for i in range(len(ds)):
         s = ds.load(i)
         assert s.image.shape == (48, 48, 3) and s.image.dtype == np.uint8
@@ -56,7 +56,7 @@ def test_labels_in_range_with_ignore_borders():
         scenes = {(v - 1) % 2 for v in values - {0, 255}}
         assert len(scenes) == 1 and scenes == {ds.scene(i)}
         # the ignore pixels are exactly the 1 px band around class changes
-        plain = build_dataset(cfg(size=48, max_shapes=3, border=0), "train", False).load(i)
+        plain = build_dataset(cfg(size=48, min_shapes=1, max_shapes=3, border=0), "train", False).load(i)
         assert np.array_equal(plain.image, s.image)
         assert np.array_equal(s.label, np.where(border_mask(plain.label, 1), 255, plain.label))
 
@@ -78,8 +78,9 @@ def test_wave_field_has_zero_mean_and_unit_std():
 
 def test_scene_is_readable_globally_but_not_locally():
     """The mean red−blue difference over the image names the scene; a small window does not."""
-    ds = build_dataset(DataConfig(name="shapes", num_classes=7, args={"val_length": 60}),
-                       "val", False)
+    args = {"val_length": 60, "size": 64, "min_shapes": 1, "max_shapes": 3, "noise": 0.08, "cue": 0.05,
+            "clutter": 0.2, "texture": 0.06, "cue_on": "image", "min_radius": 0.12, "max_radius": 0.22}
+    ds = build_dataset(DataConfig(name="shapes", num_classes=7, args=args), "val", False)
     global_hits, local_hits = 0, 0
     for i in range(len(ds)):
         s = ds.load(i)

@@ -6,7 +6,7 @@ warm or cool, and a shape's class is the pair (shape type, scene): 3 × 2 object
 background = 7 classes. Shape colours have equal red and blue, so a shape's kind says nothing
 about the scene; the scene is a faint red−blue cast, placed in one of two ways (``cue_on``):
 
-* ``objects`` (the demo recipe): every object carries ``±cue`` plus its own random offset of
+* ``objects`` (the default, and the demo recipe's): every object carries ``±cue`` plus its own random offset of
   std ``clutter``, the background none. One object names its scene only ~75 % of the time
   (cue 0.1, clutter 0.15: Φ(0.67)); the mean over the ten or so objects of an image is almost
   always right. EMA reconstructs each pixel from the mean of its cluster (objects of a kind
@@ -15,6 +15,8 @@ about the scene; the scene is a faint red−blue cast, placed in one of two ways
   larger than the ``micro`` backbone's field of view for this reason.
 * ``image``: the cast covers the whole image, hidden under a zero-mean *clutter* field (random
   low-frequency waves of std ``clutter``); only the mean over the full image equals the cue.
+  Heads with image-level pooling (PSP, ASPP) can read it; EMA hardly can, since it gives an
+  object pixel the mean of the object's own cluster while the cast lives on the background.
 
 Object borders (``border`` px on each side) carry the ignore label (255), as in VOC.
 
@@ -97,19 +99,19 @@ def border_mask(label: np.ndarray, width: int) -> np.ndarray:
 
 def render(
     rng: np.random.Generator,
-    size: int = 64,
-    min_shapes: int = 1,
-    max_shapes: int = 3,
-    noise: float = 0.08,
-    cue: float = 0.05,
-    clutter: float = 0.2,
+    size: int = 128,
+    min_shapes: int = 8,
+    max_shapes: int = 12,
+    noise: float = 0.04,
+    cue: float = 0.1,
+    clutter: float = 0.15,
     clutter_cycles: int = 2,
-    texture: float = 0.06,
+    texture: float = 0.03,
     border: int = 1,
     ignore_index: int = 255,
-    cue_on: str = "image",
-    min_radius: float = 0.12,
-    max_radius: float = 0.22,
+    cue_on: str = "objects",
+    min_radius: float = 0.06,
+    max_radius: float = 0.1,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One image (uint8 RGB), its label map (int64) and its scene (0 warm, 1 cool)."""
     scene = int(rng.integers(len(SCENES)))
@@ -176,21 +178,21 @@ class ShapesDataset(SegDataset):
         train: bool,
         strict: bool = True,
         *,
-        size: int = 64,
+        size: int = 128,
         train_length: int = 2000,
         val_length: int = 200,
         seed: int = 0,
-        min_shapes: int = 1,
-        max_shapes: int = 3,
-        noise: float = 0.08,
-        cue: float = 0.05,
-        clutter: float = 0.2,
+        min_shapes: int = 8,
+        max_shapes: int = 12,
+        noise: float = 0.04,
+        cue: float = 0.1,
+        clutter: float = 0.15,
         clutter_cycles: int = 2,
-        texture: float = 0.06,
+        texture: float = 0.03,
         border: int = 1,
-        cue_on: str = "image",
-        min_radius: float = 0.12,
-        max_radius: float = 0.22,
+        cue_on: str = "objects",
+        min_radius: float = 0.06,
+        max_radius: float = 0.1,
     ) -> None:
         super().__init__(cfg, split, train)
         for key, value, ok, limit in (
