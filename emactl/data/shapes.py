@@ -99,21 +99,25 @@ def border_mask(label: np.ndarray, width: int) -> np.ndarray:
 
 def render(
     rng: np.random.Generator,
-    size: int = 128,
-    min_shapes: int = 8,
-    max_shapes: int = 12,
-    noise: float = 0.04,
-    cue: float = 0.1,
-    clutter: float = 0.15,
-    clutter_cycles: int = 2,
-    texture: float = 0.03,
-    border: int = 1,
-    ignore_index: int = 255,
-    cue_on: str = "objects",
-    min_radius: float = 0.06,
-    max_radius: float = 0.1,
+    *,
+    size: int,
+    min_shapes: int,
+    max_shapes: int,
+    noise: float,
+    cue: float,
+    clutter: float,
+    clutter_cycles: int,
+    texture: float,
+    border: int,
+    ignore_index: int,
+    cue_on: str,
+    min_radius: float,
+    max_radius: float,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """One image (uint8 RGB), its label map (int64) and its scene (0 warm, 1 cool)."""
+    """One image (uint8 RGB), its label map (int64) and its scene (0 warm, 1 cool).
+
+    The options are :class:`ShapesDataset`'s (which holds their defaults).
+    """
     scene = int(rng.integers(len(SCENES)))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     base = rng.uniform(0.35, 0.65)
