@@ -41,6 +41,7 @@ class EMAConfig:
     momentum: float = 0.9
     renorm: bool = True
     zero_init: bool = False
+    cuda_graph: bool = False  # replay the EM iterations from CUDA graphs on a GPU when no gradient flows
 
 
 @dataclass

@@ -104,3 +104,13 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             D.resolve_device("cuda")
+
+
+def test_more_processes_than_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL needs a GPU per process: auto falls back to the CPU, cuda names the fix."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert D.resolve_device("auto", local_rank=1, local_world_size=2) == torch.device("cuda", 1)
+    assert D.resolve_device("auto", local_rank=3, local_world_size=4) == torch.device("cpu")
+    with pytest.raises(UserError, match="4 processes on this node but 2 GPU.*--nproc_per_node 2"):
+        D.resolve_device("cuda", local_rank=3, local_world_size=4)

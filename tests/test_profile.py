@@ -17,7 +17,7 @@ from emactl.cli import main
 from emactl.nn.ema import EMAU, em_attention, init_bases
 from emactl.nn.heads import NonLocal2d
 from emactl.profile.counting import count_module, count_ops, count_params
-from emactl.profile.emattention import em_flops, profile_em_attention
+from emactl.profile.emattention import em_flops, profile_em_attention, profile_em_ops
 from emactl.profile.heads import build_head
 from emactl.profile.memory import peak_memory, saved_tensor_bytes, total_bytes
 from emactl.profile.networks import NETWORKS, build_network, network_ratios, profile_networks
@@ -26,7 +26,7 @@ from emactl.profile.reference import reference_em_attention
 from emactl.profile.scaling import fit_exponent
 from emactl.profile.settings import HEADS, ProfileSettings
 from emactl.profile.timing import measure_many
-from emactl.profile.training import compile_step, profile_training
+from emactl.profile.training import compile_step, profile_training, train_step_flops
 
 CPU = torch.device("cpu")
 
@@ -236,6 +236,21 @@ def test_train_section_tiny(compile_fn, timeout, note):
     compiled = note == "compile + 2 warm-up steps"
     assert any("+compile" in m for m in metrics) == compiled
     assert (df["ms/step"].iloc[2] > 0) if compiled else pd.isna(df["ms/step"].iloc[2])
+    # the FLOP rate is GFLOP/img x img/s, and its fraction is over the mm rate of the variant's dtype
+    values = dict(summary.itertuples(index=False))
+    for _, row in df.dropna(subset=["ms/step"]).iterrows():
+        assert row["TFLOP/s"] == pytest.approx(row["GFLOP/img"] * row["img/s"] / 1e3)
+        mm = values[f"{row['mm dtype']} mm 2048^3 rate (TFLOP/s)"]
+        assert row["fraction of mm 2048^3 rate"] == pytest.approx(row["TFLOP/s"] / mm)
+    assert list(df["mm dtype"]) == ["fp32", "bf16", "bf16"]
+
+
+def test_train_step_flops_count_forward_and_backward():
+    """A training step costs about 3 forward passes: backward computes the gradients of both
+    the inputs and the weights of every layer but the first conv, which needs no input grad."""
+    forward = count_module(build_network("emanet", "tiny", 3, channels=16, bases=4, iters=1), (1, 3, 33, 33)).flops
+    step = train_step_flops("emanet", "tiny", 33, 3, channels=16, bases=4, iters=1)
+    assert 2.5 * forward < step < 3 * forward
 
 
 def test_compile_step_leaves_no_alarm_behind():
@@ -243,9 +258,20 @@ def test_compile_step_leaves_no_alarm_behind():
 
     model = build_network("emanet", "tiny", 3, channels=16, bases=4, iters=1)
     x, target = torch.randn(2, 3, 33, 33), torch.randint(0, 3, (2, 33, 33))
+    # an outer timer, like pytest-timeout's, keeps its handler and runs on, less the time spent
+    outer = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGALRM, outer)
+    signal.setitimer(signal.ITIMER_REAL, 100.0)
+    try:
+        assert compile_step(model, x, target, torch.float32, 0.1, _slow_compile).step is None
+        assert 90 < signal.getitimer(signal.ITIMER_REAL)[0] < 99.9
+        assert signal.getsignal(signal.SIGALRM) is outer
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     assert compile_step(model, x, target, torch.float32, 0.1, _slow_compile).step is None
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-    assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None, signal.default_int_handler)
+    assert signal.getsignal(signal.SIGALRM) is previous
 
 
 @pytest.mark.parametrize("name", NETWORKS)
@@ -335,3 +361,14 @@ def test_cpu_threads_default_to_one_on_the_cpu_only():
     assert ProfileSettings().cpu_threads() == 1
     assert ProfileSettings(threads=3).cpu_threads() == 3
     assert ProfileSettings(device=torch.device("cuda")).cpu_threads() is None
+
+
+def test_em_ops_breakdown_adds_up():
+    df = profile_em_ops(2, 16, 9, 4, 3, CPU, [torch.float32], repeats=1)
+    ops = df[df["calls"].notna() & (df["op"] != "em_attention (whole call)")]
+    assert list(ops["calls"]) == [3, 3, 3, 3, 1]  # T of each per-iteration op, one reconstruction
+    assert list(ops["ms per em_attention"]) == pytest.approx(list(ops["calls"] * ops["ms per call"]))
+    whole = df.set_index("op").loc["em_attention (whole call)", "ms per call"]
+    total = df.set_index("op").loc["sum of the ops"]
+    assert total["ms per em_attention"] == pytest.approx(ops["ms per em_attention"].sum())
+    assert total["share of em_attention time"] == pytest.approx(total["ms per em_attention"] / whole)

@@ -53,18 +53,28 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` → this process's local GPU."""
+def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` → this process's local GPU.
+
+    NCCL needs a GPU of its own for every process, so with more processes on this node
+    (``local_world_size``) than GPUs, ``auto`` picks the CPU and ``cuda`` is an error.
+    """
     name = name.strip().lower()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if 0 < gpus and local_world_size <= gpus else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
+        if not gpus:
             raise UserError(f"train.device={name}: CUDA is not available here; use --device cpu or auto")
+        if local_world_size > gpus:
+            raise UserError(
+                f"device {name}: {local_world_size} processes on this node but {gpus} GPU(s), and NCCL needs one "
+                f"GPU per process; start torchrun with --nproc_per_node {gpus}, or use --device cpu"
+            )
         if name == "cuda":
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            return torch.device("cuda", local_rank % gpus)
         try:
             return torch.device(name)
         except RuntimeError:
@@ -80,7 +90,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    dev = resolve_device(device, local_rank, local_world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not is_initialized():

@@ -152,6 +152,10 @@ class EMAU(nn.Module):
 
     ``iters`` applies in training; ``eval_iters`` (default: ``iters``) in eval mode, and can be
     changed at any time, e.g. by ``emactl eval --iters``.
+
+    ``cuda_graph`` replays the EM iterations from CUDA graphs (:mod:`emactl.nn.cudagraph`)
+    whenever no gradient flows through them (eval, or ``grad="none"``) and the input is on a
+    GPU; elsewhere it changes nothing.
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class EMAU(nn.Module):
         renorm: bool = True,
         bn_momentum: float = 0.1,
         zero_init: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         if norm not in NORMS:
@@ -184,6 +189,8 @@ class EMAU(nn.Module):
         self.bases_update = bases_update
         self.momentum, self.renorm = momentum, renorm
         self.zero_init = zero_init
+        self.cuda_graph = cuda_graph
+        self._graphed = None  # a GraphedEMAttention, made on the first graphed call
         self.record = False  # when True, keep the last responsibilities for visualisation
         self.last: EMAOutput | None = None
         self._buffer: Tensor | None = None
@@ -217,8 +224,11 @@ class EMAU(nn.Module):
         # mu0 for backward (grad="full", or "last" with one iteration), so hand it a copy.
         updating = self.training and self.bases_update == "moving_average"
         mu0 = self.mu.to(feats.dtype, copy=updating)
-        buffer = self._recon_buffer(b, h * w, c, feats)
-        out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer)
+        if self._use_graph(feats):
+            out = self._graphed(feats, mu0, self.current_iters)
+        else:
+            buffer = self._recon_buffer(b, h * w, c, feats)
+            out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer)
         if self.training and self.bases_update == "moving_average":
             self.update_bases(out.bases)
         if self.record:
@@ -226,6 +236,17 @@ class EMAU(nn.Module):
         y = F.relu(out.recon.reshape(b, c, h, w))
         y = self.bn(self.conv2(y))
         return F.relu(y + identity)
+
+    def _use_graph(self, feats: Tensor) -> bool:
+        if not self.cuda_graph or (torch.is_grad_enabled() and self.grad != "none"):
+            return False
+        from .cudagraph import GraphedEMAttention, graphable
+
+        if not graphable(feats):
+            return False
+        if self._graphed is None:
+            self._graphed = GraphedEMAttention(self.temperature, self.norm)
+        return True
 
     def _recon_buffer(self, b: int, n: int, c: int, like: Tensor) -> Tensor | None:
         """A reusable (B, N, C) reconstruction buffer, when the reconstruction needs no gradient.
@@ -265,5 +286,5 @@ class EMAU(nn.Module):
             f"channels={self.channels}, bases={self.k}, iters={self.iters}, "
             f"eval_iters={self.eval_iters}, temperature={self.temperature}, norm={self.norm}, "
             f"grad={self.grad}, bases_update={self.bases_update}, momentum={self.momentum}, "
-            f"renorm={self.renorm}, zero_init={self.zero_init}"
+            f"renorm={self.renorm}, zero_init={self.zero_init}, cuda_graph={self.cuda_graph}"
         )

@@ -9,7 +9,12 @@ FLOP count of one EM attention call (2 FLOPs per multiply-add, matrix products o
 so (4·T + 2)·B·N·K·C in all; softmax and the normalisations are left out. The GEMM rate is
 measured in the same run on a batched matmul of the E-step's shape, (B, N, C) × (B, C, K),
 and on a square 2048³ ``torch.mm``: the ratio of the two rates shows how close EM attention
-is to what the machine's matrix units can do at these shapes.
+is to what the machine's matrix units can do at these shapes. The square GEMM is 2048³ on the
+CPU and 8192³ on a GPU, where a smaller one does not fill the chip.
+
+On CUDA the section also times ``em_attention+cudagraph``: the same call replayed from a CUDA
+graph (:class:`emactl.nn.cudagraph.GraphedEMAttention`), which removes the launch overhead of
+its ~20 small kernels.
 """
 from __future__ import annotations
 
@@ -17,17 +22,76 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from ..nn.ema import em_attention, init_bases
+from ..nn.cudagraph import GraphedEMAttention
+from ..nn.ema import e_step, em_attention, init_bases, m_step, normalize_bases
 from .reference import reference_em_attention
 from .timing import measure_many
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-SQUARE = 2048
+SQUARE = {"cpu": 2048, "cuda": 8192}
+GRAPHED = "em_attention+cudagraph"
 
 
 def em_flops(batch: int, channels: int, pixels: int, bases: int, iters: int) -> int:
     """(4·T + 2)·B·N·K·C: see the module docstring."""
     return (4 * iters + 2) * batch * pixels * bases * channels
+
+
+def profile_em_ops(
+    batch: int,
+    channels: int,
+    size: int,
+    bases: int,
+    iters: int,
+    device: torch.device,
+    dtypes: list[torch.dtype],
+    repeats: int = 3,
+) -> pd.DataFrame:
+    """Where em_attention's time goes: each of its ops timed alone, in the same rounds as the
+    whole call, times the number of calls it makes (T of each per-iteration op, one
+    reconstruction). ``share`` is that total over em_attention's time; the shares sum to about
+    one when nothing else (allocation, launches) costs time."""
+    n = size * size
+    ops: dict[str, int] = {
+        f"E step: bmm mu^T x ({batch},{bases},{channels})x({batch},{channels},{n})": iters,
+        "E step: softmax over K": iters,
+        f"M step: bmm x z^T ({batch},{channels},{n})x({batch},{n},{bases})": iters,
+        "M step: l2 normalise over C": iters,
+        f"reconstruction: bmm z^T mu^T ({batch},{n},{bases})x({batch},{bases},{channels}) into out": 1,
+    }
+    names = list(ops)
+    fns = {}
+    for dtype in dtypes:
+        d = DTYPE_NAMES[dtype]
+        x = torch.randn(batch, channels, n, device=device, dtype=dtype)
+        mu = init_bases(channels, bases).to(device, dtype).expand(batch, -1, -1).contiguous()
+        z = e_step(x, mu, 1.0)
+        logits = torch.bmm(mu.transpose(1, 2), x)
+        raw = torch.bmm(x, z.transpose(1, 2))
+        out = torch.empty(batch, n, channels, device=device, dtype=dtype)
+        fns[(names[0], d)] = lambda x=x, mu=mu: torch.bmm(mu.transpose(1, 2), x)
+        fns[(names[1], d)] = lambda logits=logits: torch.softmax(logits, dim=1)
+        fns[(names[2], d)] = lambda x=x, z=z: torch.bmm(x, z.transpose(1, 2))
+        fns[(names[3], d)] = lambda raw=raw: normalize_bases(raw, "l2")
+        fns[(names[4], d)] = lambda z=z, mu=mu, out=out: torch.bmm(z.transpose(1, 2), mu.transpose(1, 2), out=out)
+        fns[("em_attention", d)] = lambda x=x, mu=mu, out=out: em_attention(x, mu[:1], iters, grad="none", out=out)
+    with torch.no_grad():
+        timings = measure_many(fns, device, rounds=repeats)
+    rows = []
+    for dtype in dtypes:
+        d = DTYPE_NAMES[dtype]
+        whole = timings[("em_attention", d)].median
+        total = 0.0
+        for name in names:
+            t = timings[(name, d)].median
+            total += ops[name] * t
+            rows.append({"op": name, "dtype": d, "calls": ops[name], "ms per call": t * 1e3,
+                         "ms per em_attention": ops[name] * t * 1e3, "share of em_attention time": ops[name] * t / whole})
+        rows.append({"op": "sum of the ops", "dtype": d, "calls": None, "ms per call": None,
+                     "ms per em_attention": total * 1e3, "share of em_attention time": total / whole})
+        rows.append({"op": "em_attention (whole call)", "dtype": d, "calls": 1, "ms per call": whole * 1e3,
+                     "ms per em_attention": whole * 1e3, "share of em_attention time": 1.0})
+    return pd.DataFrame(rows)
 
 
 def benchmark_dtypes(device: torch.device, requested: torch.dtype) -> list[torch.dtype]:
@@ -50,13 +114,15 @@ def profile_em_attention(
     dtypes: list[torch.dtype],
     repeats: int = 3,
     console: Console | None = None,
-    square: int = SQUARE,
+    square: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows for both implementations and the GEMMs in every dtype, plus the summary ratios.
 
     Everything is timed in the same interleaved rounds, so the ratios compare like with like.
-    ``square`` is the side of the square GEMM that gives the machine's reference rate.
+    ``square`` is the side of the square GEMM that gives the machine's reference rate
+    (default: :data:`SQUARE` for the device).
     """
+    square = square or SQUARE.get(device.type, SQUARE["cpu"])
     n = size * size
     flops = em_flops(batch, channels, n, bases, iters)
     x32 = torch.randn(batch, channels, n, device=device)  # EMAU's conv1 output: signed features
@@ -64,7 +130,7 @@ def profile_em_attention(
     ref32 = reference_em_attention(x32, mu32, iters)[0]
     bmm_label = f"bmm ({batch},{n},{channels})x({batch},{channels},{bases})"
     mm_label = f"mm {square}^3"
-    work = {"bmm": 2 * batch * n * channels * bases, "mm": 2 * square**3, "reference": flops, "em_attention": flops}
+    work = {"bmm": 2 * batch * n * channels * bases, "mm": 2 * square**3, "reference": flops, "em_attention": flops, GRAPHED: flops}
     fns = {}
     for dtype in dtypes:
         d = DTYPE_NAMES[dtype]
@@ -78,6 +144,10 @@ def profile_em_attention(
         # EMAU reuses one reconstruction buffer across calls; the timing does the same
         out = torch.empty(batch, n, channels, device=device, dtype=dtype)
         fns[("em_attention", d)] = lambda x=x, mu=mu, out=out: em_attention(x, mu, iters, grad="none", out=out)
+        if device.type == "cuda":
+            graphed = GraphedEMAttention()
+            graphed(x, mu, iters)  # first sight runs eagerly; the warm-up call then captures
+            fns[(GRAPHED, d)] = lambda x=x, mu=mu, graphed=graphed: graphed(x, mu, iters)
     if console is not None:
         console.log(
             f"ema: timing reference, em_attention and GEMMs in {', '.join(DTYPE_NAMES[d] for d in dtypes)} "
@@ -88,7 +158,7 @@ def profile_em_attention(
         diffs = {
             key: float((fn()[0].float() - ref32).abs().max())
             for key, fn in fns.items()
-            if key[0] in ("reference", "em_attention")
+            if key[0] not in ("bmm", "mm")
         }
     rate = {key: work[key[0]] / t.median for key, t in timings.items()}
     base = timings[("reference", "fp32")].median
@@ -128,4 +198,12 @@ def profile_em_attention(
             ),
             (f"{d}: em_attention rate / {d} {mm_label} rate", rate[("em_attention", d)] / rate[("mm", d)]),
         ]
+    for dtype in dtypes:
+        d = DTYPE_NAMES[dtype]
+        if (GRAPHED, d) in timings:
+            summary += [
+                (f"{d}: {GRAPHED} time / fp32 reference time", timings[(GRAPHED, d)].median / base),
+                (f"{d}: {GRAPHED} time / em_attention time", timings[(GRAPHED, d)].median / timings[("em_attention", d)].median),
+                (f"{d}: {GRAPHED} rate / {d} {mm_label} rate", rate[(GRAPHED, d)] / rate[("mm", d)]),
+            ]
     return pd.DataFrame(rows), pd.DataFrame(summary, columns=["metric", "value"])

@@ -23,7 +23,7 @@ from ..config import EMAConfig
 from ..io import write_json, write_text
 from ..tables import print_table, save_table
 from .counting import ELEMENTS_NOTE, MACS_NOTE
-from .emattention import DTYPE_NAMES, SQUARE, benchmark_dtypes, profile_em_attention
+from .emattention import DTYPE_NAMES, SQUARE, benchmark_dtypes, profile_em_attention, profile_em_ops
 from .heads import profile_heads
 from .memory import SAVED_NOTE, measured_note
 from .networks import NETWORKS, network_ratios, profile_networks
@@ -173,19 +173,25 @@ def run_ema(s: ProfileSettings, console: Console) -> SectionResult:
     size, batch = s.section_size(EMA_SIZE), s.section_batch(EMA_BATCH)
     dtypes = benchmark_dtypes(s.device, s.torch_dtype)
     df, summary = profile_em_attention(batch, s.channels, size, s.bases, s.iters, s.device, dtypes, s.repeats, console)
+    console.log("ema: timing em_attention's ops one by one")
+    ops = profile_em_ops(batch, s.channels, size, s.bases, s.iters, s.device, dtypes, s.repeats)
     shape = f"B={batch}, C={s.channels}, N={size}x{size}, K={s.bases}, T={s.iters}"
     return SectionResult(
         {
             "ema": (f"EM attention against the reference and GEMM: {shape}, {s.device}", df),
             "ema_summary": (f"EM attention summary ({shape}, {s.device})", summary),
+            "ema_ops": (f"Where em_attention's time goes ({shape}, {s.device})", ops),
         },
         [
             "FLOPs of EM attention: 2*B*N*K*C (E step) + 2*B*N*K*C (M step) per iteration, + 2*B*C*N*K "
             "(reconstruction) once = (4T+2)*B*N*K*C; softmax and normalisations not counted",
             "reference: the original repository's algorithm written plainly (emactl/profile/reference.py); "
             "em_attention: emactl.nn.ema.em_attention(grad='none'); both on the same inputs, in this run",
-            f"GEMM rate: torch.bmm at the E-step's shape and a square {SQUARE}^3 torch.mm, same dtype, measured in this run",
+            f"GEMM rate: torch.bmm at the E-step's shape and a square {SQUARE.get(s.device.type, SQUARE['cpu'])}^3 "
+            "torch.mm, same dtype, measured in this run",
             "dtypes: the inputs are cast (no autocast); fp32 and bf16 always, plus --dtype",
+            "ema_ops: each op of em_attention timed alone on inputs of its shape, in the same rounds as the whole call; "
+            "share = calls x time per call / em_attention time (what is left is launch and allocation overhead)",
             TIMING_NOTE,
             _threads_note(s),
         ],
@@ -204,7 +210,15 @@ def run_train(s: ProfileSettings, console: Console) -> SectionResult:
     notes = [
         "train step: forward + cross-entropy + backward + SGD step (momentum 0.9) in train mode on one fixed batch, "
         "as in the networks section; every variant of a network starts from the same weights",
-        "fp32 eager: fp32, contiguous NCHW model and input, no compilation (the baseline of every ratio)",
+        "fp32 eager: fp32, contiguous NCHW model and input, no compilation (the baseline of every ratio)"
+        + (
+            "; cudnn.benchmark on for every variant (kernels chosen in the warm-up step); fp32 convolutions "
+            f"{'in TF32' if torch.backends.cudnn.allow_tf32 else 'in full fp32'} (torch.backends.cudnn.allow_tf32="
+            f"{torch.backends.cudnn.allow_tf32}, PyTorch's default is True), fp32 matmuls "
+            f"{'in TF32' if torch.backends.cuda.matmul.allow_tf32 else 'in full fp32'}"
+            if s.device.type == "cuda"
+            else ""
+        ),
         f"{fast}: forward under torch.autocast({dtype}) with fp32 parameters; model and input "
         "converted with to(memory_format=torch.channels_last) (train.amp + train.channels_last)",
         "speed-up over fp32 eager = fp32 eager time / variant time, for the same network; "
@@ -220,7 +234,14 @@ def run_train(s: ProfileSettings, console: Console) -> SectionResult:
         )
     else:
         notes.append("torch.compile: not timed (add --compile; compiling EMANet's training step takes minutes on a CPU)")
-    notes += [TIMING_NOTE, _threads_note(s)]
+    notes += [
+        "GFLOP/img: one training step's forward + cross-entropy + backward per image, counted by torch "
+        "FlopCounterMode on meta tensors (2 FLOPs per multiply-add, convolutions and matrix products only)",
+        f"fraction of mm rate: (GFLOP/img x img/s) / the rate of a square {SQUARE.get(s.device.type, SQUARE['cpu'])}^3 "
+        "torch.mm in the variant's dtype (mm dtype), timed in the same rounds: the machine's attainable GEMM rate",
+        TIMING_NOTE,
+        _threads_note(s),
+    ]
     return SectionResult(
         {
             "train": (f"Training step: fp32 eager against {fast}: {shape}", df),

@@ -13,6 +13,10 @@ timed in the same interleaved rounds on one fixed batch:
 
 EMANet and torchvision's DeepLabV3 use the same dilated backbone (output stride 8), crop, batch
 and classes as the networks section. Every variant of a network starts from the same weights.
+
+How close a step comes to the machine: its FLOPs (forward + backward, counted on meta tensors
+by :func:`train_step_flops`) over its time, against the rate of a square ``torch.mm`` in the
+variant's dtype, timed in the same rounds (2048³ on the CPU, 8192³ on a GPU).
 """
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ from typing import Callable, Iterator
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from .emattention import DTYPE_NAMES
+from .emattention import DTYPE_NAMES, SQUARE
 from .networks import _step_fns, build_network
 from .timing import measure_many
 
@@ -48,6 +54,23 @@ def mixed_dtype(device: torch.device, requested: torch.dtype) -> torch.dtype:
     return torch.bfloat16
 
 
+def train_step_flops(name: str, backbone: str, crop: int, num_classes: int, channels: int, bases: int, iters: int) -> int:
+    """FLOPs of one training step per image: forward, cross-entropy and backward in train mode,
+    counted by FlopCounterMode on meta tensors (2 per multiply-add, convolutions and matrix
+    products only; the optimizer step is elementwise and not counted)."""
+    batch = 2  # train-mode BatchNorm after 1x1 pooling needs two samples
+    with torch.device("meta"):
+        model = build_network(name, backbone, num_classes, channels, bases, iters)
+    model.train()
+    x = torch.empty(batch, 3, crop, crop, device="meta")
+    target = torch.zeros(batch, crop, crop, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = F.cross_entropy(model(x)["out"], target, ignore_index=255)
+        loss.backward()
+    return counter.get_total_flops() // batch
+
+
 class CompileTimeout(BaseException):
     """Raised inside a capped compilation; a BaseException so torch's handlers pass it on."""
 
@@ -57,6 +80,8 @@ def time_cap(seconds: float) -> Iterator[bool]:
     """Raise :class:`CompileTimeout` in the block after ``seconds`` (SIGALRM, main thread only).
 
     Yields whether the cap is armed: without SIGALRM (Windows) or off the main thread it is not.
+    A timer that was already running (pytest-timeout's, say) is restored afterwards, less the
+    time spent in the block.
     """
     armed = seconds > 0 and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
     if not armed:
@@ -67,12 +92,16 @@ def time_cap(seconds: float) -> Iterator[bool]:
         raise CompileTimeout
 
     previous = signal.signal(signal.SIGALRM, _expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield True
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_delay > 0:
+            left = max(outer_delay - (time.monotonic() - start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
 
 
 @dataclass
@@ -161,15 +190,29 @@ def profile_training(
                 fns[(name, compiled_name)] = result.step
             if console is not None:
                 console.log(f"train: {name} {compiled_name}: {result.note}")
+    square = SQUARE.get(device.type, SQUARE["cpu"])
+    mm_dtypes = {EAGER: torch.float32, fast: dtype, compiled_name: dtype}
+    for d in dict.fromkeys(mm_dtypes.values()):
+        sq = torch.randn(square, square, device=device, dtype=d)
+        fns[("mm", DTYPE_NAMES[d])] = lambda sq=sq: torch.mm(sq, sq)
     if console is not None:
         console.log(f"train: timing {', '.join(f'{n} {v}' for n, v in fns)} ({backbone}, crop {crop}, batch {batch})")
-    timings = measure_many(fns, device, rounds=repeats)
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its kernels
+    try:
+        timings = measure_many(fns, device, rounds=repeats)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+    mm_rate = {d: 2 * square**3 / timings[("mm", d)].median for d in map(DTYPE_NAMES.get, mm_dtypes.values())}
+    flops = {name: train_step_flops(name, backbone, crop, num_classes, channels, bases, iters) for name in names}
     rows = []
-    keys = list(fns) + [k for k in notes if k not in fns]
+    keys = [k for k in fns if k[0] != "mm"] + [k for k in notes if k not in fns]
     for name in names:
         base = timings[(name, EAGER)].median
         for key in (k for k in keys if k[0] == name):
             t = timings.get(key)
+            rate = batch * flops[name] / t.median if t else float("nan")
+            mm_name = DTYPE_NAMES[mm_dtypes[key[1]]]
             rows.append(
                 {
                     "network": DISPLAY.get(name, name),
@@ -178,6 +221,10 @@ def profile_training(
                     "img/s": batch / t.median if t else float("nan"),
                     "time / fp32 eager": t.median / base if t else float("nan"),
                     "speed-up over fp32 eager": base / t.median if t else float("nan"),
+                    "GFLOP/img": flops[name] / 1e9,
+                    "TFLOP/s": rate / 1e12,
+                    f"fraction of mm {square}^3 rate": rate / mm_rate[mm_name],
+                    "mm dtype": mm_name,
                     "note": notes.get(key, ""),
                 }
             )
@@ -186,6 +233,13 @@ def profile_training(
     head_name = DISPLAY.get(head, head)
     eager = timings[(head, EAGER)].median
     summary.append((f"{fast} train step speed-up over fp32 eager ({head_name})", eager / timings[(head, fast)].median))
+    for variant in (k[1] for k in fns if k[0] == head):
+        t = timings[(head, variant)].median
+        d = DTYPE_NAMES[mm_dtypes[variant]]
+        summary.append((f"{head_name} {variant} train throughput (img/s)", batch / t))
+        summary.append(
+            (f"{head_name} {variant} train FLOP rate / {d} mm {square}^3 rate", batch * flops[head] / t / mm_rate[d])
+        )
     if (head, compiled_name) in timings:
         summary.append(
             (f"{compiled_name} train step speed-up over fp32 eager ({head_name})", eager / timings[(head, compiled_name)].median)
@@ -208,4 +262,5 @@ def profile_training(
                     timings[(head, variant)].median / timings[(other, variant)].median,
                 )
             )
+    summary += [(f"{d} mm {square}^3 rate (TFLOP/s)", r / 1e12) for d, r in mm_rate.items()]
     return pd.DataFrame(rows), pd.DataFrame(summary, columns=["metric", "value"])
