@@ -85,6 +85,45 @@ def test_em_attention_grad_modes_fp32_match_reference(grad):
     check(em_attention(x, mu0, 3, grad=grad), reference(x, mu0), FP32_TOL)
 
 
+# cache-blocked iterations on the CPU: forced with small blocks (the automatic block, about
+# 1 MiB of a sample's features, covers the tiny test inputs whole)
+
+
+@pytest.mark.parametrize("block", [16, 7], ids=["16", "7-uneven"])
+@pytest.mark.parametrize("grad", ["none", "last", "full"])
+@pytest.mark.parametrize("norm,lam", CASES)
+def test_blocked_iterations_match_reference(norm, lam, grad, block):
+    x, mu0 = features(), init_bases(24, 6, norm)
+    with torch.no_grad():
+        check(em_attention(x, mu0, 3, lam, norm, grad, out=torch.empty(2, 40, 24), block=block), reference(x, mu0, 3, lam, norm), FP32_TOL)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["bf16-in", "bf16-in-autocast"])
+def test_blocked_iterations_bf16(amp):
+    x, mu0 = features(), init_bases(24, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=amp):
+        ours = em_attention(x.to(BF16), mu0.to(BF16), 3, block=16)
+    assert ours.resp.dtype == ours.bases.dtype == BF16
+    check(ours, reference(x, mu0), BF16_TOL)
+
+
+def test_block_size_applies_to_cpu_no_grad_iterations_only():
+    from emactl.nn.ema import _block_size
+
+    x, mu = torch.empty(4, 512, 4225), torch.empty(4, 512, 64)
+    with torch.no_grad():
+        assert _block_size(x, mu, None) == 512  # 1 MiB of a sample's fp32 features
+        assert _block_size(x.to(BF16), mu.to(BF16), None) == 0  # slower in bf16
+        assert _block_size(x.to(BF16), mu.to(BF16), 1024) == 1024
+        assert _block_size(x, mu.to(BF16), None) == 0  # mixed dtypes: autocast decides, plain path
+        assert _block_size(x, mu, 0) == 0 and _block_size(x, mu, 5000) == 0
+        assert _block_size(x.to("meta"), mu.to("meta"), None) == 0
+        with torch.autocast("cpu", dtype=BF16):
+            assert _block_size(x, mu, None) == 0  # fp32 inputs under bf16 autocast: its choice
+            assert _block_size(x.to(BF16), mu.to(BF16), 1024) == 1024
+    assert _block_size(x, mu, None) == 0  # autograd needs the plain ops
+
+
 def test_em_attention_per_image_bases_match_reference():
     x = features(3)
     mu0 = torch.cat([init_bases(24, 5) for _ in range(3)])

@@ -191,7 +191,8 @@ def run_ema(s: ProfileSettings, console: Console) -> SectionResult:
             "torch.mm, same dtype, measured in this run",
             "dtypes: the inputs are cast (no autocast); fp32 and bf16 always, plus --dtype",
             "ema_ops: each op of em_attention timed alone on inputs of its shape, in the same rounds as the whole call; "
-            "share = calls x time per call / em_attention time (what is left is launch and allocation overhead)",
+            "share = calls x time per call / em_attention time; the ops run on whole tensors, as em_attention does with "
+            "block=0 (timed too); by default em_attention runs fp32 on the CPU block by block of pixels (cache blocking)",
             TIMING_NOTE,
             _threads_note(s),
         ],
