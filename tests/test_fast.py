@@ -85,43 +85,61 @@ def test_em_attention_grad_modes_fp32_match_reference(grad):
     check(em_attention(x, mu0, 3, grad=grad), reference(x, mu0), FP32_TOL)
 
 
-# cache-blocked iterations on the CPU: forced with small blocks (the automatic block, about
-# 1 MiB of a sample's features, covers the tiny test inputs whole)
+# the CPU's fast methods for iterations without gradient (emactl.nn.em_cpu); blocked runs
+# with small blocks, since its automatic block (about 1 MiB of a sample) covers these inputs whole
 
 
-@pytest.mark.parametrize("block", [16, 7], ids=["16", "7-uneven"])
+@pytest.mark.parametrize("method,block", [("conv", None), ("blocked", 16), ("blocked", 7)], ids=["conv", "blocked16", "blocked7"])
 @pytest.mark.parametrize("grad", ["none", "last", "full"])
 @pytest.mark.parametrize("norm,lam", CASES)
-def test_blocked_iterations_match_reference(norm, lam, grad, block):
+def test_fast_cpu_methods_match_reference(norm, lam, grad, method, block):
     x, mu0 = features(), init_bases(24, 6, norm)
+    out = torch.empty(2, 40, 24)
     with torch.no_grad():
-        check(em_attention(x, mu0, 3, lam, norm, grad, out=torch.empty(2, 40, 24), block=block), reference(x, mu0, 3, lam, norm), FP32_TOL)
+        ours = em_attention(x, mu0, 3, lam, norm, grad, out=out, method=method, block=block)
+    check(ours, reference(x, mu0, 3, lam, norm), FP32_TOL)
+
+
+@pytest.mark.parametrize("method", ["conv", "blocked"])
+def test_fast_cpu_methods_per_image_bases_and_channels_last_features(method):
+    x = features(3).transpose(1, 2).contiguous().transpose(1, 2)  # (B, C, N) stored as (B, N, C)
+    mu0 = torch.cat([init_bases(24, 5) for _ in range(3)])
+    with torch.no_grad():
+        check(em_attention(x, mu0, 2, method=method, block=16), reference(x, mu0, 2), FP32_TOL)
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["bf16-in", "bf16-in-autocast"])
-def test_blocked_iterations_bf16(amp):
+@pytest.mark.parametrize("method", ["conv", "blocked"])
+def test_fast_cpu_methods_bf16(method, amp):
     x, mu0 = features(), init_bases(24, 6)
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=amp):
-        ours = em_attention(x.to(BF16), mu0.to(BF16), 3, block=16)
+        ours = em_attention(x.to(BF16), mu0.to(BF16), 3, method=method, block=16)
     assert ours.resp.dtype == ours.bases.dtype == BF16
     check(ours, reference(x, mu0), BF16_TOL)
 
 
-def test_block_size_applies_to_cpu_no_grad_iterations_only():
-    from emactl.nn.ema import _block_size
+def test_pick_method():
+    from emactl.nn.em_cpu import onednn_on_x86, pick_method
 
     x, mu = torch.empty(4, 512, 4225), torch.empty(4, 512, 64)
+    fp32_auto = "conv" if onednn_on_x86() else "blocked"
     with torch.no_grad():
-        assert _block_size(x, mu, None) == 512  # 1 MiB of a sample's fp32 features
-        assert _block_size(x.to(BF16), mu.to(BF16), None) == 0  # slower in bf16
-        assert _block_size(x.to(BF16), mu.to(BF16), 1024) == 1024
-        assert _block_size(x, mu.to(BF16), None) == 0  # mixed dtypes: autocast decides, plain path
-        assert _block_size(x, mu, 0) == 0 and _block_size(x, mu, 5000) == 0
-        assert _block_size(x.to("meta"), mu.to("meta"), None) == 0
+        assert pick_method(x, mu) == fp32_auto
+        assert pick_method(x.transpose(1, 2).contiguous().transpose(1, 2), mu) == "blocked"  # channels-last features
+        assert pick_method(x.double(), mu.double()) == "blocked"
+        assert pick_method(x.to(BF16), mu.to(BF16)) == "bmm"  # bf16 products already run through oneDNN
+        assert pick_method(x.to(BF16), mu.to(BF16), "blocked") == "blocked"  # asked for
+        assert pick_method(x, mu, "bmm") == "bmm"
+        assert pick_method(x[:, :, :1089], mu) == "bmm"  # 512·33²·64 products: too small to gain
+        assert pick_method(x[:, :, :1089], mu, "conv") == "conv"
+        assert pick_method(x, mu.to(BF16)) == "bmm"  # mixed dtypes
+        assert pick_method(x.to("meta"), mu.to("meta")) == "bmm"
         with torch.autocast("cpu", dtype=BF16):
-            assert _block_size(x, mu, None) == 0  # fp32 inputs under bf16 autocast: its choice
-            assert _block_size(x.to(BF16), mu.to(BF16), 1024) == 1024
-    assert _block_size(x, mu, None) == 0  # autograd needs the plain ops
+            assert pick_method(x, mu) == "bmm"  # fp32 inputs under bf16 autocast: autocast's choice
+            assert pick_method(x.to(BF16), mu.to(BF16), "conv") == "conv"
+    assert pick_method(x, mu) == "bmm"  # autograd needs the batched products
+    with pytest.raises(ValueError, match="unknown method"):
+        em_attention(features(), init_bases(24, 6), method="fast")
 
 
 def test_em_attention_per_image_bases_match_reference():

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 NORMS = ("l2", "layernorm", "none")
 GRAD_MODES = ("none", "last", "full")
 BASES_UPDATES = ("moving_average", "backprop", "none")
+METHODS = ("auto", "bmm", "blocked", "conv")  # how iterations without gradient run (em_cpu)
 
 
 class EMAOutput(NamedTuple):
@@ -87,6 +88,7 @@ def em_attention(
     norm: str = "l2",
     grad: str = "none",
     out: Tensor | None = None,
+    method: str = "auto",
     block: int | None = None,
 ) -> EMAOutput:
     """Run T EM iterations on features ``x`` (B, C, N) from initial bases ``mu0`` (1|B, C, K).
@@ -98,9 +100,10 @@ def em_attention(
     the returned ``recon`` is then its (B, C, N) transposed view. Reusing one buffer across
     calls avoids allocating (and, on the CPU, page-faulting) the largest tensor of the unit.
 
-    ``block``: pixels per block of the CPU's cache-blocked iterations (see
-    :func:`blocked_iterations`); ``None`` picks a block of about 1 MiB of one sample's features
-    for fp32 on the CPU and none elsewhere, 0 turns blocking off.
+    ``method`` runs the iterations that need no gradient: ``bmm`` as written above, or on the
+    CPU ``conv`` or ``blocked`` (see :mod:`emactl.nn.em_cpu`); ``auto`` picks the fastest
+    measured for the input. ``block`` is the pixels per block of ``blocked`` (default: about
+    1 MiB of a sample's features).
     """
     if x.dim() != 3 or mu0.dim() != 3:
         raise ValueError(f"expected x (B, C, N) and mu0 (B, C, K), got {tuple(x.shape)}, {tuple(mu0.shape)}")
@@ -108,13 +111,15 @@ def em_attention(
         raise ValueError(f"unknown grad mode {grad!r}; choose one of {GRAD_MODES}")
     if iters < 1:
         raise ValueError("iters must be >= 1")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     b = x.shape[0]
     mu = mu0.expand(b, -1, -1)
     free_iters = {"none": iters, "last": iters - 1, "full": 0}[grad]
     z = None
     with torch.no_grad() if free_iters else contextlib.nullcontext():
-        z, mu = _iterate(x, mu, free_iters, temperature, norm, z, block)
-    z, mu = _iterate(x, mu, iters - free_iters, temperature, norm, z, block)
+        z, mu = _iterate(x, mu, free_iters, temperature, norm, z, method, block)
+    z, mu = _iterate(x, mu, iters - free_iters, temperature, norm, z, method, block)
     needs_grad = torch.is_grad_enabled() and (mu.requires_grad or z.requires_grad)
     fits = out is not None and out.shape == (b, x.shape[2], x.shape[1]) and out.dtype == mu.dtype == z.dtype
     if fits and not needs_grad:
@@ -124,72 +129,22 @@ def em_attention(
     return EMAOutput(recon, mu, z.transpose(1, 2))
 
 
-BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half of a core's L2 here
-
-
-def _block_size(x: Tensor, mu: Tensor, block: int | None) -> int:
-    """Pixels per block for :func:`blocked_iterations`, or 0 where blocking does not apply."""
-    if block is None:
-        # measured on a 2-core AVX-512 CPU at the paper's shapes: 7% faster in fp32, but 6-20%
-        # slower in bf16, whose GEMMs lose more on the strided blocks than the cache gives back
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            return 0
-        block = max(128, BLOCK_BYTES // (x.shape[1] * x.element_size()) // 64 * 64)
-    autocast = torch.is_autocast_enabled(x.device.type) and x.dtype != torch.get_autocast_dtype(x.device.type)
-    usable = (
-        0 < block < x.shape[2]
-        and x.dtype == mu.dtype
-        and not autocast  # inputs autocast would cast: leave the precision to it
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
-    return block if usable else 0
-
-
 def _iterate(
-    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, z: Tensor | None, block: int | None
+    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, z: Tensor | None, method: str, block: int | None
 ) -> tuple[Tensor | None, Tensor]:
-    """``iters`` EM iterations from bases ``mu``: cache-blocked where possible, else plain."""
+    """``iters`` EM iterations from bases ``mu``: a faster CPU method where one applies
+    (:mod:`emactl.nn.em_cpu`), else the plain batched products."""
     if iters == 0:
         return z, mu
-    size = _block_size(x, mu, block)
-    if size:
-        return blocked_iterations(x, mu, iters, temperature, norm, size)
+    if method != "bmm":
+        from .em_cpu import run_fast
+
+        fast = run_fast(x, mu, iters, temperature, norm, method, block)
+        if fast is not None:
+            return fast
     for _ in range(iters):
         z = e_step(x, mu, temperature)
         mu = m_step(x, z, norm)
-    return z, mu
-
-
-def blocked_iterations(x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, block: int) -> tuple[Tensor, Tensor]:
-    """EM iterations without autograd, in one pass over the features per iteration.
-
-    The E step's softmax runs over K for each pixel on its own, so an iteration can go block by
-    block of pixels: the logits and responsibilities of a block, then its share of the M step's
-    sum, while the block of ``x`` is still in the CPU's cache. The plain order reads all of
-    ``x`` (8.6 MB per sample at the paper's shapes) twice per iteration. Only the summation
-    order of the M step changes. Runs in ``x``'s dtype, outside autocast; returns the last
-    responsibilities (B, K, N) and the final bases (B, C, K).
-    """
-    b, c, n = x.shape
-    k = mu.shape[2]
-    z = x.new_empty(b, k, n)
-    total = x.new_empty(b, c, k)
-    with torch.autocast(x.device.type, enabled=False):
-        for _ in range(iters):
-            mu_t = mu.transpose(1, 2)
-            for start in range(0, n, block):
-                xb, zb = x[:, :, start : start + block], z[:, :, start : start + block]
-                logits = torch.bmm(mu_t, xb)
-                if temperature != 1.0:
-                    logits.mul_(temperature)
-                torch.softmax(logits, 1, out=zb)
-                if start == 0:
-                    torch.bmm(xb, zb.transpose(1, 2), out=total)
-                else:
-                    total.baddbmm_(xb, zb.transpose(1, 2))
-            mu = total if norm == "l2" else total / (1e-6 + z.sum(dim=2).unsqueeze(1))
-            mu = normalize_bases(mu, norm)  # a new tensor: the next pass may overwrite total
     return z, mu
 
 

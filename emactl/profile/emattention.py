@@ -30,7 +30,6 @@ from .timing import measure_many
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SQUARE = {"cpu": 2048, "cuda": 8192}
 GRAPHED = "em_attention+cudagraph"
-PLAIN = "em_attention, plain order (block=0)"
 
 
 def em_flops(batch: int, channels: int, pixels: int, bases: int, iters: int) -> int:
@@ -51,9 +50,9 @@ def profile_em_ops(
     """Where em_attention's time goes: each of its ops timed alone, in the same rounds as the
     whole call, times the number of calls it makes (T of each per-iteration op, one
     reconstruction). ``share`` is that total over em_attention's time. The ops are timed on
-    whole tensors, as em_attention runs them with ``block=0``, which is timed too: against it
-    the shares sum to about one when nothing else (allocation, launches) costs time, and the
-    whole call's time over it is what the CPU's cache blocking saves."""
+    whole tensors, as em_attention runs them with ``method="bmm"``; that and, on the CPU, the
+    other methods (:mod:`emactl.nn.em_cpu`) are timed too, so the table shows both what bounds
+    the plain order and what each method saves against it."""
     n = size * size
     ops: dict[str, int] = {
         f"E step: bmm mu^T x ({batch},{bases},{channels})x({batch},{channels},{n})": iters,
@@ -78,7 +77,10 @@ def profile_em_ops(
         fns[(names[3], d)] = lambda raw=raw: normalize_bases(raw, "l2")
         fns[(names[4], d)] = lambda z=z, mu=mu, out=out: torch.bmm(z.transpose(1, 2), mu.transpose(1, 2), out=out)
         fns[("em_attention", d)] = lambda x=x, mu=mu, out=out: em_attention(x, mu[:1], iters, grad="none", out=out)
-        fns[(PLAIN, d)] = lambda x=x, mu=mu, out=out: em_attention(x, mu[:1], iters, grad="none", out=out, block=0)
+        for method in _methods(device):
+            fns[(f"em_attention, method={method}", d)] = lambda x=x, mu=mu, out=out, method=method: em_attention(
+                x, mu[:1], iters, grad="none", out=out, method=method
+            )
     with torch.no_grad():
         timings = measure_many(fns, device, rounds=repeats)
     rows = []
@@ -93,12 +95,18 @@ def profile_em_ops(
                          "ms per em_attention": ops[name] * t * 1e3, "share of em_attention time": ops[name] * t / whole})
         rows.append({"op": "sum of the ops", "dtype": d, "calls": None, "ms per call": None,
                      "ms per em_attention": total * 1e3, "share of em_attention time": total / whole})
-        plain = timings[(PLAIN, d)].median
-        rows.append({"op": PLAIN, "dtype": d, "calls": 1, "ms per call": plain * 1e3,
-                     "ms per em_attention": plain * 1e3, "share of em_attention time": plain / whole})
+        for method in _methods(device):
+            name = f"em_attention, method={method}"
+            t = timings[(name, d)].median
+            rows.append({"op": name, "dtype": d, "calls": 1, "ms per call": t * 1e3,
+                         "ms per em_attention": t * 1e3, "share of em_attention time": t / whole})
         rows.append({"op": "em_attention (whole call)", "dtype": d, "calls": 1, "ms per call": whole * 1e3,
                      "ms per em_attention": whole * 1e3, "share of em_attention time": 1.0})
     return pd.DataFrame(rows)
+
+
+def _methods(device: torch.device) -> tuple[str, ...]:
+    return ("bmm", "blocked", "conv") if device.type == "cpu" else ("bmm",)
 
 
 def benchmark_dtypes(device: torch.device, requested: torch.dtype) -> list[torch.dtype]:

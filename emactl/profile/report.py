@@ -192,7 +192,8 @@ def run_ema(s: ProfileSettings, console: Console) -> SectionResult:
             "dtypes: the inputs are cast (no autocast); fp32 and bf16 always, plus --dtype",
             "ema_ops: each op of em_attention timed alone on inputs of its shape, in the same rounds as the whole call; "
             "share = calls x time per call / em_attention time; the ops run on whole tensors, as em_attention does with "
-            "block=0 (timed too); by default em_attention runs fp32 on the CPU block by block of pixels (cache blocking)",
+            "method=bmm; em_attention, method=...: each way of running the iterations (emactl.nn.em_cpu), timed in the "
+            "same rounds; the whole call uses method=auto (on an x86 CPU, fp32: conv, oneDNN 1x1 convolutions)",
             TIMING_NOTE,
             _threads_note(s),
         ],
@@ -239,7 +240,8 @@ def run_train(s: ProfileSettings, console: Console) -> SectionResult:
         "GFLOP/img: one training step's forward + cross-entropy + backward per image, counted by torch "
         "FlopCounterMode on meta tensors (2 FLOPs per multiply-add, convolutions and matrix products only)",
         f"fraction of mm rate: (GFLOP/img x img/s) / the rate of a square {SQUARE.get(s.device.type, SQUARE['cpu'])}^3 "
-        "torch.mm in the variant's dtype (mm dtype), timed in the same rounds: the machine's attainable GEMM rate",
+        "torch.mm in the variant's dtype (mm dtype), timed in the same run after the steps: the machine's GEMM rate "
+        "as torch.mm reaches it (on the CPU, oneDNN's convolutions can beat MKL's sgemm, so fp32 fractions above 1 occur)",
         TIMING_NOTE,
         _threads_note(s),
     ]

@@ -16,7 +16,7 @@ and classes as the networks section. Every variant of a network starts from the 
 
 How close a step comes to the machine: its FLOPs (forward + backward, counted on meta tensors
 by :func:`train_step_flops`) over its time, against the rate of a square ``torch.mm`` in the
-variant's dtype, timed in the same rounds (2048³ on the CPU, 8192³ on a GPU).
+variant's dtype, timed in the same run right after the steps (2048³ on the CPU, 8192³ on a GPU).
 """
 from __future__ import annotations
 
@@ -192,21 +192,24 @@ def profile_training(
                 console.log(f"train: {name} {compiled_name}: {result.note}")
     square = SQUARE.get(device.type, SQUARE["cpu"])
     mm_dtypes = {EAGER: torch.float32, fast: dtype, compiled_name: dtype}
+    mm_fns = {}
     for d in dict.fromkeys(mm_dtypes.values()):
         sq = torch.randn(square, square, device=device, dtype=d)
-        fns[("mm", DTYPE_NAMES[d])] = lambda sq=sq: torch.mm(sq, sq)
+        mm_fns[("mm", DTYPE_NAMES[d])] = lambda sq=sq: torch.mm(sq, sq)
     if console is not None:
         console.log(f"train: timing {', '.join(f'{n} {v}' for n, v in fns)} ({backbone}, crop {crop}, batch {batch})")
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its kernels
     try:
         timings = measure_many(fns, device, rounds=repeats)
+        # the GEMM rate in rounds of its own, so that it leaves the steps' caches alone
+        timings.update(measure_many(mm_fns, device, rounds=repeats))
     finally:
         torch.backends.cudnn.benchmark = previous
     mm_rate = {d: 2 * square**3 / timings[("mm", d)].median for d in map(DTYPE_NAMES.get, mm_dtypes.values())}
     flops = {name: train_step_flops(name, backbone, crop, num_classes, channels, bases, iters) for name in names}
     rows = []
-    keys = [k for k in fns if k[0] != "mm"] + [k for k in notes if k not in fns]
+    keys = list(fns) + [k for k in notes if k not in fns]
     for name in names:
         base = timings[(name, EAGER)].median
         for key in (k for k in keys if k[0] == name):
