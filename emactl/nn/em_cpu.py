@@ -5,11 +5,12 @@
 slower than it needs to be, and each method here removes one:
 
 * ``conv``: PyTorch runs fp32 matrix products through MKL's sgemm, and convolutions through
-  oneDNN. On the 2-core AMD EPYC this was measured on, at the paper's shapes (C=512, K=64,
-  N=65²), sgemm ran both products at 160–180 GFLOP/s, while a 1×1 convolution ran the E step
-  at 300–350 and the M step at about 220 (MKL takes its AVX-512 code paths on Intel processors
-  only; oneDNN takes them here). So :func:`conv_iterations` writes both products as 1×1
-  convolutions over one sample's pixels, each operand a view of the tensors as they are.
+  oneDNN. On the 2-core AMD EPYC (Zen 5) this was measured on, with both threads, at the
+  paper's shapes (C=512, K=64, N=65²), sgemm ran the products at 140–180 GFLOP/s, while a 1×1
+  convolution ran the E step at 220–350 and the M step at about 220 (a square 2048³ product:
+  217 against 348). On one thread the two tie (94 against 95 for the E step). So
+  :func:`conv_iterations` writes both products as 1×1 convolutions over one sample's pixels,
+  each operand a view of the tensors as they are.
 * ``blocked``: the plain order reads all of ``x`` twice per iteration; :func:`blocked_iterations`
   reads it once, block of pixels by block.
 
