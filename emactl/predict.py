@@ -19,8 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from .config import EvalConfig, Recipe, dump_yaml
-from .data import build_transforms, colorize, read_image, save_palette_png, voc_palette
-from .data.classes import CITYSCAPES_COLOURS
+from .data import DATASETS, build_transforms, colorize, read_image, save_palette_png, voc_palette
 from .data.palette import palette_from
 from .engine.evaluate import load_for_eval
 from .engine.inference import predict_logits
@@ -45,10 +44,10 @@ def list_images(path: str | os.PathLike) -> list[Path]:
 
 
 def dataset_palette(recipe: Recipe) -> np.ndarray:
-    """The (256, 3) palette of the recipe's dataset, without needing its files on disk."""
-    if recipe.data.name == "cityscapes":
-        return palette_from(CITYSCAPES_COLOURS)
-    return voc_palette()
+    """The (256, 3) palette of the recipe's dataset (its class's ``COLOURS``, else VOC's),
+    without needing its files on disk."""
+    colours = DATASETS.get(recipe.data.name, "data.name").COLOURS
+    return palette_from(colours) if colours else voc_palette()
 
 
 def blend(image: np.ndarray, label: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:

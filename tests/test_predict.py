@@ -104,3 +104,14 @@ def test_empty_folder_and_bad_alpha(run_dir, tmp_path, images, capsys):
 def test_refuses_to_overwrite_inputs(run_dir, images, capsys):
     code, _, err = cli(["predict", str(run_dir), str(images), "--out", str(images)], capsys)
     assert "overwrite" in one_line_error(code, err)
+
+
+def test_palette_comes_from_the_dataset_class():
+    from emactl.config import from_dict
+    from emactl.data.classes import CITYSCAPES_COLOURS
+    from emactl.data.palette import voc_palette
+    from emactl.predict import dataset_palette
+
+    city = dataset_palette(from_dict({"data": {"name": "cityscapes", "num_classes": 19}}))
+    assert city[:19].tolist() == [list(c) for c in CITYSCAPES_COLOURS]
+    assert (dataset_palette(from_dict({"data": {"name": "shapes", "num_classes": 7}})) == voc_palette()).all()
