@@ -104,6 +104,7 @@ class TrainConfig:
     accum_steps: int = 1
     sync_bn: bool = True
     channels_last: bool = False
+    cudnn_benchmark: bool = True  # cuDNN times its algorithms for the fixed crop; not during validation
     compile: bool = False
     ckpt_every: int = 1000
     keep_ckpts: int = 3

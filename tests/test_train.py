@@ -294,6 +294,29 @@ def test_cuda_mixed_precision_trains_and_resumes(tmp_path: Path, extra: tuple[st
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-3, atol=1e-5, msg=key)
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_cudnn_benchmark_during_steps_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, enabled: bool) -> None:
+    """On for the fixed-size training steps (train.cudnn_benchmark), off for validation, whose
+    image sizes vary, and the caller's setting back afterwards."""
+    seen: dict[str, set[bool]] = {"step": set(), "validate": set()}
+    step, validate = trainer_mod._Trainer.step, trainer_mod._Trainer.validate
+
+    def spy_step(self, flags):
+        seen["step"].add(torch.backends.cudnn.benchmark)
+        return step(self, flags)
+
+    def spy_validate(self, progress):
+        seen["validate"].add(torch.backends.cudnn.benchmark)
+        return validate(self, progress)
+
+    monkeypatch.setattr(trainer_mod._Trainer, "step", spy_step)
+    monkeypatch.setattr(trainer_mod._Trainer, "validate", spy_validate)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    train(make_recipe(tmp_path, f"train.cudnn_benchmark={str(enabled).lower()}", "train.val_every=3"), progress=False)
+    assert seen == {"step": {enabled}, "validate": {False}}
+    assert torch.backends.cudnn.benchmark is False
+
+
 def test_compile_failure_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     class Broken(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> Any:

@@ -72,6 +72,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .cudnn import cudnn_benchmark
 from .optim import build_optimizer, build_scheduler
 from .rundir import MetricsLogger, capture_env, check_run_dir, remove_stale_temps, write_env, write_recipe
 
@@ -668,7 +669,8 @@ class _Trainer:
                 flags = torch.tensor(
                     [float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)]
                 )
-                loss = self.step(flags)
+                with cudnn_benchmark(cfg.cudnn_benchmark):
+                    loss = self.step(flags)
                 it = self.iteration
                 self.elapsed += time.perf_counter() - t0
                 self.window[0] += loss

@@ -35,6 +35,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..engine.cudnn import cudnn_benchmark
 from .emattention import DTYPE_NAMES, SQUARE
 from .networks import _step_fns, build_network
 from .timing import measure_many
@@ -198,14 +199,10 @@ def profile_training(
         mm_fns[("mm", DTYPE_NAMES[d])] = lambda sq=sq: torch.mm(sq, sq)
     if console is not None:
         console.log(f"train: timing {', '.join(f'{n} {v}' for n, v in fns)} ({backbone}, crop {crop}, batch {batch})")
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its kernels
-    try:
+    with cudnn_benchmark(device.type == "cuda"):  # fixed shapes, as in training
         timings = measure_many(fns, device, rounds=repeats)
         # the GEMM rate in rounds of its own, so that it leaves the steps' caches alone
         timings.update(measure_many(mm_fns, device, rounds=repeats))
-    finally:
-        torch.backends.cudnn.benchmark = previous
     mm_rate = {d: 2 * square**3 / timings[("mm", d)].median for d in map(DTYPE_NAMES.get, mm_dtypes.values())}
     flops = {name: train_step_flops(name, backbone, crop, num_classes, channels, bases, iters) for name in names}
     rows = []
