@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 
 from ..nn.cudagraph import GraphedEMAttention
-from ..nn.ema import e_step, em_attention, init_bases, m_step, normalize_bases
+from ..nn.ema import e_step, em_attention, init_bases, normalize_bases
 from .reference import reference_em_attention
 from .timing import measure_many
 
