@@ -37,7 +37,7 @@ class EMAConfig:
     temperature: float = 1.0
     norm: Literal["l2", "layernorm", "none"] = "l2"
     grad: Literal["none", "last", "full"] = "none"
-    bases_update: Literal["moving_average", "backprop", "none"] = "moving_average"
+    bases_update: Literal["moving_average", "normed_moving_average", "backprop", "none"] = "moving_average"
     momentum: float = 0.9
     renorm: bool = True
     zero_init: bool = False
@@ -46,13 +46,22 @@ class EMAConfig:
 
 @dataclass
 class ModelConfig:
+    """The network. ``backbone`` picks the ResNet and its stem (``resnet101``: torchvision's 7×7,
+    ``resnet101_deep``: the original EMANet's, ``resnet101_v1c``: mmseg's); ``multi_grid`` sets
+    layer 4's per-block rates as the original code does; ``concat_input`` adds mmseg's 3×3 conv
+    over [layer-4 features, head output] before the classifier; ``align_corners`` is used by
+    the final bilinear upsampling (the original code: true)."""
+
     name: str = "emanet"
     backbone: str = "resnet101"
     output_stride: Literal[8, 16, 32] = 8
+    multi_grid: list[int] | None = None
     pretrained: str | None = None
     head: str = "ema"
     head_channels: int = 512
     mid_channels: int = 256
+    concat_input: bool = False
+    align_corners: bool = False
     dropout: float = 0.1
     aux: bool = False
     aux_weight: float = 0.4
@@ -116,7 +125,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Inference. ``mode`` is ``whole`` or ``slide``; ``scales`` and ``flip`` add multi-scale."""
+    """Inference. ``mode`` is ``whole`` or ``slide``; ``scales`` and ``flip`` add multi-scale.
+
+    ``pad_multiple`` (the original EMANet evaluation: 8) zero-pads each view at the bottom and
+    right, in normalised space, to a height and width of ``pad_multiple · k + 1``, and crops
+    the logits back to the view's size.
+    """
 
     mode: Literal["whole", "slide"] = "whole"
     scales: list[float] = field(default_factory=lambda: [1.0])
@@ -125,6 +139,7 @@ class EvalConfig:
     stride: int | None = None
     iters: int | None = None
     batch_size: int = 1
+    pad_multiple: int | None = None
 
 
 @dataclass
@@ -135,6 +150,14 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The allowed values of a ``Literal`` recipe field, e.g. ``choices(EMAConfig, "norm")``."""
+    tp = typing.get_type_hints(cls)[name]
+    if get_origin(tp) is not Literal:
+        raise TypeError(f"{cls.__name__}.{name} is not a Literal field")
+    return get_args(tp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +304,7 @@ def validate(r: Recipe, source: str = "recipe") -> None:
         eval__stride=r.eval.stride,
         eval__iters=r.eval.iters,
         eval__batch_size=r.eval.batch_size,
+        eval__pad_multiple=r.eval.pad_multiple,
     )
     if not 0.0 <= e.momentum <= 1.0:
         raise UserError(f"{source}: model.ema.momentum: must be in [0, 1], got {e.momentum}")
@@ -289,6 +313,8 @@ def validate(r: Recipe, source: str = "recipe") -> None:
             f"{source}: model.ema.bases_update=backprop needs model.ema.grad=full "
             f"(got {e.grad!r}: no gradient would reach the bases)"
         )
+    if r.model.multi_grid is not None and any(g < 1 for g in r.model.multi_grid):
+        raise UserError(f"{source}: model.multi_grid: values must be >= 1, got {r.model.multi_grid}")
     if not 0.0 <= r.model.dropout < 1.0:
         raise UserError(f"{source}: model.dropout: must be in [0, 1), got {r.model.dropout}")
     if r.data.scale_max < r.data.scale_min:

@@ -114,3 +114,108 @@ def test_unknown_names_list_choices():
         build_model(tiny_cfg(head="nope"), 3)
     with pytest.raises(UserError, match="model.backbone.*resnet101"):
         build_model(tiny_cfg(backbone="vgg"), 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone variants: the stems and per-block dilations of torchvision, the original EMANet
+# code (deep stem, multi-grid) and mmseg's ResNetV1c, as their sources build them.
+
+
+def _dilations(backbone) -> dict[str, list[int]]:
+    return {name: [b.conv2.dilation[0] for b in getattr(backbone, name)] for name in ("layer3", "layer4")}
+
+
+@pytest.mark.parametrize(
+    "name, output_stride, grid, layer3, layer4",
+    [
+        ("resnet50", 8, None, [1, 2, 2, 2, 2, 2], [2, 4, 4]),
+        ("resnet50_v1c", 8, None, [1, 2, 2, 2, 2, 2], [2, 4, 4]),  # mmseg: contract_dilation
+        ("resnet50_deep", 8, [1, 2, 4], [1, 2, 2, 2, 2, 2], [2, 8, 16]),  # the original at OS 8
+        ("resnet50_deep", 16, [1, 2, 4], [1, 1, 1, 1, 1, 1], [1, 4, 8]),  # ... and at OS 16
+        ("resnet101_deep", 8, [1, 2, 4], [1] + [2] * 22, [2, 8, 16]),
+    ],
+)
+def test_backbone_dilations(name, output_stride, grid, layer3, layer4):
+    with torch.device("meta"):
+        backbone = build_backbone(name, output_stride, multi_grid=grid)
+    assert _dilations(backbone) == {"layer3": layer3, "layer4": layer4}
+    for block in backbone.layer4:
+        assert block.conv2.padding == block.conv2.dilation
+
+
+def test_backbone_stems():
+    with torch.device("meta"):
+        deep = build_backbone("resnet50_deep", 8).state_dict()
+        v1c = build_backbone("resnet50_v1c", 8).state_dict()
+        tv = build_backbone("resnet50", 8).state_dict()
+    assert [tuple(deep[f"stem.0.{i}.weight"].shape) for i in (0, 3, 6)] == [(64, 3, 3, 3), (64, 64, 3, 3), (128, 64, 3, 3)]
+    assert deep["stem.1.weight"].shape == (128,) and deep["layer1.0.conv1.weight"].shape == (64, 128, 1, 1)
+    assert deep["layer1.0.downsample.0.weight"].shape == (256, 128, 1, 1)
+    assert [tuple(v1c[f"stem.{i}.weight"].shape) for i in (0, 3, 6)] == [(32, 3, 3, 3), (32, 32, 3, 3), (64, 32, 3, 3)]
+    assert [v1c[f"stem.{i}.weight"].shape[0] for i in (1, 4, 7)] == [32, 32, 64]
+    assert tv["stem.0.weight"].shape == (64, 3, 7, 7)
+    with torch.device("meta"):
+        stem = build_backbone("resnet50_deep", 8).stem
+    assert stem[0][0].stride == (2, 2) and stem[0][3].stride == (1, 1) and isinstance(stem[3], torch.nn.MaxPool2d)
+
+
+def test_multi_grid_needs_one_value_per_block():
+    with pytest.raises(UserError, match="model.multi_grid: needs 3 values"):
+        build_backbone("resnet50_deep", 8, multi_grid=[1, 2])
+
+
+def _imagenet_file(backbone_name: str, layout: str, path, wrap: bool = False) -> dict[str, torch.Tensor]:
+    """A file in a source's ImageNet layout, made from a random backbone (its state returned)."""
+    torch.manual_seed(3)
+    own = build_backbone(backbone_name, 8).state_dict()
+    state = {}
+    for k, v in own.items():
+        if k.endswith("num_batches_tracked"):
+            continue  # older files have no counters
+        if layout == "conv1":  # torchvision and the original deep-stem files
+            k = k.replace("stem.0.", "conv1.", 1) if k.startswith("stem.0.") else k
+            k = k.replace("stem.1.", "bn1.", 1) if k.startswith("stem.1.") else k
+        state[k] = v.clone()
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    torch.save({"state_dict": state} if wrap else state, path)
+    return own
+
+
+@pytest.mark.parametrize("name, layout, wrap", [("resnet50_deep", "conv1", False), ("resnet50_v1c", "stem", True)])
+def test_pretrained_deep_stem_files(tmp_path, name, layout, wrap):
+    """The original's deep-stem files (conv1.0 … conv1.6, bn1) and mmcv's v1c files (stem.*)."""
+    path = tmp_path / f"{name}.pth"
+    own = _imagenet_file(name, layout, path, wrap)
+    torch.manual_seed(4)
+    backbone = build_backbone(name, 8, str(path))
+    loaded = backbone.state_dict()
+    assert all(torch.equal(loaded[k], own[k]) for k in own if not k.endswith("num_batches_tracked"))
+
+
+def test_pretrained_wrong_stem_names_the_keys(tmp_path):
+    path = tmp_path / "deep.pth"
+    _imagenet_file("resnet50_deep", "conv1", path)
+    with pytest.raises(UserError) as info:
+        build_backbone("resnet50_v1c", 8, str(path))
+    message = str(info.value)
+    assert "missing (e.g. ['stem.0.weight'" in message and "unexpected (e.g. ['bn1.bias'" in message
+    assert "mmcv's resnet_v1c" in message
+
+
+def test_torchvision_weight_name_never_unpickles_code(tmp_path, monkeypatch):
+    """A pickle planted in torch's hub cache under a torchvision weight name must not run."""
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    name = torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1]
+    planted = tmp_path / "torch" / "hub" / "checkpoints" / name
+    planted.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": Payload()}, planted)
+    with pytest.raises(UserError) as info:
+        build_backbone("resnet18", 8, "resnet18")
+    assert not marker.exists()
+    assert name in str(info.value) and "weights_only=False" not in str(info.value)

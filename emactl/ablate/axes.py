@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
-from ..config import apply_overrides, from_dict
+from ..config import EMAConfig, apply_overrides, choices, from_dict
 from ..errors import UserError
 
 IterMode = Literal["diagonal", "grid", "none"]
@@ -67,10 +67,10 @@ def _momentum_value(option: str, text: str) -> float:
     return value
 
 
-def _choice_parser(choices: Callable[[], Sequence[str]]) -> Callable[[str, str], str]:
+def _choice_parser(values: Callable[[], Sequence[str]]) -> Callable[[str, str], str]:
     def parse(option: str, text: str) -> str:
         value = text.strip()
-        allowed = list(choices())
+        allowed = list(values())
         if value not in allowed:
             raise UserError(f"{option}: got {value!r}; choose from {', '.join(allowed)}")
         return value
@@ -94,11 +94,11 @@ AXES: dict[str, AxisSpec] = {
         AxisSpec("train_iters", "--train-iters", "model.ema.iters", True, _int_value, lambda v: f"T{v}"),
         AxisSpec("eval_iters", "--eval-iters", None, True, _int_value, lambda v: f"evalT{v}"),
         AxisSpec("bases_update", "--bases-update", "model.ema.bases_update", True,
-                 _choice_parser(lambda: ("moving_average", "backprop", "none")), lambda v: f"update-{v}"),
+                 _choice_parser(lambda: choices(EMAConfig, "bases_update")), lambda v: f"update-{v}"),
         AxisSpec("norm", "--norm", "model.ema.norm", True,
-                 _choice_parser(lambda: ("l2", "layernorm", "none")), lambda v: f"norm-{v}"),
+                 _choice_parser(lambda: choices(EMAConfig, "norm")), lambda v: f"norm-{v}"),
         AxisSpec("grad", "--grad", "model.ema.grad", True,
-                 _choice_parser(lambda: ("none", "last", "full")), lambda v: f"grad-{v}"),
+                 _choice_parser(lambda: choices(EMAConfig, "grad")), lambda v: f"grad-{v}"),
         AxisSpec("head", "--heads", "model.head", False, _choice_parser(_head_names), lambda v: f"head-{v}"),
         AxisSpec("bases", "--bases", "model.ema.bases", True, _int_value, lambda v: f"K{v}"),
         AxisSpec("momentum", "--momentum", "model.ema.momentum", True, _momentum_value, lambda v: f"m{_num(v)}"),

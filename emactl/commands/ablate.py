@@ -13,7 +13,7 @@ HELP = {
     "iters": LIST + "1,3,5: EM iterations T in training and evaluation alike.",
     "train_iters": LIST + "1,3,5: T in training (with --eval-iters: the train T × eval T grid).",
     "eval_iters": LIST + "1,2,3,4,5: T at test time; every trained cell is evaluated at each, no training.",
-    "bases_update": LIST + "moving_average,backprop,none (backprop cells train with grad=full).",
+    "bases_update": LIST + "moving_average,normed_moving_average,backprop,none (backprop cells train with grad=full).",
     "norm": LIST + "l2,layernorm,none: normalisation of the bases.",
     "grad": LIST + "none,last,full: gradient through the EM iterations.",
     "heads": LIST + "ema,nonlocal,a2,fcn,aspp,psp: the context module.",

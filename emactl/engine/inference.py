@@ -10,6 +10,10 @@
   dataset's mean colour — so the network always sees the input size it was trained on; the
   logits of the padding are cut off. Overlapping **logits** are summed and divided by a
   count map (how many windows cover each pixel), as in mmseg.
+- **Padding** (``eval.pad_multiple``, the original EMANet evaluation: 8): each view is
+  zero-padded (in normalised space) at the bottom and right to ``m·k + 1`` pixels a side, so
+  an output-stride-``m`` network with ``align_corners=True`` upsampling lands its feature grid
+  exactly on image pixels; the logits of the padding are cut off.
 - **Multi-scale** (``eval.scales``): the image is resized bilinearly by each scale (sides
   rounded to the nearest pixel), run whole or sliding, and its logits resized back
   bilinearly. **Flip** (``eval.flip``) adds the horizontally mirrored image at every scale,
@@ -93,6 +97,13 @@ def slide_inference(model: nn.Module, image: Tensor, num_classes: int, crop: int
     return logits / count
 
 
+def pad_to_multiple_plus_one(image: Tensor, multiple: int) -> Tensor:
+    """Zero-pad ``image`` (…, H, W) at the bottom/right to sides of ``multiple · k + 1``."""
+    h, w = image.shape[-2:]
+    pad_h, pad_w = (1 - h) % multiple, (1 - w) % multiple
+    return F.pad(image, (0, pad_w, 0, pad_h)) if pad_h or pad_w else image
+
+
 def _views(cfg: EvalConfig) -> list[tuple[float, bool]]:
     """``(scale, flipped)`` for every test-time view."""
     return [(float(s), f) for s in cfg.scales for f in ((False, True) if cfg.flip else (False,))]
@@ -134,10 +145,14 @@ def predict_logits(
                 img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
             if flip:
                 img = img.flip(-1)
+            view_size = img.shape[-2:]
+            if cfg.pad_multiple:
+                img = pad_to_multiple_plus_one(img, cfg.pad_multiple)
             if cfg.mode == "slide":
                 logits = slide_inference(model, img, num_classes, crop, stride)
             else:
                 logits = whole_inference(model, img)
+            logits = logits[..., : view_size[0], : view_size[1]]
             if flip:
                 logits = logits.flip(-1)
             if logits.shape[-2:] != (h, w):

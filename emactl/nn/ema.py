@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 NORMS = ("l2", "layernorm", "none")
 GRAD_MODES = ("none", "last", "full")
-BASES_UPDATES = ("moving_average", "backprop", "none")
+BASES_UPDATES = ("moving_average", "normed_moving_average", "backprop", "none")
+AVERAGED = ("moving_average", "normed_moving_average")  # the updates that keep a moving average
 METHODS = ("auto", "bmm", "blocked", "conv")  # how iterations without gradient run (em_cpu)
 
 
@@ -167,7 +168,11 @@ class EMAU(nn.Module):
       ``mu ← momentum · mu + (1 − momentum) · mean_b(mu_T)`` — ``momentum`` weights the *old*
       value (0.9 in the paper). Under torch.distributed the batch mean is all-reduced first so
       every replica holds the same buffer. With ``renorm`` the result is normalised again with
-      the bases normalisation, which keeps l2 bases on the unit sphere.
+      the bases normalisation, which keeps l2 bases on the unit sphere. The original EMANet
+      code is this rule with ``renorm=False``.
+    * ``normed_moving_average``: as above, but the batch mean is normalised (with the bases
+      normalisation) *before* it is mixed in: mmseg's ``EMAModule`` rule, which uses
+      ``renorm=False`` and writes its momentum 0.1 for the *new* value (0.9 here).
     * ``backprop``: ``mu`` is an ``nn.Parameter`` learned by back-propagation; this needs
       ``grad="full"`` (otherwise no gradient can reach it).
     * ``none``: a fixed random buffer.
@@ -247,14 +252,14 @@ class EMAU(nn.Module):
         feats = self.conv1(x).reshape(b, c, h * w)
         # update_bases() writes the buffer in place after this call; autograd may have saved
         # mu0 for backward (grad="full", or "last" with one iteration), so hand it a copy.
-        updating = self.training and self.bases_update == "moving_average"
+        updating = self.training and self.bases_update in AVERAGED
         mu0 = self.mu.to(feats.dtype, copy=updating)
         if self._use_graph(feats):
             out = self._graphed(feats, mu0, self.current_iters)
         else:
             buffer = self._recon_buffer(b, h * w, c, feats)
             out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer)
-        if self.training and self.bases_update == "moving_average":
+        if updating:
             self.update_bases(out.bases)
         if self.record:
             self.last = EMAOutput(*(t.detach().clone() for t in out))
@@ -301,6 +306,8 @@ class EMAU(nn.Module):
         if _distributed():
             dist.all_reduce(mean, op=dist.ReduceOp.SUM)
             mean /= dist.get_world_size()
+        if self.bases_update == "normed_moving_average":
+            mean = normalize_bases(mean, self.norm)
         new = self.momentum * self.mu.float() + (1.0 - self.momentum) * mean
         if self.renorm:
             new = normalize_bases(new, self.norm)

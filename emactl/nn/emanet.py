@@ -21,12 +21,13 @@ MODELS: Registry[Callable[[ModelConfig, int], nn.Module]] = Registry("model")
 
 
 class SegmentationNet(nn.Module):
-    """backbone → head (→ aux head on layer 3) → bilinear upsampling to the input size."""
+    """backbone → head (→ aux head on layer 3) → bilinear upsampling to the input size
+    (``align_corners`` as ``cfg.align_corners``)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.pretrained)
+        self.backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.pretrained, cfg.multi_grid)
         channels = self.backbone.channels
         self.head = SegHead(channels["layer4"], num_classes, cfg)
         self.aux = AuxHead(channels["layer3"], num_classes, dropout=cfg.dropout, bn_momentum=cfg.bn_momentum) if cfg.aux else None
@@ -37,9 +38,10 @@ class SegmentationNet(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         size = x.shape[-2:]
         feats = self.backbone(x)
-        out = {"out": F.interpolate(self.head(feats["layer4"]), size=size, mode="bilinear", align_corners=False)}
+        corners = self.cfg.align_corners
+        out = {"out": F.interpolate(self.head(feats["layer4"]), size=size, mode="bilinear", align_corners=corners)}
         if self.aux is not None and self.training:
-            out["aux"] = F.interpolate(self.aux(feats["layer3"]), size=size, mode="bilinear", align_corners=False)
+            out["aux"] = F.interpolate(self.aux(feats["layer3"]), size=size, mode="bilinear", align_corners=corners)
         return out
 
     def head_parameters(self) -> Iterator[nn.Parameter]:

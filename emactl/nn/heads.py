@@ -154,7 +154,11 @@ def build_context(name: str, channels: int, cfg: ModelConfig) -> nn.Module:
 
 
 class SegHead(nn.Module):
-    """reduce (3×3 conv) → context → project (3×3 conv) → Dropout2d → classifier (1×1 conv)."""
+    """reduce (3×3 conv) → context → project (3×3 conv) → Dropout2d → classifier (1×1 conv).
+
+    With ``cfg.concat_input`` (mmseg's ``EMAHead``), a 3×3 conv + BN + ReLU over the channel
+    concatenation [layer-4 features, project output] (cin + mid → mid) runs before the dropout.
+    """
 
     def __init__(self, cin: int, num_classes: int, cfg: ModelConfig) -> None:
         super().__init__()
@@ -162,16 +166,22 @@ class SegHead(nn.Module):
         self.reduce = conv_bn_relu(cin, c, 3, bn_momentum=m)
         self.context = build_context(cfg.head, c, cfg)
         self.project = conv_bn_relu(c, mid, 3, bn_momentum=m)
+        self.concat = conv_bn_relu(cin + mid, mid, 3, bn_momentum=m) if cfg.concat_input else None
         self.dropout = nn.Dropout2d(cfg.dropout)
         self.classifier = nn.Conv2d(mid, num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.context(self.reduce(x))
-        return self.classifier(self.dropout(self.project(x)))
+        y = self.project(self.context(self.reduce(x)))
+        if self.concat is not None:
+            y = self.concat(torch.cat([x, y], dim=1))
+        return self.classifier(self.dropout(y))
 
 
 class AuxHead(nn.Module):
-    """FCN auxiliary head on layer 3: 3×3 conv → 256, BN, ReLU, Dropout2d, 1×1 conv."""
+    """FCN auxiliary head on layer 3: 3×3 conv → 256, BN, ReLU, Dropout2d, 1×1 conv.
+
+    This is mmseg's ``FCNHead(num_convs=1, channels=256, concat_input=False)`` as its EMANet
+    configs build it (loss weight 0.4)."""
 
     def __init__(self, cin: int, num_classes: int, channels: int = 256, dropout: float = 0.1, bn_momentum: float = 0.1) -> None:
         super().__init__()

@@ -1,0 +1,31 @@
+"""``emactl import``: a run directory from EMANet weights of the original code or mmseg."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("import")
+    def import_command(
+        source: str = typer.Argument(..., metavar="SOURCE", help="Which code wrote the checkpoint: original or mmseg."),
+        checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="The checkpoint file (.pth)."),
+        name: str = typer.Option(..., "--name", help="Run name: the run directory is OUT/NAME."),
+        out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run directory."),
+        set_: list[str] = typer.Option([], "--set", help="Override a recipe key of the import, e.g. data.root=/data/VOCdevkit."),
+    ) -> None:
+        """Import published EMANet weights as a run that eval, predict, visualize and ablate --from accept.
+
+        The recipe reproduces the source code's network and inference protocol (normalisation,
+        padding, upsampling); the number of classes comes from the checkpoint.
+        """
+        from ..errors import UserError
+        from ..importer import SOURCES, import_checkpoint
+
+        if source not in SOURCES:
+            raise UserError(f"SOURCE: got {source!r}; choose one of: {', '.join(SOURCES)}")
+        if not name or "/" in name or name in (".", ".."):
+            raise UserError(f"--name: got {name!r}; use a plain name without '/'")
+        run_dir = import_checkpoint(source, checkpoint, name, out, list(set_))
+        typer.echo(f"imported {source} checkpoint {checkpoint} → {run_dir} (recipe.yaml, checkpoints/, import.json)")
