@@ -312,6 +312,21 @@ def test_moving_average_update(renorm):
         assert (norms < 1 - 1e-4).all()  # averaging unit vectors shrinks them
 
 
+def test_normed_moving_average_is_mmsegs_rule():
+    """mmseg: bases ← (1 − 0.1)·bases + 0.1·l2normalise(mean_b(mu_T)), no renormalisation after."""
+    m = _tiny_unit(momentum=0.9, renorm=False, bases_update="normed_moving_average").train()
+    m.record = True
+    x = _tiny_input()
+    mu_before = m.mu.double().clone()
+    m(x)
+    mean = m.last.bases.double().mean(dim=0, keepdim=True)
+    normed = mean / torch.sqrt((mean * mean).sum(dim=1, keepdim=True))
+    want = (1 - 0.1) * mu_before + 0.1 * normed
+    assert max_abs(m.mu.double(), want) <= 1e-6
+    original = 0.9 * mu_before + 0.1 * mean  # the original code's rule differs
+    assert max_abs(m.mu.double(), original) > 1e-3
+
+
 def test_iters_in_training_and_eval_iters_in_eval():
     m = _tiny_unit(eval_iters=5, bases_update="none")
     m.iters = 2

@@ -511,3 +511,15 @@ def test_import_cli_then_eval_and_ablate_from(original, tmp_path, capsys):
         main(["ablate", "--from", str(run_dir), "--eval-iters", "1,3", "--out", str(tmp_path / "sweeps"),
               "--device", "cpu", *common])
     assert exc.value.code == 0
+
+
+def test_visualize_accepts_an_imported_run(original, tmp_path):
+    """bases, recon and predictions draw an imported run (padded input, cropped maps)."""
+    run_dir = import_checkpoint("original", original[1], "orig", tmp_path)
+    _write_images(tmp_path / "images", [(37, 45)])
+    for kind in ("bases", "recon", "predictions"):
+        with pytest.raises(SystemExit) as exc:
+            main(["visualize", kind, str(run_dir), "--images", str(tmp_path / "images"),
+                  "--out", str(tmp_path / "figures"), "--device", "cpu"])
+        assert exc.value.code == 0, kind
+    assert len(list((tmp_path / "figures").glob("*.png"))) >= 3

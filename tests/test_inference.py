@@ -91,3 +91,20 @@ def test_bad_window_settings_are_user_errors():
         predict_logits(model, x, EvalConfig(mode="slide"), K)
     with pytest.raises(UserError, match="stride"):
         predict_logits(model, x, EvalConfig(mode="slide", crop_size=4, stride=5), K)
+
+
+def test_pad_multiple_pads_to_8k_plus_1_and_crops_back():
+    """The original EMANet evaluation: zero padding (normalised space) to 8k+1, logits cropped."""
+    model = tiny_emanet()
+    x = torch.randn(1, 3, 37, 45)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    out = predict_logits(model, x, EvalConfig(pad_multiple=8), K)
+    assert seen == [(41, 49)] and out.shape[-2:] == (37, 45)
+    with torch.no_grad():
+        ref = model(torch.nn.functional.pad(x, (0, 4, 0, 4)))["out"][..., :37, :45]
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert not torch.allclose(out, whole(model, x), atol=1e-4)  # the padding is felt
+    seen.clear()
+    predict_logits(model, torch.randn(1, 3, 41, 33), EvalConfig(pad_multiple=8), K)
+    assert seen == [(41, 33)]  # already 8k+1: untouched

@@ -17,8 +17,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Import published EMANet weights as a run that eval, predict, visualize and ablate --from accept.
 
-        The recipe reproduces the source code's network and inference protocol (normalisation,
-        padding, upsampling); the number of classes comes from the checkpoint.
+        The run's recipe reproduces the source code's network and inference protocol (normalisation, padding, upsampling); the number of classes comes from the checkpoint.
         """
         from ..errors import UserError
         from ..importer import SOURCES, import_checkpoint

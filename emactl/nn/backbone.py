@@ -316,17 +316,22 @@ def strict_load(module: nn.Module, state: dict[str, Tensor], where: str, hint: s
 
 def load_pretrained(backbone: Backbone, source: str, arch: str) -> None:
     """Load ImageNet weights into ``backbone`` from a file (or, for torchvision stems, a weight name)."""
-    path = Path(source).expanduser()
-    if path.suffix in (".pth", ".pt") or path.exists() or backbone.stem_kind != "torchvision":
-        where = str(path)
-    else:
-        path, where = _hub_file(source, arch), source
-    state = map_imagenet_keys(_unwrap(load_torch(path), where), backbone.stem_kind)
     layouts = {
         "torchvision": "torchvision's ImageNet ResNet file",
         "deep": "the original EMANet's deep-stem ImageNet ResNet file (conv1.0 ... conv1.6, bn1)",
         "v1c": "mmcv's resnet_v1c ImageNet file (stem.0 ... stem.7)",
     }
+    path = Path(source).expanduser()
+    if path.suffix in (".pth", ".pt") or path.exists() or backbone.stem_kind != "torchvision":
+        where = str(path)
+        if not path.is_file():
+            raise UserError(
+                f"model.pretrained: {path}: no such file; download {layouts[backbone.stem_kind]} for {arch} "
+                "and give its path (or set model.pretrained=null to start from random weights)"
+            )
+    else:
+        path, where = _hub_file(source, arch), source
+    state = map_imagenet_keys(_unwrap(load_torch(path), where), backbone.stem_kind)
     strict_load(
         backbone, state, f"{where}: weights do not match backbone {arch!r}",
         f"use {layouts[backbone.stem_kind]} of the same depth or change model.backbone",

@@ -15,10 +15,12 @@ What we count, without computing anything (meta tensors):
   conv + classifier (EMANet: the 2048→C 3×3 reduction and the EMAU; DeepLabV3: the ASPP with
   its 1×1 projection). The paper's numbers match this convention, in MACs.
 * the backbone both as torchvision builds it (7×7 stem) and with the three-3×3-conv "deep
-  stem" of the PSPNet-style ResNet-101 that segmentation code of the time used.
+  stem" (and multi-grid) of the original EMANet code; the EMANet rows are the network that
+  ``recipes/voc_aug.yaml`` builds (:func:`emactl.importer.original_model`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,10 +29,9 @@ import torch
 import torchvision
 from rich.console import Console
 from torch import nn
-from torchvision.models.resnet import Bottleneck
 
-from ..config import EMAConfig, ModelConfig
-from ..nn.backbone import DILATION, Backbone, build_backbone
+from ..importer import original_model
+from ..nn.backbone import build_backbone
 from ..nn.emanet import build_model
 from .counting import count_module, count_params
 from .memory import peak_memory, saved_tensor_bytes, total_bytes
@@ -76,27 +77,9 @@ def published(method: str) -> Published:
     return next(p for p in PUBLISHED if p.method == method)
 
 
-def deep_stem_resnet101(output_stride: int = OUTPUT_STRIDE) -> Backbone:
-    """ResNet-101 with PSPNet's deep stem: three 3×3 convs (64, 64, 128) instead of one 7×7."""
-    resnet = torchvision.models.resnet101(weights=None, replace_stride_with_dilation=DILATION[output_stride])
-    resnet.conv1 = nn.Sequential(
-        nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(64, 64, 3, padding=1, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(64, 128, 3, padding=1, bias=False),
-    )
-    resnet.bn1 = nn.BatchNorm2d(128)
-    resnet.inplanes, resnet.dilation = 128, 1
-    resnet.layer1 = resnet._make_layer(Bottleneck, 64, 3)
-    return Backbone(resnet, {"layer3": 1024, "layer4": 2048})
-
-
 def _emanet(channels: int) -> nn.Module:
-    cfg = ModelConfig(backbone="resnet101", output_stride=OUTPUT_STRIDE, head="ema", head_channels=channels, ema=EMAConfig())
-    return build_model(cfg, NUM_CLASSES)
+    """The network ``recipes/voc_aug.yaml`` builds: the original code's (deep stem, multi-grid)."""
+    return build_model(dataclasses.replace(original_model(101), head_channels=channels), NUM_CLASSES)
 
 
 def _deeplabv3() -> nn.Module:
@@ -123,7 +106,7 @@ _NETWORKS = {
 }
 _BACKBONES = {
     "ResNet-101, torchvision 7x7 stem": lambda: build_backbone("resnet101", OUTPUT_STRIDE),
-    "ResNet-101, deep 3x3 stem": deep_stem_resnet101,
+    "ResNet-101, deep 3x3 stem": lambda: build_backbone("resnet101_deep", OUTPUT_STRIDE, multi_grid=[1, 2, 4]),
 }
 
 

@@ -84,9 +84,12 @@ def figure_size(n_bases: int, has_label: bool) -> tuple[float, float]:
     return cols * PANEL, rows * PANEL
 
 
-def upsample_map(resp_k: Tensor, size: tuple[int, int]) -> np.ndarray:
-    """An (h, w) map resized bilinearly to ``size`` (H, W)."""
-    return F.interpolate(resp_k[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+def upsample_map(resp_k: Tensor, size: tuple[int, int], input_size: tuple[int, int] | None = None) -> np.ndarray:
+    """An (h, w) map resized bilinearly to ``input_size`` (the model's, padded, input), then
+    cropped to the image's ``size`` (H, W)."""
+    full = input_size or size
+    up = F.interpolate(resp_k[None, None], size=full, mode="bilinear", align_corners=False)[0, 0]
+    return up[: size[0], : size[1]].numpy()
 
 
 def bases_figure(sample_image: np.ndarray, label: np.ndarray | None, rec: Recorded, chosen: Sequence[int],
@@ -119,7 +122,7 @@ def bases_figure(sample_image: np.ndarray, label: np.ndarray | None, rec: Record
     map_axes, artist = [], None
     for j, basis in enumerate(chosen):
         ax = fig.add_subplot(grid[1 + j // cols, j % cols])
-        artist = show_image(ax, upsample_map(rec.resp[..., basis], size), f"basis {basis}",
+        artist = show_image(ax, upsample_map(rec.resp[..., basis], size, rec.input_size), f"basis {basis}",
                             cmap=RESP_CMAP, vmin=0.0, vmax=vmax, interpolation="nearest")
         map_axes.append(ax)
     for j in range(len(chosen), (rows - 1) * cols):

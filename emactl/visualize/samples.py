@@ -22,6 +22,7 @@ from ..data import Sample, build_dataset, build_transforms, read_image
 from ..data.base import DATASETS
 from ..engine.checkpoint import LoadedRun
 from ..engine.evaluate import load_for_eval, run_dir_of
+from ..engine.inference import pad_to_multiple_plus_one
 from ..errors import UserError
 from ..nn.ema import EMAU
 from ..nn.emanet import ema_units
@@ -43,7 +44,9 @@ class Recorded:
     """One image through the model: the prediction and the EMA unit's inputs and outputs.
 
     ``feats`` is the conv1 output (what EM clusters) and ``recon`` the reconstruction μZᵀ,
-    both (C, h, w) at the feature resolution; ``resp`` is Z reshaped to (h, w, K).
+    both (C, h, w) at the feature resolution; ``resp`` is Z reshaped to (h, w, K). With
+    ``eval.pad_multiple`` the features cover the padded input of size ``input_size``, whose
+    top-left corner is the image.
     """
 
     pred: np.ndarray
@@ -51,6 +54,7 @@ class Recorded:
     recon: Tensor
     bases: Tensor
     resp: Tensor
+    input_size: tuple[int, int]
 
 
 def resolve_run(path: str | os.PathLike | None) -> Path:
@@ -133,7 +137,10 @@ def forward_record(run: LoadedRun, unit: EMAU, image: np.ndarray, device: torch.
     was_recording = unit.record
     unit.record = True
     try:
-        out = run.model(normalise(run.recipe, image).to(device))
+        x = normalise(run.recipe, image)
+        if run.recipe.eval.pad_multiple:
+            x = pad_to_multiple_plus_one(x, run.recipe.eval.pad_multiple)
+        out = run.model(x.to(device))
     finally:
         unit.record = was_recording
         hook.remove()
@@ -142,9 +149,10 @@ def forward_record(run: LoadedRun, unit: EMAU, image: np.ndarray, device: torch.
     feats = captured["feats"][0].float().cpu()
     c, h, w = feats.shape
     return Recorded(
-        pred=logits.argmax(dim=1)[0].cpu().numpy().astype(np.int64),
+        pred=logits.argmax(dim=1)[0, : image.shape[0], : image.shape[1]].cpu().numpy().astype(np.int64),
         feats=feats,
         recon=last.recon[0].float().cpu().reshape(c, h, w),
         bases=last.bases[0].float().cpu(),
         resp=last.resp[0].float().cpu().reshape(h, w, -1),
+        input_size=(int(x.shape[-2]), int(x.shape[-1])),
     )
