@@ -42,6 +42,7 @@ class EMAConfig:
     renorm: bool = True
     zero_init: bool = False
     cuda_graph: bool = False  # replay the EM iterations from CUDA graphs on a GPU when no gradient flows
+    fold: bool = True  # fold the unit's first 1x1 conv into the EM products (same result, less work)
 
 
 @dataclass

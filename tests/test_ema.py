@@ -5,6 +5,7 @@ floats, explicit loops over batch, bases, pixels and channels.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emactl.nn.ema import EMAU, em_attention
+from emactl.nn.ema import EMAU, em_attention, init_bases
 
 from gloo import run_gloo_workers
 
@@ -439,3 +440,69 @@ def test_zero_init_starts_as_identity_and_still_learns():
     y.square().sum().backward()
     assert unit.bn.weight.grad is not None and unit.bn.weight.grad.abs().sum() > 0
     assert not torch.equal(EMAU(8, bases=4)(x), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# conv1 folded into the EM products: the same bases, responsibilities, reconstruction and
+# gradients as convolving first, in float64.
+
+
+@pytest.mark.parametrize("norm", ["l2", "layernorm", "none"])
+@pytest.mark.parametrize("grad", ["none", "last", "full"])
+def test_folded_conv1_equals_conv_then_em_in_float64(grad, norm):
+    g = torch.Generator().manual_seed(5)
+    b, c_in, c, n, k = 2, 7, 6, 30, 4
+    x = torch.randn(b, c_in, n, generator=g, dtype=torch.float64).relu().requires_grad_()
+    weight = torch.randn(c, c_in, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_()
+    mu0 = init_bases(c, k, norm).double()
+    feats = torch.einsum("oc,bcn->bon", weight, x) + bias[:, None]  # the 1x1 conv, written out
+    plain = em_attention(feats, mu0, 3, 1.5, norm, grad, method="bmm")
+    folded = em_attention(x, mu0, 3, 1.5, norm, grad, method="bmm", weight=weight, bias=bias)
+    for name, ours, theirs in zip(("recon", "bases", "resp"), folded, plain):
+        assert rel_err(ours, theirs) <= 1e-10, name
+    if grad == "none":
+        assert not any(t.requires_grad for t in folded)
+        return
+    probe = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in plain]
+    expected = torch.autograd.grad(sum((t * p).sum() for t, p in zip(plain, probe)), (x, weight, bias))
+    got = torch.autograd.grad(sum((t * p).sum() for t, p in zip(folded, probe)), (x, weight, bias))
+    for name, ours, theirs in zip(("x", "weight", "bias"), got, expected):
+        assert theirs.abs().sum() > 0 and rel_err(ours, theirs) <= 1e-9, name
+
+
+@pytest.mark.parametrize("method", ["conv", "blocked"])
+def test_folded_fast_cpu_methods_match_float64(method):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 12, 50, generator=g).relu()
+    weight, bias = torch.randn(12, 12, generator=g) / 4, torch.randn(12, generator=g)
+    mu0 = init_bases(12, 5)
+    feats = torch.einsum("oc,bcn->bon", weight.double(), x.double()) + bias.double()[:, None]
+    want = em_attention(feats, mu0.double(), 3, method="bmm")
+    with torch.no_grad():
+        got = em_attention(x, mu0, 3, method=method, weight=weight, bias=bias, block=16)
+    for name, ours, theirs in zip(("recon", "bases", "resp"), got, want):
+        assert rel_err(ours, theirs) <= 1e-5, name
+
+
+@pytest.mark.parametrize("grad", ["none", "last", "full"])
+def test_emau_folded_equals_unfolded_outputs_and_gradients(grad):
+    """The unit with fold=True (default) against fold=False: outputs, bases update, gradients."""
+    torch.manual_seed(7)
+    unit = EMAU(8, 3, grad=grad, bases_update="backprop" if grad == "full" else "moving_average").double().train()
+    plain = copy.deepcopy(unit)
+    plain.fold = False
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64).relu()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    (unit(xa) * w).sum().backward()
+    (plain(xb) * w).sum().backward()
+    assert rel_err(xa.grad, xb.grad) <= 1e-9
+    assert rel_err(unit.mu.detach(), plain.mu.detach()) <= 1e-9
+    for (name, p), q in zip(unit.named_parameters(), plain.parameters()):
+        if q.grad is None:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+        else:
+            assert rel_err(p.grad, q.grad) <= 1e-9, name
+    if grad != "none":
+        assert unit.conv1.weight.grad is not None and unit.conv1.weight.grad.abs().sum() > 0

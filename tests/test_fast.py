@@ -1,7 +1,7 @@
 """The fast paths of EM attention and the EMA unit against plain references.
 
 Fast paths: the (B, K, N) responsibilities layout, the l2 M step without the division by
-Σ_n z, the reusable (B, N, C) reconstruction buffer (``out=``, and ``EMAU``'s own), bf16 inputs
+Σ_n z, the reusable (B, C, N) reconstruction buffer (``out=``, and ``EMAU``'s own), bf16 inputs
 and bf16 autocast, channels_last inputs. The reference here is a float64, (B, N, K)-layout
 implementation written as the public code writes it; every comparison is a relative error
 ‖a − b‖ / ‖b‖. Shapes are tiny; no test looks at time.
@@ -70,13 +70,13 @@ CASES = [("l2", 1.0), ("l2", 2.5), ("layernorm", 1.0), ("none", 0.5)]
 @pytest.mark.parametrize("norm,lam", CASES)
 def test_em_attention_fp32_matches_reference(norm, lam, use_out):
     x, mu0 = features(), init_bases(24, 6, norm)
-    out = torch.full((2, 40, 24), float("nan")) if use_out else None
+    out = torch.full((2, 24, 40), float("nan")) if use_out else None
     ours = em_attention(x, mu0, 3, lam, norm, "none", out=out)
     check(ours, reference(x, mu0, 3, lam, norm), FP32_TOL)
     if use_out:
         assert ours.recon.shape == (2, 24, 40)
         assert shares_storage(ours.recon, out) and ours.recon.data_ptr() == out.data_ptr()
-        torch.testing.assert_close(out, ours.recon.transpose(1, 2), rtol=0, atol=0)
+        torch.testing.assert_close(out, ours.recon, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("grad", ["none", "last", "full"])
@@ -94,7 +94,7 @@ def test_em_attention_grad_modes_fp32_match_reference(grad):
 @pytest.mark.parametrize("norm,lam", CASES)
 def test_fast_cpu_methods_match_reference(norm, lam, grad, method, block):
     x, mu0 = features(), init_bases(24, 6, norm)
-    out = torch.empty(2, 40, 24)
+    out = torch.empty(2, 24, 40)
     with torch.no_grad():
         ours = em_attention(x, mu0, 3, lam, norm, grad, out=out, method=method, block=block)
     check(ours, reference(x, mu0, 3, lam, norm), FP32_TOL)
@@ -145,14 +145,14 @@ def test_pick_method():
 def test_em_attention_per_image_bases_match_reference():
     x = features(3)
     mu0 = torch.cat([init_bases(24, 5) for _ in range(3)])
-    check(em_attention(x, mu0, 2, out=torch.empty(3, 40, 24)), reference(x, mu0, 2), FP32_TOL)
+    check(em_attention(x, mu0, 2, out=torch.empty(3, 24, 40)), reference(x, mu0, 2), FP32_TOL)
 
 
 def test_out_buffer_reused_across_calls():
     """One buffer, several inputs: each call's answer is right when it returns (and lives in
     the buffer, so the next call overwrites it)."""
     mu0 = init_bases(24, 6)
-    out = torch.empty(2, 40, 24)
+    out = torch.empty(2, 24, 40)
     previous = None
     for seed in range(4):
         x = features(seed=seed) * (1 + seed)
@@ -166,7 +166,7 @@ def test_out_buffer_reused_across_calls():
 
 
 @pytest.mark.parametrize(
-    "shape,dtype", [((2, 40, 23), torch.float32), ((2, 24, 40), torch.float32), ((2, 40, 24), torch.float64)]
+    "shape,dtype", [((2, 23, 40), torch.float32), ((2, 40, 24), torch.float32), ((2, 24, 40), torch.float64)]
 )
 def test_unfit_out_buffer_is_ignored(shape, dtype):
     x, mu0 = features(), init_bases(24, 6)
@@ -180,7 +180,7 @@ def test_unfit_out_buffer_is_ignored(shape, dtype):
 def test_out_buffer_unused_when_recon_needs_grad(grad):
     x = features().requires_grad_()
     mu0 = init_bases(24, 6)
-    out = torch.zeros(2, 40, 24)
+    out = torch.zeros(2, 24, 40)
     ours = em_attention(x, mu0, 3, grad=grad, out=out)
     assert ours.recon.requires_grad and not shares_storage(ours.recon, out)
     assert bool((out == 0).all())
@@ -216,7 +216,7 @@ def test_l2_m_step_without_sum_normalisation_equals_normalised():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_em_attention_bf16_inputs(seed, use_out):
     x, mu0 = features(seed=seed), init_bases(24, 6)
-    out = torch.empty(2, 40, 24, dtype=BF16) if use_out else None
+    out = torch.empty(2, 24, 40, dtype=BF16) if use_out else None
     ours = em_attention(x.to(BF16), mu0.to(BF16), 3, out=out)
     assert ours.recon.dtype == BF16
     if use_out:
@@ -228,7 +228,7 @@ def test_em_attention_bf16_inputs(seed, use_out):
 @pytest.mark.parametrize("use_out", [False, True], ids=["alloc", "out"])
 def test_em_attention_under_bf16_autocast(inputs, use_out):
     x, mu0 = features(), init_bases(24, 6)
-    out = torch.empty(2, 40, 24, dtype=BF16) if use_out else None
+    out = torch.empty(2, 24, 40, dtype=BF16) if use_out else None
     with torch.autocast("cpu", dtype=BF16):
         ours = em_attention(x.to(inputs), mu0.to(inputs), 3, out=out)
         again = em_attention(x.to(inputs), mu0.to(inputs), 3, out=out)  # the buffer once more
@@ -407,7 +407,7 @@ def test_em_attention_cuda_fp32_and_bf16_match_reference(norm, lam):
     x, mu0 = features(b=2, c=64, n=300), init_bases(64, 8, norm)
     ref = reference(x, mu0, 3, lam, norm)
     xc, muc = x.cuda(), mu0.cuda()
-    out = torch.empty(2, 300, 64, device="cuda")
+    out = torch.empty(2, 64, 300, device="cuda")
     check(em_attention(xc, muc, 3, lam, norm, out=out), ref, FP32_TOL)
     if (norm, lam) == ("l2", 1.0):  # the bf16 bound holds for the default only, as on the CPU (above)
         check(em_attention(xc.to(BF16), muc.to(BF16), 3, lam, norm), ref, BF16_TOL)

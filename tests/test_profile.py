@@ -372,3 +372,45 @@ def test_em_ops_breakdown_adds_up():
     total = df.set_index("op").loc["sum of the ops"]
     assert total["ms per em_attention"] == pytest.approx(ops["ms per em_attention"].sum())
     assert total["share of em_attention time"] == pytest.approx(total["ms per em_attention"] / whole)
+
+
+# --------------------------------------------------------------------------------------------
+# The unit section: the reference unit is the public code's, and emactl's training output is
+# no less accurate than it.
+
+
+def test_reference_unit_matches_emau_in_float64():
+    from emactl.profile.unit import make_units
+
+    units = make_units(16, 4, 3, torch.device("cpu"))
+    x = torch.randn(2, 16, 7, 9, dtype=torch.float64).relu()
+    outs = {}
+    for name, unit in units.items():
+        unit = unit.double().eval()
+        with torch.no_grad():
+            outs[name] = unit(x)
+    for name in ("emactl", "emactl unfolded"):  # they differ by the public code's 1e-6 epsilons only
+        assert float((outs[name] - outs["reference"]).abs().max() / outs["reference"].abs().max()) <= 1e-6, name
+
+
+def test_unit_training_output_error_is_no_worse_than_the_reference():
+    from emactl.profile.unit import make_units, training_error
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 512, 33, 33).relu()  # large enough for BN's channels-last path to show
+    errors = training_error(make_units(512, 8, 3, torch.device("cpu")), x)
+    assert errors["reference"] > 0
+    for name in ("emactl", "emactl unfolded"):
+        assert errors[name] <= 2 * errors["reference"], errors
+
+
+def test_unit_section_tables():
+    from emactl.profile.unit import profile_unit
+
+    rows, summary = profile_unit(2, 16, 9, 4, 2, torch.device("cpu"), [torch.float32], [1], repeats=1)
+    assert set(rows["unit"]) == {"emactl", "emactl unfolded", "reference"}
+    assert set(rows["mode"]) == {"eval", "train"}
+    ratios = summary.dropna(subset=["time / reference"])
+    assert len(ratios) == 4 and (ratios["low"] <= ratios["time / reference"]).all()
+    assert (ratios["time / reference"] <= ratios["high"]).all()
+    assert summary["rel. error"].notna().sum() == 3

@@ -14,8 +14,9 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (fp16 needs cuda); bf16/fp16 run under autocast."),
         out: Path = typer.Option(Path("profile_out"), help="Directory for the CSV/Markdown/JSON tables, notes.md and env.json."),
         sections: str = typer.Option(
-            "heads,networks,scaling,published,ema,train",
-            help="Comma-separated sections to run, in order. train: EMANet's training step in fp32 eager against "
+            "heads,networks,scaling,published,ema,unit,train",
+            help="Comma-separated sections to run, in order. unit: the whole EMA unit against the public code's, "
+            "eval and training, at 1 and all threads. train: EMANet's training step in fp32 eager against "
             "bf16 autocast + channels_last (and torch.compile with --compile), and against DeepLabV3.",
         ),
         channels: int = typer.Option(512, help="Channels C of the context modules (and of EMANet's head)."),

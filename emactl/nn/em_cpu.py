@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ema import normalize_bases
+from .ema import finish_m_step
 
 BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half a core's L2 here
 LARGE = 1 << 26  # multiply-adds per sample and product (C·N·K) from which auto leaves bmm
@@ -64,21 +64,36 @@ def pick_method(x: Tensor, mu: Tensor, method: str = "auto") -> str:
 
 
 def run_fast(
-    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, method: str, block: int | None = None
+    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, method: str, block: int | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """(last responsibilities (B, K, N), final bases (B, C, K)) by a fast method, or ``None``
-    where :func:`pick_method` leaves the iterations to the batched products."""
+    where :func:`pick_method` leaves the iterations to the batched products. ``weight`` and
+    ``bias`` fold a 1×1 convolution in, as in :func:`emactl.nn.ema.em_attention`."""
     chosen = pick_method(x, mu, method)
+    if weight is not None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
+        chosen = "bmm"
     with torch.autocast("cpu", enabled=False):
         if chosen == "conv":
-            return conv_iterations(x, mu, iters, temperature, norm)
+            return conv_iterations(x, mu, iters, temperature, norm, weight, bias)
         if chosen == "blocked":
             size = block or max(128, BLOCK_BYTES // (x.shape[1] * x.element_size()) // 64 * 64)
-            return blocked_iterations(x, mu, iters, temperature, norm, size)
+            return blocked_iterations(x, mu, iters, temperature, norm, size, weight, bias)
     return None
 
 
-def conv_iterations(x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str) -> tuple[Tensor, Tensor]:
+def _folded(mu: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The E step's operands for bases ``mu`` (…, C, K): weightᵀ·mu and muᵀ·bias (see e_step)."""
+    if weight is None:
+        return mu, None
+    return torch.matmul(mu.transpose(-1, -2), weight).transpose(-1, -2), (
+        torch.matmul(mu.transpose(-1, -2), bias) if bias is not None else None
+    )
+
+
+def conv_iterations(
+    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, weight: Tensor | None = None, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """EM iterations with both products as 1×1 convolutions, one sample at a time.
 
     For a sample ``xs`` (C, N):
@@ -95,25 +110,27 @@ def conv_iterations(x: Tensor, mu: Tensor, iters: int, temperature: float, norm:
     b, c, n = x.shape
     k = mu.shape[2]
     z = x.new_empty(b, k, n)
-    bases = x.new_empty(b, c, k)
+    bases = x.new_empty(b, mu.shape[1], k)
     for s in range(b):
         xs = x[s]
         image, filters = xs.view(1, c, 1, n), xs.view(c, n, 1, 1)
         mu_s = mu[s if mu.shape[0] > 1 else 0]
         for _ in range(iters):
-            logits = F.conv2d(image, mu_s.t().contiguous().view(k, c, 1, 1)).view(k, n)
+            nu, shift = _folded(mu_s, weight, bias)
+            logits = F.conv2d(image, nu.t().contiguous().view(k, c, 1, 1), shift).view(k, n)
             if temperature != 1.0:
                 logits.mul_(temperature)
             zs = torch.softmax(logits, 0, out=z[s])
-            total = F.conv2d(zs.t().unsqueeze(0).unsqueeze(2), filters)[0, :, 0, :]
-            if norm != "l2":  # l2 is scale-invariant per basis: no division needed
-                total = total / (1e-6 + zs.sum(dim=1))
-            mu_s = normalize_bases(total.unsqueeze(0), norm)[0]
+            xz = F.conv2d(zs.t().unsqueeze(0).unsqueeze(2), filters)[0, :, 0, :]
+            mu_s = finish_m_step(xz.unsqueeze(0), zs.unsqueeze(0), norm, weight, bias)[0]
         bases[s] = mu_s
     return z, bases
 
 
-def blocked_iterations(x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, block: int) -> tuple[Tensor, Tensor]:
+def blocked_iterations(
+    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, block: int,
+    weight: Tensor | None = None, bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """EM iterations in one pass over the features per iteration.
 
     The E step's softmax runs over K for each pixel on its own, so an iteration can go block by
@@ -125,10 +142,11 @@ def blocked_iterations(x: Tensor, mu: Tensor, iters: int, temperature: float, no
     z = x.new_empty(b, k, n)
     total = x.new_empty(b, c, k)
     for _ in range(iters):
-        mu_t = mu.transpose(1, 2)
+        nu, shift = _folded(mu, weight, bias)
+        nu_t = nu.transpose(1, 2)
         for start in range(0, n, block):
             xb, zb = x[:, :, start : start + block], z[:, :, start : start + block]
-            logits = torch.bmm(mu_t, xb)
+            logits = torch.bmm(nu_t, xb) if shift is None else torch.baddbmm(shift.unsqueeze(2), nu_t, xb)
             if temperature != 1.0:
                 logits.mul_(temperature)
             torch.softmax(logits, 1, out=zb)
@@ -136,6 +154,5 @@ def blocked_iterations(x: Tensor, mu: Tensor, iters: int, temperature: float, no
                 torch.bmm(xb, zb.transpose(1, 2), out=total)
             else:
                 total.baddbmm_(xb, zb.transpose(1, 2))
-        mu = total if norm == "l2" else total / (1e-6 + z.sum(dim=2).unsqueeze(1))
-        mu = normalize_bases(mu, norm)  # a new tensor: the next pass may overwrite total
+        mu = finish_m_step(total, z, norm, weight, bias)  # a new tensor: the next pass may overwrite total
     return z, mu

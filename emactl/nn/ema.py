@@ -57,25 +57,39 @@ def normalize_bases(mu: Tensor, norm: str) -> Tensor:
     raise ValueError(f"unknown bases normalisation {norm!r}; choose one of {NORMS}")
 
 
-def e_step(x: Tensor, mu: Tensor, temperature: float) -> Tensor:
-    """Responsibilities z = softmax_k(λ muᵀ x), stored as (B, K, N).
+def e_step(x: Tensor, mu: Tensor, temperature: float, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Responsibilities z = softmax_k(λ muᵀ f), stored as (B, K, N), with features f = x, or
+    f = weight·x + bias when a 1×1 convolution is folded in: muᵀ f = (weightᵀ mu)ᵀ x + muᵀ bias.
 
     The (B, K, N) layout makes both GEMMs of an iteration read ``x`` in its natural (B, C, N)
     order, which measured faster than the (B, N, K) layout of the public code.
     """
-    logits = torch.bmm(mu.transpose(1, 2), x)
+    if weight is None:
+        logits = torch.bmm(mu.transpose(1, 2), x)
+    else:
+        nu_t = torch.matmul(mu.transpose(1, 2), weight)  # (B, K, C_in): one (B·K, C) × (C, C_in) product
+        shift = torch.matmul(mu.transpose(1, 2), bias).unsqueeze(2) if bias is not None else None
+        logits = torch.bmm(nu_t, x) if shift is None else torch.baddbmm(shift, nu_t, x)
     if temperature != 1.0:
         logits = logits * temperature
     return torch.softmax(logits, dim=1)
 
 
-def m_step(x: Tensor, z: Tensor, norm: str) -> Tensor:
-    """Bases mu_k = Σ_n z_kn x_n / Σ_n z_kn, normalised over C; ``z`` is (B, K, N).
+def m_step(x: Tensor, z: Tensor, norm: str, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Bases mu_k = Σ_n z_kn f_n / Σ_n z_kn, normalised over C; ``z`` is (B, K, N).
 
-    l2 normalisation is scale-invariant per basis, so for ``l2`` the division by Σ_n z_kn is
-    skipped: it cannot change the result (up to rounding).
+    With a folded 1×1 convolution (f = weight·x + bias), Σ_n z_kn f_n = weight·(x zᵀ)_k +
+    bias·Σ_n z_kn. l2 normalisation is scale-invariant per basis, so for ``l2`` the division
+    by Σ_n z_kn is skipped: it cannot change the result (up to rounding).
     """
-    mu = torch.bmm(x, z.transpose(1, 2))
+    return finish_m_step(torch.bmm(x, z.transpose(1, 2)), z, norm, weight, bias)
+
+
+def finish_m_step(xz: Tensor, z: Tensor, norm: str, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """The M step from the product ``x zᵀ`` (B, C_in, K): fold the convolution back, normalise."""
+    mu = xz if weight is None else torch.matmul(xz.transpose(1, 2), weight.t()).transpose(1, 2)
+    if bias is not None:
+        mu = torch.baddbmm(mu, bias.view(1, -1, 1).expand(mu.shape[0], -1, 1), z.sum(dim=2, keepdim=True).transpose(1, 2))
     if norm != "l2":
         mu = mu / (1e-6 + z.sum(dim=2).unsqueeze(1))
     return normalize_bases(mu, norm)
@@ -91,15 +105,23 @@ def em_attention(
     out: Tensor | None = None,
     method: str = "auto",
     block: int | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> EMAOutput:
     """Run T EM iterations on features ``x`` (B, C, N) from initial bases ``mu0`` (1|B, C, K).
 
     Returns the reconstruction (B, C, N), the final bases (B, C, K) and the last
     responsibilities (B, N, K). See the module docstring for the algorithm and ``grad``.
 
-    ``out``, a (B, N, C) tensor, receives the reconstruction when no gradient is needed for it;
-    the returned ``recon`` is then its (B, C, N) transposed view. Reusing one buffer across
-    calls avoids allocating (and, on the CPU, page-faulting) the largest tensor of the unit.
+    ``out``, a (B, C, N) tensor, receives the reconstruction when no gradient is needed for
+    it. Reusing one buffer across calls avoids allocating (and, on the CPU, page-faulting) the
+    largest tensor of the unit; it has the layout of a fresh result, so nothing downstream
+    changes.
+
+    ``weight`` (C, C_in) and ``bias`` (C,) fold a 1×1 convolution into the products: the
+    features are then ``weight·x + bias`` for an input ``x`` (B, C_in, N), and they are never
+    formed (see :func:`e_step` and :func:`m_step`). Bases, responsibilities and reconstruction
+    are the same as on the convolved features, and so are their gradients.
 
     ``method`` runs the iterations that need no gradient: ``bmm`` as written above, or on the
     CPU ``conv`` or ``blocked`` (see :mod:`emactl.nn.em_cpu`); ``auto`` picks the fastest
@@ -118,34 +140,37 @@ def em_attention(
     mu = mu0.expand(b, -1, -1)
     free_iters = {"none": iters, "last": iters - 1, "full": 0}[grad]
     z = None
+    proj = (weight, bias)
     with torch.no_grad() if free_iters else contextlib.nullcontext():
-        z, mu = _iterate(x, mu, free_iters, temperature, norm, z, method, block)
-    z, mu = _iterate(x, mu, iters - free_iters, temperature, norm, z, method, block)
+        z, mu = _iterate(x, mu, free_iters, temperature, norm, z, method, block, proj)
+    z, mu = _iterate(x, mu, iters - free_iters, temperature, norm, z, method, block, proj)
     needs_grad = torch.is_grad_enabled() and (mu.requires_grad or z.requires_grad)
-    fits = out is not None and out.shape == (b, x.shape[2], x.shape[1]) and out.dtype == mu.dtype == z.dtype
-    if fits and not needs_grad:
-        recon = torch.bmm(z.transpose(1, 2), mu.transpose(1, 2), out=out).transpose(1, 2)
+    fits = out is not None and out.shape == (b, mu.shape[1], x.shape[2]) and out.dtype == mu.dtype == z.dtype
+    if fits and not needs_grad and out.is_contiguous():
+        recon = torch.bmm(mu, z, out=out)
     else:
         recon = torch.bmm(mu, z)
     return EMAOutput(recon, mu, z.transpose(1, 2))
 
 
 def _iterate(
-    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, z: Tensor | None, method: str, block: int | None
+    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, z: Tensor | None, method: str, block: int | None,
+    proj: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor | None, Tensor]:
     """``iters`` EM iterations from bases ``mu``: a faster CPU method where one applies
-    (:mod:`emactl.nn.em_cpu`), else the plain batched products."""
+    (:mod:`emactl.nn.em_cpu`), else the plain batched products. ``proj`` is a folded 1×1
+    convolution's (weight, bias), or (None, None)."""
     if iters == 0:
         return z, mu
     if method != "bmm":
         from .em_cpu import run_fast
 
-        fast = run_fast(x, mu, iters, temperature, norm, method, block)
+        fast = run_fast(x, mu, iters, temperature, norm, method, block, *proj)
         if fast is not None:
             return fast
     for _ in range(iters):
-        z = e_step(x, mu, temperature)
-        mu = m_step(x, z, norm)
+        z = e_step(x, mu, temperature, *proj)
+        mu = m_step(x, z, norm, *proj)
     return z, mu
 
 
@@ -183,6 +208,10 @@ class EMAU(nn.Module):
     ``iters`` applies in training; ``eval_iters`` (default: ``iters``) in eval mode, and can be
     changed at any time, e.g. by ``emactl eval --iters``.
 
+    ``fold`` folds conv1 into the EM products (:func:`em_attention`'s ``weight``/``bias``):
+    conv1's output, an N·C·C product, is never formed; outputs and gradients are the same.
+    ``fold=False`` runs conv1 as written, for comparison.
+
     ``cuda_graph`` replays the EM iterations from CUDA graphs (:mod:`emactl.nn.cudagraph`)
     whenever no gradient flows through them (eval, or ``grad="none"``) and the input is on a
     GPU; elsewhere it changes nothing.
@@ -203,6 +232,7 @@ class EMAU(nn.Module):
         bn_momentum: float = 0.1,
         zero_init: bool = False,
         cuda_graph: bool = False,
+        fold: bool = True,
     ) -> None:
         super().__init__()
         if norm not in NORMS:
@@ -220,6 +250,7 @@ class EMAU(nn.Module):
         self.momentum, self.renorm = momentum, renorm
         self.zero_init = zero_init
         self.cuda_graph = cuda_graph
+        self.fold = fold
         self._graphed = None  # a GraphedEMAttention, made on the first graphed call
         self.record = False  # when True, keep the last responsibilities for visualisation
         self.last: EMAOutput | None = None
@@ -249,16 +280,23 @@ class EMAU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x
         b, c, h, w = x.shape
-        feats = self.conv1(x).reshape(b, c, h * w)
+        graphed = self._use_graph(x)
+        if self.fold and not graphed:  # conv1 lives in the products: its output never exists
+            feats = x.reshape(b, c, h * w)
+            if torch.is_autocast_enabled(x.device.type):  # cast once, not in every product
+                feats = feats.to(torch.get_autocast_dtype(x.device.type))
+            proj = {"weight": self.conv1.weight.view(c, c), "bias": self.conv1.bias}
+        else:
+            feats, proj = self.conv1(x).reshape(b, c, h * w), {}
         # update_bases() writes the buffer in place after this call; autograd may have saved
         # mu0 for backward (grad="full", or "last" with one iteration), so hand it a copy.
         updating = self.training and self.bases_update in AVERAGED
         mu0 = self.mu.to(feats.dtype, copy=updating)
-        if self._use_graph(feats):
+        if graphed:
             out = self._graphed(feats, mu0, self.current_iters)
         else:
-            buffer = self._recon_buffer(b, h * w, c, feats)
-            out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer)
+            buffer = self._recon_buffer(b, c, h * w, feats)
+            out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer, **proj)
         if updating:
             self.update_bases(out.bases)
         if self.record:
@@ -278,8 +316,8 @@ class EMAU(nn.Module):
             self._graphed = GraphedEMAttention(self.temperature, self.norm)
         return True
 
-    def _recon_buffer(self, b: int, n: int, c: int, like: Tensor) -> Tensor | None:
-        """A reusable (B, N, C) reconstruction buffer, when the reconstruction needs no gradient.
+    def _recon_buffer(self, b: int, c: int, n: int, like: Tensor) -> Tensor | None:
+        """A reusable (B, C, N) reconstruction buffer, when the reconstruction needs no gradient.
 
         Only the EMA branch's own output lives here; nothing autograd saves refers to it (the
         ReLU after it saves its own output), so the next forward may overwrite it.
@@ -289,14 +327,14 @@ class EMAU(nn.Module):
         buf = self._buffer
         stale = (
             buf is None
-            or buf.shape != (b, n, c)
+            or buf.shape != (b, c, n)
             or buf.dtype != like.dtype
             or buf.device != like.device
             # an inference-mode tensor cannot be written outside inference mode (and back)
             or buf.is_inference() != torch.is_inference_mode_enabled()
         )
         if stale:
-            buf = self._buffer = torch.empty(b, n, c, dtype=like.dtype, device=like.device)
+            buf = self._buffer = torch.empty(b, c, n, dtype=like.dtype, device=like.device)
         return buf
 
     @torch.no_grad()
@@ -318,5 +356,5 @@ class EMAU(nn.Module):
             f"channels={self.channels}, bases={self.k}, iters={self.iters}, "
             f"eval_iters={self.eval_iters}, temperature={self.temperature}, norm={self.norm}, "
             f"grad={self.grad}, bases_update={self.bases_update}, momentum={self.momentum}, "
-            f"renorm={self.renorm}, zero_init={self.zero_init}, cuda_graph={self.cuda_graph}"
+            f"renorm={self.renorm}, zero_init={self.zero_init}, cuda_graph={self.cuda_graph}, fold={self.fold}"
         )

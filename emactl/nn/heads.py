@@ -132,6 +132,7 @@ def ema_unit(channels: int, cfg: ModelConfig) -> EMAU:
         bn_momentum=cfg.bn_momentum,
         zero_init=e.zero_init,
         cuda_graph=e.cuda_graph,
+        fold=e.fold,
     )
 
 

@@ -59,7 +59,7 @@ def profile_em_ops(
         "E step: softmax over K": iters,
         f"M step: bmm x z^T ({batch},{channels},{n})x({batch},{n},{bases})": iters,
         "M step: l2 normalise over C": iters,
-        f"reconstruction: bmm z^T mu^T ({batch},{n},{bases})x({batch},{bases},{channels}) into out": 1,
+        f"reconstruction: bmm mu z ({batch},{channels},{bases})x({batch},{bases},{n}) into out": 1,
     }
     names = list(ops)
     fns = {}
@@ -70,12 +70,12 @@ def profile_em_ops(
         z = e_step(x, mu, 1.0)
         logits = torch.bmm(mu.transpose(1, 2), x)
         raw = torch.bmm(x, z.transpose(1, 2))
-        out = torch.empty(batch, n, channels, device=device, dtype=dtype)
+        out = torch.empty(batch, channels, n, device=device, dtype=dtype)
         fns[(names[0], d)] = lambda x=x, mu=mu: torch.bmm(mu.transpose(1, 2), x)
         fns[(names[1], d)] = lambda logits=logits: torch.softmax(logits, dim=1)
         fns[(names[2], d)] = lambda x=x, z=z: torch.bmm(x, z.transpose(1, 2))
         fns[(names[3], d)] = lambda raw=raw: normalize_bases(raw, "l2")
-        fns[(names[4], d)] = lambda z=z, mu=mu, out=out: torch.bmm(z.transpose(1, 2), mu.transpose(1, 2), out=out)
+        fns[(names[4], d)] = lambda z=z, mu=mu, out=out: torch.bmm(mu, z, out=out)
         fns[("em_attention", d)] = lambda x=x, mu=mu, out=out: em_attention(x, mu[:1], iters, grad="none", out=out)
         for method in _methods(device):
             fns[(f"em_attention, method={method}", d)] = lambda x=x, mu=mu, out=out, method=method: em_attention(
@@ -157,7 +157,7 @@ def profile_em_attention(
         fns[("mm", d)] = lambda sq=sq: torch.mm(sq, sq)
         fns[("reference", d)] = lambda x=x, mu=mu: reference_em_attention(x, mu, iters)
         # EMAU reuses one reconstruction buffer across calls; the timing does the same
-        out = torch.empty(batch, n, channels, device=device, dtype=dtype)
+        out = torch.empty(batch, channels, n, device=device, dtype=dtype)
         fns[("em_attention", d)] = lambda x=x, mu=mu, out=out: em_attention(x, mu, iters, grad="none", out=out)
         if device.type == "cuda":
             graphed = GraphedEMAttention()

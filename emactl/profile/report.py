@@ -44,6 +44,7 @@ from .settings import (
 )
 from .timing import TIMING_NOTE
 from .training import TRAIN_NETWORKS, mixed_dtype, profile_training
+from .unit import profile_unit
 
 
 @dataclass
@@ -200,6 +201,40 @@ def run_ema(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
+def unit_threads(s: ProfileSettings) -> list[int]:
+    """One thread and all of them on the CPU (``--threads`` replaces "all"); torch's choice elsewhere."""
+    if s.device.type != "cpu":
+        return [torch.get_num_threads()]
+    return sorted({1, s.threads or os.cpu_count() or 1})
+
+
+def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
+    size, batch = s.section_size(EMA_SIZE), s.section_batch(EMA_BATCH)
+    dtypes = benchmark_dtypes(s.device, s.torch_dtype)
+    threads = unit_threads(s)
+    shape = f"B={batch}, C={s.channels}, N={size}x{size}, K={s.bases}, T={s.iters}"
+    console.log(f"unit: timing the whole EMA unit against the reference unit ({shape}; threads {threads})")
+    df, summary = profile_unit(batch, s.channels, size, s.bases, s.iters, s.device, dtypes, threads, s.repeats)
+    return SectionResult(
+        {
+            "unit": (f"The whole EMA unit against the public code's unit: {shape}, {s.device}", df),
+            "unit_summary": (f"EMA unit: emactl / reference time with its spread, low to high ({shape}, {s.device})", summary),
+        },
+        [
+            "reference: the original code's EMA unit written plainly (emactl/profile/unit.py ReferenceEMAU): conv1, "
+            "T EM iterations under no_grad, ReLU, conv2 + BN, residual, ReLU; its training script's moving average",
+            "emactl: EMAU as the recipes build it (conv1 folded into the EM products, grad=none, renorm=false); "
+            "emactl unfolded: the same with model.ema.fold=false; all three share weights, bases and BN state",
+            "eval: forward under no_grad in eval mode; train: training-mode forward, a weighted-sum loss, backward and "
+            "the bases update; bf16: under torch.autocast (parameters fp32), fp32 inputs",
+            "low, high: the spread of a ratio over the rounds, q1(emactl)/q3(reference) and q3(emactl)/q1(reference)",
+            "train output vs float64: max |fp32 output - float64 output| / max |float64 output| of one training-mode "
+            "forward of each unit against a float64 copy of itself, on the first two images",
+            TIMING_NOTE,
+        ],
+    )
+
+
 def run_train(s: ProfileSettings, console: Console) -> SectionResult:
     batch = s.section_batch(TRAIN_BATCH)
     dtype = mixed_dtype(s.device, s.torch_dtype)
@@ -260,6 +295,7 @@ RUNNERS: dict[str, Callable[[ProfileSettings, Console], SectionResult]] = {
     "scaling": run_scaling,
     "published": run_published,
     "ema": run_ema,
+    "unit": run_unit,
     "train": run_train,
 }
 

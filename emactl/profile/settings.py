@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..nn.backbone import BACKBONES
 from .timing import DTYPES
 
-SECTIONS = ("heads", "networks", "scaling", "published", "ema", "train")
+SECTIONS = ("heads", "networks", "scaling", "published", "ema", "unit", "train")
 HEADS = ("ema", "nonlocal", "a2", "conv3x3", "aspp", "psp")
 SCALING_HEADS = ("ema", "nonlocal", "a2", "conv3x3")
 NETWORK_BACKBONES = ("resnet50", "resnet101")  # torchvision ships DeepLabV3/FCN for these

@@ -52,6 +52,8 @@ class Timing:
     median: float
     iqr: float
     runs: int
+    q1: float = 0.0  # first and third quartiles, for the spread of ratios
+    q3: float = 0.0
 
     @property
     def ms(self) -> float:
@@ -96,8 +98,8 @@ def measure_many(
                 times[key].append(_timed_call(fn, device))
     result = {}
     for key, values in times.items():
-        q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-        result[key] = Timing(statistics.median(values), q[2] - q[0], len(values))
+        q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+        result[key] = Timing(statistics.median(values), q[2] - q[0], len(values), q[0], q[2])
     return result
 
 

@@ -133,7 +133,8 @@ def normalise(recipe: Recipe, image: np.ndarray) -> Tensor:
 def forward_record(run: LoadedRun, unit: EMAU, image: np.ndarray, device: torch.device) -> Recorded:
     """Run one whole image through the model and keep what ``unit`` saw and produced."""
     captured: dict[str, Tensor] = {}
-    hook = unit.conv1.register_forward_hook(lambda _m, _i, out: captured.__setitem__("feats", out.detach()))
+    # the unit may fold conv1 into its products, so its features are computed here from its input
+    hook = unit.register_forward_pre_hook(lambda m, args: captured.__setitem__("feats", m.conv1(args[0]).detach()))
     was_recording = unit.record
     unit.record = True
     try:

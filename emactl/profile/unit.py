@@ -1,0 +1,188 @@
+"""The whole EMA unit as users run it, against the public code's unit written plainly.
+
+A speed claim about EM attention counts where users feel it: the whole unit (1×1 conv, T EM
+iterations, reconstruction, 1×1 conv + BN, residual, ReLU), in eval (a forward under
+``no_grad``) and in training (forward, backward and the moving-average update of the bases).
+:class:`ReferenceEMAU` computes the unit as the original EMANet code does; both units get the
+same weights and inputs and are timed in the same interleaved rounds, at one thread and at all
+of them, in fp32 and under bf16 autocast. The fp32 training output is also compared with a
+float64 run of the same unit, for both.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.ema import EMAU
+from .reference import reference_em_attention
+from .timing import Timing, measure_many
+
+UNITS = ("emactl", "emactl unfolded", "reference")
+
+
+class ReferenceEMAU(nn.Module):
+    """The original code's EMA unit: conv1 → EM (no gradient) → ReLU → conv2 + BN → + x → ReLU.
+
+    ``update_bases`` is the moving average its training script applies after each forward:
+    ``mu ← 0.9·mu + 0.1·mean_b(mu_T)``.
+    """
+
+    def __init__(self, channels: int, bases: int, iters: int = 3, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.iters, self.momentum = iters, momentum
+        self.register_buffer("mu", torch.zeros(1, channels, bases))
+        self.conv1 = nn.Conv2d(channels, channels, 1)
+        self.conv2 = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.last_bases: Tensor | None = None
+
+    @classmethod
+    def like(cls, unit: EMAU) -> "ReferenceEMAU":
+        """A reference unit holding ``unit``'s weights, bases and BN state."""
+        ref = cls(unit.channels, unit.k, unit.iters, unit.momentum)
+        with torch.no_grad():
+            ref.mu.copy_(unit.mu)
+            ref.conv1.load_state_dict(unit.conv1.state_dict())
+            ref.conv2[0].load_state_dict(unit.conv2.state_dict())
+            ref.conv2[1].load_state_dict(unit.bn.state_dict())
+        return ref.to(unit.mu.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        idn = x
+        feats = self.conv1(x)
+        b, c, h, w = feats.shape
+        recon, mu, _ = reference_em_attention(feats.view(b, c, h * w), self.mu.to(feats.dtype), self.iters)
+        self.last_bases = mu
+        y = F.relu(recon.view(b, c, h, w))
+        return F.relu(self.conv2(y) + idn)
+
+    @torch.no_grad()
+    def update_bases(self) -> None:
+        mean = self.last_bases.float().mean(dim=0, keepdim=True)
+        self.mu.mul_(self.momentum).add_(mean * (1 - self.momentum))
+
+
+def make_units(channels: int, bases: int, iters: int, device: torch.device, seed: int = 0) -> dict[str, nn.Module]:
+    """The three units with equal weights: emactl's default (conv1 folded into the EM
+    products), emactl with ``fold=False``, and the reference. BN statistics are non-trivial."""
+    torch.manual_seed(seed)
+    unit = EMAU(channels, bases, iters, renorm=False).to(device)
+    with torch.no_grad():
+        unit.bn.running_mean.uniform_(-0.5, 0.5)
+        unit.bn.running_var.uniform_(0.5, 2.0)
+        unit.bn.weight.uniform_(0.5, 1.5)
+    unfolded = copy.deepcopy(unit)
+    unfolded.fold = False
+    return {"emactl": unit, "emactl unfolded": unfolded, "reference": ReferenceEMAU.like(unit)}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def eval_call(unit: nn.Module, x: Tensor, device: torch.device, dtype: torch.dtype) -> Callable[[], Tensor]:
+    unit.eval()
+
+    def run() -> Tensor:
+        with torch.no_grad(), _autocast(device, dtype):
+            return unit(x)
+
+    return run
+
+
+def train_call(unit: nn.Module, x: Tensor, weight: Tensor, device: torch.device, dtype: torch.dtype) -> Callable[[], Tensor]:
+    """Forward, a weighted-sum loss, backward and the bases update, as one training step runs them."""
+    unit.train()
+    inputs = x.detach().clone().requires_grad_()
+    params = [p for p in unit.parameters() if p.requires_grad]
+
+    def run() -> Tensor:
+        for p in params:
+            p.grad = None
+        inputs.grad = None
+        with _autocast(device, dtype):
+            out = unit(inputs)
+            loss = (out.float() * weight).sum()
+        if isinstance(unit, ReferenceEMAU):
+            unit.update_bases()
+        loss.backward()
+        return out
+
+    return run
+
+
+def training_error(units: dict[str, nn.Module], x: Tensor) -> dict[str, float]:
+    """Relative error (max |diff| / max |float64|) of each unit's fp32 training-mode output
+    against a float64 copy of the same unit on the same input."""
+    errors = {}
+    for name, unit in units.items():
+        exact = copy.deepcopy(unit).double().train()
+        probe = copy.deepcopy(unit).train()
+        with torch.no_grad():
+            want = exact(x.double())
+            got = probe(x)
+        errors[name] = float((got.double() - want).abs().max() / want.abs().max())
+    return errors
+
+
+def profile_unit(
+    batch: int,
+    channels: int,
+    size: int,
+    bases: int,
+    iters: int,
+    device: torch.device,
+    dtypes: list[torch.dtype],
+    thread_counts: list[int],
+    repeats: int = 3,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per (threads, dtype, mode): each unit's time and emactl / reference ratios with spread.
+
+    The spread of a ratio a/b is [q1(a)/q3(b), q3(a)/q1(b)] over the interleaved rounds.
+    """
+    from .emattention import DTYPE_NAMES
+
+    torch.manual_seed(1)
+    x = torch.randn(batch, channels, size, size, device=device).relu()  # after the head's conv + BN + ReLU
+    weight = torch.randn(batch, channels, size, size, device=device)
+    previous = torch.get_num_threads()
+    rows, summary = [], []
+    try:
+        for threads in thread_counts:
+            if device.type == "cpu":
+                torch.set_num_threads(threads)
+            units = {(mode, d): make_units(channels, bases, iters, device) for mode in ("eval", "train") for d in dtypes}
+            fns = {}
+            for (mode, dtype), group in units.items():
+                for name, unit in group.items():
+                    fns[(name, DTYPE_NAMES[dtype], mode)] = (
+                        eval_call(unit, x, device, dtype) if mode == "eval" else train_call(unit, x, weight, device, dtype)
+                    )
+            timings = measure_many(fns, device, rounds=repeats)
+            for (name, d, mode), t in timings.items():
+                ref = timings[("reference", d, mode)]
+                rows.append({"threads": threads, "dtype": d, "mode": mode, "unit": name, "ms": t.ms,
+                             "IQR (ms)": t.iqr * 1e3, "time / reference": t.median / ref.median})
+            for d in [DTYPE_NAMES[dt] for dt in dtypes]:
+                for mode in ("eval", "train"):
+                    for name in UNITS[:2]:
+                        ours, ref = timings[(name, d, mode)], timings[("reference", d, mode)]
+                        low, high = _ratio_spread(ours, ref)
+                        summary.append({"threads": threads, "dtype": d, "mode": mode, "unit": name,
+                                        "time / reference": ours.median / ref.median, "low": low, "high": high})
+    finally:
+        torch.set_num_threads(previous)
+    errors = training_error(make_units(channels, bases, iters, device), x[: min(batch, 2)])
+    for name, err in errors.items():
+        summary.append({"threads": None, "dtype": "fp32", "mode": "train output vs float64", "unit": name,
+                        "time / reference": None, "low": None, "high": None, "rel. error": err})
+    return pd.DataFrame(rows), pd.DataFrame(summary)
+
+
+def _ratio_spread(a: Timing, b: Timing) -> tuple[float, float]:
+    return a.q1 / b.q3, a.q3 / b.q1
