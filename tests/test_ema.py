@@ -506,3 +506,13 @@ def test_emau_folded_equals_unfolded_outputs_and_gradients(grad):
             assert rel_err(p.grad, q.grad) <= 1e-9, name
     if grad != "none":
         assert unit.conv1.weight.grad is not None and unit.conv1.weight.grad.abs().sum() > 0
+
+
+def test_emau_folds_only_where_it_saves_work():
+    """Folding trades N·C² for 2T·C²·K multiply-adds: it pays when N > 2·T·K."""
+    unit = EMAU(8, 4, iters=3)
+    assert not unit.folds(24) and unit.folds(25)
+    unit.eval_iters = 1
+    assert unit.eval().folds(9) and not unit.train().folds(9)
+    unit.fold = False
+    assert not unit.folds(10_000)

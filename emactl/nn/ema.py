@@ -208,9 +208,9 @@ class EMAU(nn.Module):
     ``iters`` applies in training; ``eval_iters`` (default: ``iters``) in eval mode, and can be
     changed at any time, e.g. by ``emactl eval --iters``.
 
-    ``fold`` folds conv1 into the EM products (:func:`em_attention`'s ``weight``/``bias``):
-    conv1's output, an N·C·C product, is never formed; outputs and gradients are the same.
-    ``fold=False`` runs conv1 as written, for comparison.
+    ``fold`` folds conv1 into the EM products (:func:`em_attention`'s ``weight``/``bias``)
+    wherever that saves work (:meth:`folds`): conv1's output, an N·C·C product, is then never
+    formed; outputs and gradients are the same. ``fold=False`` always runs conv1 as written.
 
     ``cuda_graph`` replays the EM iterations from CUDA graphs (:mod:`emactl.nn.cudagraph`)
     whenever no gradient flows through them (eval, or ``grad="none"``) and the input is on a
@@ -281,9 +281,9 @@ class EMAU(nn.Module):
         identity = x
         b, c, h, w = x.shape
         graphed = self._use_graph(x)
-        if self.fold and not graphed:  # conv1 lives in the products: its output never exists
+        if self.folds(h * w) and not graphed:  # conv1 lives in the products: its output never exists
             feats = x.reshape(b, c, h * w)
-            if torch.is_autocast_enabled(x.device.type):  # cast once, not in every product
+            if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):  # cast once, not per product
                 feats = feats.to(torch.get_autocast_dtype(x.device.type))
             proj = {"weight": self.conv1.weight.view(c, c), "bias": self.conv1.bias}
         else:
@@ -304,6 +304,12 @@ class EMAU(nn.Module):
         y = F.relu(out.recon.reshape(b, c, h, w))
         y = self.bn(self.conv2(y))
         return F.relu(y + identity)
+
+    def folds(self, pixels: int) -> bool:
+        """Whether a forward over ``pixels`` folds conv1 into the products: where that saves
+        multiply-adds. conv1 costs N·C² per image; folded, each of the 2T products adds C²·K
+        (the bases mapped through the conv), so folding pays when N > 2·T·K."""
+        return self.fold and pixels > 2 * self.current_iters * self.k
 
     def _use_graph(self, feats: Tensor) -> bool:
         if not self.cuda_graph or (torch.is_grad_enabled() and self.grad != "none"):
