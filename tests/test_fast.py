@@ -123,6 +123,22 @@ def test_pick_method():
 
     x, mu = torch.empty(4, 512, 4225), torch.empty(4, 512, 64)
     fp32_auto = "conv" if onednn_on_x86() else "blocked"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            assert pick_method(x, mu) == "bmm"  # one thread: the plain products are as fast
+    finally:
+        torch.set_num_threads(2)
+    try:
+        _check_pick_method(x, mu, fp32_auto)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_pick_method(x: torch.Tensor, mu: torch.Tensor, fp32_auto: str) -> None:
+    from emactl.nn.em_cpu import pick_method
+
     with torch.no_grad():
         assert pick_method(x, mu) == fp32_auto
         assert pick_method(x.transpose(1, 2).contiguous().transpose(1, 2), mu) == "blocked"  # channels-last features

@@ -243,6 +243,9 @@ def test_train_section_tiny(compile_fn, timeout, note):
         mm = values[f"{row['mm dtype']} mm 2048^3 rate (TFLOP/s)"]
         assert row["fraction of mm 2048^3 rate"] == pytest.approx(row["TFLOP/s"] / mm)
     assert list(df["mm dtype"]) == ["fp32", "bf16", "bf16"]
+    for variant in ("fp32 eager", "bf16+channels_last"):  # the head alone is a part of the step
+        share = values[f"EMANet head (reduce, EMA unit, project, classifier) share of the {variant} step"]
+        assert 0 < share < 1.5
 
 
 def test_train_step_flops_count_forward_and_backward():

@@ -17,7 +17,8 @@ slower than it needs to be, and each method here removes one:
 ``auto`` applies them to large products only, of at least :data:`LARGE` multiply-adds per sample
 (C·N·K; the paper's 512·65²·64 is 138 M): below that their per-call overheads cost more than
 they save (at 512·33²·64, conv and bmm tied; at the shapes demo's 64·16²·16, conv took 5× as
-long). There it takes ``conv`` for contiguous fp32 features on an x86 CPU with oneDNN,
+long); and only with two threads or more, since on one thread sgemm and oneDNN tie and the
+plain products were measured as fast or faster (``emactl profile --sections ema --threads 1``). There it takes ``conv`` for contiguous fp32 features on an x86 CPU with oneDNN,
 ``blocked`` for other fp32 or fp64 CPU features, and leaves everything else (bf16, whose products
 already go through oneDNN; GPUs; autograd; torch.compile) to the batched products. Only the summation
 order changes, so results agree with the plain order to rounding (the tests hold them to 1e-5).
@@ -54,7 +55,7 @@ def pick_method(x: Tensor, mu: Tensor, method: str = "auto") -> str:
         return "bmm"  # fp32 inputs under bf16 autocast: leave the precision to autocast
     if method != "auto":
         return method
-    if x.shape[1] * x.shape[2] * mu.shape[2] < LARGE:
+    if x.shape[1] * x.shape[2] * mu.shape[2] < LARGE or torch.get_num_threads() < 2:
         return "bmm"
     if x.dtype == torch.float32 and onednn_on_x86() and x[0].is_contiguous():
         return "conv"

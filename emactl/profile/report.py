@@ -238,10 +238,21 @@ def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
 def run_train(s: ProfileSettings, console: Console) -> SectionResult:
     batch = s.section_batch(TRAIN_BATCH)
     dtype = mixed_dtype(s.device, s.torch_dtype)
-    df, summary = profile_training(
-        s.backbone, s.crop, batch, s.channels, s.bases, s.iters, NUM_CLASSES, s.device, dtype, s.repeats,
-        s.compile, s.compile_timeout, TRAIN_NETWORKS, console,
-    )
+    frames, summaries = [], []
+    previous, thread_counts = torch.get_num_threads(), unit_threads(s)
+    try:
+        for threads in thread_counts:
+            if s.device.type == "cpu":
+                torch.set_num_threads(threads)
+            df, summary = profile_training(
+                s.backbone, s.crop, batch, s.channels, s.bases, s.iters, NUM_CLASSES, s.device, dtype, s.repeats,
+                s.compile and threads == thread_counts[-1], s.compile_timeout, TRAIN_NETWORKS, console,
+            )
+            frames.append(df.assign(threads=threads))
+            summaries.append(summary.assign(threads=threads))
+    finally:
+        torch.set_num_threads(previous)
+    df, summary = pd.concat(frames, ignore_index=True), pd.concat(summaries, ignore_index=True)
     shape = f"{s.backbone} output stride 8, crop {s.crop}, batch {batch}, {NUM_CLASSES} classes, {s.device}"
     fast = f"{DTYPE_NAMES[dtype]}+channels_last"
     notes = [
@@ -258,6 +269,10 @@ def run_train(s: ProfileSettings, console: Console) -> SectionResult:
         ),
         f"{fast}: forward under torch.autocast({dtype}) with fp32 parameters; model and input "
         "converted with to(memory_format=torch.channels_last) (train.amp + train.channels_last)",
+        f"threads: the section runs at {' and '.join(map(str, unit_threads(s)))} CPU thread(s) (1 and all, or --threads)"
+        if s.device.type == "cpu" else "threads: torch's choice on the GPU",
+        "head share: EMANet's head alone (reduce, EMA unit, project, classifier; forward + backward on the step's "
+        "layer-4 features) over the whole step, timed in the same rounds",
         "speed-up over fp32 eager = fp32 eager time / variant time, for the same network; "
         "EMANet / DeepLabV3 = EMANet step time / DeepLabV3 step time in the same variant",
         f"EMANet: emactl's model, EMAU grad={EMAConfig().grad}; DeepLabV3: torchvision deeplabv3_{s.backbone}(weights=None, "

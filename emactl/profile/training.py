@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..engine.cudnn import cudnn_benchmark
 from .emattention import DTYPE_NAMES, SQUARE
 from .networks import _step_fns, build_network
-from .timing import measure_many
+from .timing import autocast, measure_many
 
 TRAIN_NETWORKS = ("emanet", "deeplabv3")
 DISPLAY = {"emanet": "EMANet", "deeplabv3": "DeepLabV3"}
@@ -53,6 +53,26 @@ def mixed_dtype(device: torch.device, requested: torch.dtype) -> torch.dtype:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
+
+
+HEAD = "head only"
+
+
+def head_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
+    """Forward and backward of EMANet's head alone (reduce, EMA unit, project, classifier) on the
+    layer-4 features of ``x``, as the training step runs it; for the head's share of the step."""
+    with torch.no_grad():
+        feats = model.backbone(x)["layer4"].detach().requires_grad_()
+    head = model.head
+
+    def step() -> None:
+        head.train()
+        feats.grad = None
+        with autocast(x.device, dtype):
+            out = head(feats)
+        out.float().sum().backward()
+
+    return step
 
 
 def train_step_flops(name: str, backbone: str, crop: int, num_classes: int, channels: int, bases: int, iters: int) -> int:
@@ -182,6 +202,9 @@ def profile_training(
         compiled_model = copy.deepcopy(fast_model) if use_compile and i == 0 else None
         fns[(name, EAGER)] = _step_fns(model, x, target, torch.float32)[0]
         fns[(name, fast)] = _step_fns(fast_model, x_cl, target, dtype)[0]
+        if name == "emanet":
+            fns[(name, f"{HEAD}, {EAGER}")] = head_step(model, x, torch.float32)
+            fns[(name, f"{HEAD}, {fast}")] = head_step(fast_model, x_cl, dtype)
         if compiled_model is not None:
             if console is not None:
                 console.log(f"train: compiling {name} with torch.compile (cap {compile_timeout:g} s)")
@@ -206,7 +229,7 @@ def profile_training(
     mm_rate = {d: 2 * square**3 / timings[("mm", d)].median for d in map(DTYPE_NAMES.get, mm_dtypes.values())}
     flops = {name: train_step_flops(name, backbone, crop, num_classes, channels, bases, iters) for name in names}
     rows = []
-    keys = list(fns) + [k for k in notes if k not in fns]
+    keys = [k for k in fns if not k[1].startswith(HEAD)] + [k for k in notes if k not in fns]
     for name in names:
         base = timings[(name, EAGER)].median
         for key in (k for k in keys if k[0] == name):
@@ -233,7 +256,11 @@ def profile_training(
     head_name = DISPLAY.get(head, head)
     eager = timings[(head, EAGER)].median
     summary.append((f"{fast} train step speed-up over fp32 eager ({head_name})", eager / timings[(head, fast)].median))
-    for variant in (k[1] for k in fns if k[0] == head):
+    for variant in (EAGER, fast):
+        if (head, f"{HEAD}, {variant}") in timings:
+            summary.append((f"{head_name} head (reduce, EMA unit, project, classifier) share of the {variant} step",
+                            timings[(head, f"{HEAD}, {variant}")].median / timings[(head, variant)].median))
+    for variant in (k[1] for k in fns if k[0] == head and not k[1].startswith(HEAD)):
         t = timings[(head, variant)].median
         d = DTYPE_NAMES[mm_dtypes[variant]]
         summary.append((f"{head_name} {variant} train throughput (img/s)", batch / t))
