@@ -301,9 +301,22 @@ class EMAU(nn.Module):
             self.update_bases(out.bases)
         if self.record:
             self.last = EMAOutput(*(t.detach().clone() for t in out))
-        y = F.relu(out.recon.reshape(b, c, h, w))
-        y = self.bn(self.conv2(y))
+        y = out.recon.reshape(b, c, h, w)
+        # in place without autograd only: conv2 saves its input, and the buffer is overwritten next call
+        y = F.relu(y) if torch.is_grad_enabled() else torch.relu_(y)
+        y = self._conv2_bn(y)
+        if y.dtype == identity.dtype:  # y is the BN's fresh output, which nothing saves
+            return torch.relu_(y.add_(identity))
         return F.relu(y + identity)
+
+    def _conv2_bn(self, y: Tensor) -> Tensor:
+        """conv2 then BN; in eval without autograd, one convolution with the BN folded in."""
+        bn = self.bn
+        if self.training or torch.is_grad_enabled() or not bn.track_running_stats or bn.running_var is None:
+            return bn(self.conv2(y))
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = self.conv2.weight * scale.view(-1, 1, 1, 1)
+        return F.conv2d(y, weight, bn.bias - bn.running_mean * scale)
 
     def folds(self, pixels: int) -> bool:
         """Whether a forward over ``pixels`` folds conv1 into the products: where that saves
