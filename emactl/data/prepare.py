@@ -1,22 +1,32 @@
 """Converting downloaded datasets into the layouts the loaders read.
 
 ``prepare_voc_aug`` builds VOC 2012's ``SegmentationClassAug`` and ``trainaug.txt`` from the
-Semantic Boundaries Dataset (SBD, ``benchmark_RELEASE/dataset``).
+Semantic Boundaries Dataset (SBD, ``benchmark_RELEASE/dataset``). ``prepare_cityscapes``,
+``prepare_context`` and ``prepare_cocostuff`` turn the label files each dataset's authors
+release into train-id PNGs with :func:`convert_labels`: idempotent (finished files are
+skipped unless ``force``), threaded, atomic, and a malformed source file is refused (nothing
+is written for it) and reported by name rather than stopping the other conversions.
 """
 from __future__ import annotations
 
+import json
 import shutil
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from ..errors import UserError
 from ..io import atomic_path, write_text
-from .palette import save_palette_png, voc_palette
+from .classes import CITYSCAPES_LABELS, CONTEXT459_IDS
+from .cocostuff import UNUSED_IDS, USED_IDS
+from .palette import save_gray_png, save_palette_png, voc_palette
 from .paths import find_dir, read_split_list
 from .progress import progress_bar
-from .readers import DataFileError, load_mat
+from .readers import DataFileError, load_mat, read_label
 from .voc import find_voc
 
 
@@ -115,3 +125,338 @@ def prepare_voc_aug(sbd: Path, voc: Path, force: bool = False,
             bar.advance(task)
     write_text(lists / "trainaug.txt", "".join(f"{n}\n" for n in trainaug))
     return VOCAugResult(voc_dir, len(trainaug), counts["voc"], counts["sbd"], counts["skipped"])
+
+
+# --------------------------------------------------------------------------------------------
+# The shared conversion loop.
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    """One label file to convert: its source, where its train-id PNG goes, and the converter."""
+
+    src: Path
+    dst: Path
+    convert: Callable[[Path], np.ndarray]
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert_labels` did: files written, kept as they were, and refused."""
+
+    written: int = 0
+    skipped: int = 0
+    refused: list[DataFileError] = field(default_factory=list)
+
+    def summary(self, what: str) -> str:
+        return (f"{what}: {self.written} written, {self.skipped} already present, "
+                f"{len(self.refused)} refused")
+
+    def raise_refused(self) -> None:
+        """One line naming the first refused file (and how many more), for exit code 2."""
+        if not self.refused:
+            return
+        more = f" ({len(self.refused) - 1} more files refused)" if len(self.refused) > 1 else ""
+        raise UserError(f"{self.refused[0]}{more}; fix or re-extract the file(s) and run again "
+                        "(finished labels are kept)")
+
+
+def _run_job(job: LabelJob, force: bool) -> str | DataFileError:
+    if job.dst.exists() and not force:
+        return "skipped"
+    try:
+        label = job.convert(job.src)
+    except DataFileError as e:
+        return e
+    save_gray_png(job.dst, label)
+    return "written"
+
+
+def convert_labels(jobs: Sequence[LabelJob], what: str, workers: int = 4, force: bool = False,
+                   progress: bool = True) -> ConvertResult:
+    """Run every job on ``workers`` threads (PNG decoding and encoding release the GIL).
+
+    Existing outputs are skipped unless ``force``; each output is written atomically, so an
+    interrupted run leaves only finished labels and can simply be run again.
+    """
+    result = ConvertResult()
+    with progress_bar(progress) as bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        task = bar.add_task(what, total=len(jobs))
+        for outcome in pool.map(lambda job: _run_job(job, force), jobs):
+            if outcome == "written":
+                result.written += 1
+            elif outcome == "skipped":
+                result.skipped += 1
+            else:
+                result.refused.append(outcome)
+            bar.advance(task)
+    result.refused.sort(key=lambda e: str(e.path))
+    return result
+
+
+def _values(values: np.ndarray) -> str:
+    return ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+
+
+def _lookup(lut: np.ndarray, ids: np.ndarray, path: Path, expected: str) -> np.ndarray:
+    """``lut[ids]`` where -1 in ``lut`` (or an id outside it) refuses the file."""
+    ids = ids.astype(np.int64)
+    inside = (ids >= 0) & (ids < len(lut))
+    out = lut[np.where(inside, ids, 0)]
+    bad = ~inside | (out < 0)
+    if bad.any():
+        raise DataFileError(f"{path}: holds {_values(np.unique(ids[bad]))}, not {expected}",
+                            path, "bad value")
+    return out.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Cityscapes: gtFine polygons or label ids → *_gtFine_labelTrainIds.png
+
+
+CITYSCAPES_NAME_TO_IDS = {name: (label_id, train_id) for name, label_id, train_id in CITYSCAPES_LABELS}
+POLYGONS = "_gtFine_polygons.json"
+LABEL_IDS = "_gtFine_labelIds.png"
+TRAIN_IDS = "_gtFine_labelTrainIds.png"
+
+
+def cityscapes_id_lut() -> np.ndarray:
+    """Label id (0..33) → train id; -1 for values no Cityscapes labelIds map holds."""
+    lut = np.full(256, -1, dtype=np.int64)
+    for _, label_id, train_id in CITYSCAPES_LABELS:
+        if label_id >= 0:
+            lut[label_id] = train_id
+    return lut
+
+
+def _malformed(path: Path, what: str) -> DataFileError:
+    return DataFileError(f"{path}: {what}; expected a Cityscapes gtFine polygons file "
+                         "(imgWidth, imgHeight, objects with label and polygon)", path)
+
+
+def cityscapes_polygons_to_train_ids(path: Path) -> np.ndarray:
+    """Rasterise a ``*_gtFine_polygons.json`` into train ids, as cityscapesScripts does.
+
+    The map starts as ``unlabeled`` (255); objects are filled in file order with PIL's polygon
+    fill (later ones on top); deleted objects and the licence plate (id -1) are not drawn; an
+    unknown ``<name>group`` label falls back to ``<name>``. An unknown label refuses the file.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _malformed(path, f"cannot read JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise _malformed(path, "not a JSON object")
+    width, height, objects = data.get("imgWidth"), data.get("imgHeight"), data.get("objects")
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise _malformed(path, f"imgWidth/imgHeight are {width!r}/{height!r}")
+    if not isinstance(objects, list):
+        raise _malformed(path, "no objects list")
+    image = Image.new("L", (width, height), CITYSCAPES_NAME_TO_IDS["unlabeled"][1])
+    draw = ImageDraw.Draw(image)
+    for k, obj in enumerate(objects):
+        if not isinstance(obj, dict) or not isinstance(obj.get("label"), str):
+            raise _malformed(path, f"object {k} has no label")
+        if obj.get("deleted"):
+            continue
+        name = obj["label"]
+        if name not in CITYSCAPES_NAME_TO_IDS and name.endswith("group"):
+            name = name[: -len("group")]
+        if name not in CITYSCAPES_NAME_TO_IDS:
+            raise DataFileError(f"{path}: object {k} has label {obj['label']!r}, which is not a "
+                                "Cityscapes label (cityscapesScripts labels.py)", path, "bad value")
+        label_id, train_id = CITYSCAPES_NAME_TO_IDS[name]
+        if label_id < 0:
+            continue
+        polygon = obj.get("polygon")
+        try:
+            points = [(float(x), float(y)) for x, y in polygon]  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise _malformed(path, f"object {k} ({name}) has no list of [x, y] points") from None
+        if len(points) >= 2:
+            draw.polygon(points, fill=train_id)
+        elif points:
+            draw.point(points, fill=train_id)
+    return np.array(image)
+
+
+def cityscapes_label_ids_to_train_ids(path: Path) -> np.ndarray:
+    """Map a ``*_gtFine_labelIds.png`` (ids 0..33) to train ids."""
+    return _lookup(cityscapes_id_lut(), read_label(path), path,
+                   "Cityscapes label ids (0..33); is this a *_gtFine_labelIds.png?")
+
+
+def cityscapes_jobs(gt_dir: Path, source: str) -> list[LabelJob]:
+    """One job per image under ``gt_dir``: its polygons (``source`` polygons or auto, when the
+    JSON exists) or its label-id map."""
+    polygons = {str(p)[: -len(POLYGONS)]: p for p in gt_dir.rglob(f"*{POLYGONS}")}
+    label_ids = {str(p)[: -len(LABEL_IDS)]: p for p in gt_dir.rglob(f"*{LABEL_IDS}")}
+    jobs = []
+    for stem in sorted(set(polygons) | set(label_ids)):
+        dst = Path(stem + TRAIN_IDS)
+        if stem in polygons and source != "label-ids":
+            jobs.append(LabelJob(polygons[stem], dst, cityscapes_polygons_to_train_ids))
+        elif stem in label_ids and source != "polygons":
+            jobs.append(LabelJob(label_ids[stem], dst, cityscapes_label_ids_to_train_ids))
+    return jobs
+
+
+CITYSCAPES_SOURCES = ("auto", "polygons", "label-ids")
+
+
+def prepare_cityscapes(root: Path, source: str = "auto", workers: int = 4, force: bool = False,
+                       progress: bool = True) -> tuple[Path, ConvertResult]:
+    """Write ``gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` beside each annotation.
+
+    ``source``: ``polygons`` (what cityscapesScripts' createTrainIdLabelImgs reads),
+    ``label-ids`` (the released ``*_labelIds.png``, the same labels through the id table) or
+    ``auto`` (polygons where present, else label ids).
+    """
+    if source not in CITYSCAPES_SOURCES:
+        raise UserError(f"--source {source!r}: choose one of {', '.join(CITYSCAPES_SOURCES)}")
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--root {root}: not a directory")
+    base = find_dir(root, [".", "cityscapes"], "gtFine", "Cityscapes gtFine/ directory",
+                    "point --root at the directory holding gtFine/ and leftImg8bit/ "
+                    "(unzip gtFine_trainvaltest.zip and leftImg8bit_trainvaltest.zip there)")
+    jobs = cityscapes_jobs(base / "gtFine", source)
+    if not jobs:
+        wanted = {"auto": f"*{POLYGONS} or *{LABEL_IDS}", "polygons": f"*{POLYGONS}",
+                  "label-ids": f"*{LABEL_IDS}"}[source]
+        raise UserError(f"no {wanted} files under {base / 'gtFine'}; is gtFine_trainvaltest.zip "
+                        "extracted there?")
+    return base, convert_labels(jobs, "labelTrainIds", workers, force, progress)
+
+
+# --------------------------------------------------------------------------------------------
+# PASCAL Context: the release's 459-class .mat files → 60-class PNGs + split lists
+
+
+def context_lut() -> np.ndarray:
+    """459-class id (0 = unlabelled, 1..459) → 60-class label: the 59 classes as 1..59, the
+    rest as background 0."""
+    lut = np.zeros(460, dtype=np.int64)
+    lut[list(CONTEXT459_IDS)] = np.arange(1, len(CONTEXT459_IDS) + 1)
+    return lut
+
+
+def read_context_mat(path: Path) -> np.ndarray:
+    """The ``LabelMap`` (H, W, 459-class ids) of a PASCAL Context ``trainval/<name>.mat``."""
+    mat = load_mat(path, "LabelMap", "PASCAL Context", ", or pip install 'emactl[mat]'")
+    if "LabelMap" not in mat:
+        raise DataFileError(f"{path}: no LabelMap field; expected a PASCAL Context annotation "
+                            "(trainval/<name>.mat from trainval.tar.gz)", path)
+    ids = np.asarray(mat["LabelMap"])
+    if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise DataFileError(f"{path}: LabelMap has shape {ids.shape} ({ids.dtype}); expected a "
+                            "2-D map of integer class ids", path)
+    return ids
+
+
+def context_mat_to_labels(path: Path) -> np.ndarray:
+    """A PASCAL Context .mat → the 60-class map (0 = background, 1..59 = CONTEXT59)."""
+    return _lookup(context_lut(), read_context_mat(path), path,
+                   "PASCAL Context 459-class ids (0..459)")
+
+
+@dataclass
+class ContextResult:
+    """What :func:`prepare_context` did."""
+
+    voc_dir: Path
+    splits: dict[str, int]
+    labels: ConvertResult
+
+
+def find_context_mats(path: Path) -> Path:
+    """The directory holding the release's ``<name>.mat`` files (``trainval/`` or ``path``)."""
+    if not path.is_dir():
+        raise UserError(f"--context {path}: not a directory")
+    for candidate in (path / "trainval", path):
+        if candidate.is_dir() and next(candidate.glob("*.mat"), None) is not None:
+            return candidate
+    raise UserError(f"no .mat files in {path / 'trainval'} or {path}; point --context at the "
+                    "directory trainval.tar.gz was extracted into")
+
+
+def prepare_context(context: Path, voc: Path, workers: int = 4, force: bool = False,
+                    progress: bool = True) -> ContextResult:
+    """Write ``VOC2010/SegmentationClassContext/<name>.png`` and
+    ``ImageSets/SegmentationContext/{train,val}.txt``.
+
+    The split is VOC 2010's ``ImageSets/Main`` train/val (4,998 / 5,105 images; PASCAL
+    Context annotates exactly those 10,103). The PNGs hold 0 = background and 1..59 = the
+    standard 59 classes; dataset ``context60`` reads them as they are and ``context``
+    ignores 0 and shifts the rest down, so one set of files serves both recipes.
+    """
+    mat_dir = find_context_mats(Path(context))
+    if not Path(voc).is_dir():
+        raise UserError(f"--voc {voc}: not a directory")
+    voc_dir = find_voc(Path(voc), "2010", how="point --voc at VOCdevkit, at VOC2010 or at the "
+                                             "directory holding VOCdevkit")
+    main = voc_dir / "ImageSets" / "Main"
+    splits = {split: read_split_list(main / f"{split}.txt") for split in ("train", "val")}
+    jobs = []
+    out_dir = voc_dir / "SegmentationClassContext"
+    for name in sorted(set(splits["train"]) | set(splits["val"])):
+        mat = mat_dir / f"{name}.mat"
+        if not mat.is_file():
+            raise UserError(f"no PASCAL Context label for {name!r} (listed in {main}): {mat} "
+                            "does not exist; is trainval.tar.gz fully extracted?")
+        jobs.append(LabelJob(mat, out_dir / f"{name}.png", context_mat_to_labels))
+    labels = convert_labels(jobs, "SegmentationClassContext", workers, force, progress)
+    lists = voc_dir / "ImageSets" / "SegmentationContext"
+    for split, names in splits.items():
+        write_text(lists / f"{split}.txt", "".join(f"{n}\n" for n in sorted(names)))
+    return ContextResult(voc_dir, {k: len(v) for k, v in splits.items()}, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# COCO-Stuff 164k: stuffthingmaps PNGs → *_labelTrainIds.png
+
+
+def cocostuff_lut() -> np.ndarray:
+    """stuffthingmaps value → train id. The PNGs store COCO id − 1 (0..181) and 255 for
+    unlabelled; the 171 used ids map in order to 0..170. The 11 unused thing ids, and
+    182..254, are -1 (refused)."""
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[np.asarray(USED_IDS) - 1] = np.arange(len(USED_IDS))
+    lut[255] = 255
+    return lut
+
+
+def cocostuff_to_train_ids(path: Path) -> np.ndarray:
+    """A ``stuffthingmaps_trainval2017`` PNG → train ids 0..170, 255 = ignore."""
+    unused = ", ".join(str(i - 1) for i in UNUSED_IDS)
+    return _lookup(cocostuff_lut(), read_label(path), path,
+                   f"a COCO-Stuff stuffthingmap (0..181 without {unused}, and 255)")
+
+
+COCO_SPLITS = ("train2017", "val2017")
+COCO_TRAIN_IDS = "_labelTrainIds.png"
+
+
+def prepare_cocostuff(root: Path, workers: int = 4, force: bool = False,
+                      progress: bool = True) -> tuple[Path, ConvertResult]:
+    """Write ``annotations/<split>/<name>_labelTrainIds.png`` beside each stuffthingmap."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--root {root}: not a directory")
+    how = ("point --root at the directory holding images/ and annotations/ (unzip "
+           "stuffthingmaps_trainval2017.zip into annotations/)")
+    base = find_dir(root, [".", "cocostuff", "coco_stuff164k", "coco_stuff", "dataset"],
+                    "annotations", "COCO-Stuff 164k directory (images/, annotations/)", how)
+    jobs = []
+    for split in COCO_SPLITS:
+        folder = base / "annotations" / split
+        if not folder.is_dir():
+            continue
+        for src in sorted(folder.glob("*.png")):
+            if not src.name.endswith(COCO_TRAIN_IDS):
+                dst = src.with_name(src.stem + COCO_TRAIN_IDS)
+                jobs.append(LabelJob(src, dst, cocostuff_to_train_ids))
+    if not jobs:
+        raise UserError(f"no stuffthingmap PNGs in {base / 'annotations'}/{{train2017,val2017}}; "
+                        f"{how}")
+    return base, convert_labels(jobs, "labelTrainIds", workers, force, progress)
