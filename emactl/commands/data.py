@@ -105,12 +105,13 @@ def check(
     Exit code 0 when clean, 1 when problems were found, 2 for bad input.
     """
     from ..config import dump_yaml, load_recipe
-    from ..data.check import check_dataset, print_report, write_report
+    from ..data.check import check_dataset, print_class_weights, print_report, write_report
     from ..io import write_text
 
     cfg = load_recipe(recipe, overrides)
     report = check_dataset(cfg.data, split or None)
     print_report(report)
+    print_class_weights(report, cfg.data.train_split)
     if out is not None:
         write_report(report, out)
         write_text(out / "config.yaml", dump_yaml(cfg))

@@ -48,7 +48,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
@@ -73,6 +72,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .cudnn import cudnn_benchmark
+from .losses import SegLoss, loss_for
 from .optim import build_optimizer, build_scheduler
 from .rundir import MetricsLogger, capture_env, check_run_dir, remove_stale_temps, write_env, write_recipe
 
@@ -102,21 +102,10 @@ class TrainResult:
 # Loss.
 
 
-def seg_loss(outputs: dict[str, Tensor], labels: Tensor, ignore_index: int, aux_weight: float) -> Tensor:
-    """Pixel-wise cross-entropy over non-ignored pixels, plus ``aux_weight ×`` the aux loss.
-
-    It equals ``F.cross_entropy(..., ignore_index=...)`` (the mean over valid pixels), except
-    that a batch without any valid pixel gives 0 instead of NaN.
-    """
-    valid = (labels != ignore_index).sum().clamp(min=1)
-
-    def ce(logits: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum") / valid
-
-    loss = ce(outputs["out"])
-    if "aux" in outputs:
-        loss = loss + aux_weight * ce(outputs["aux"])
-    return loss
+def seg_loss(outputs: dict[str, Tensor], labels: Tensor, criterion: SegLoss) -> Tensor:
+    """The recipe's loss (``train.loss``, see :mod:`emactl.engine.losses`) of the main head,
+    plus ``model.aux_weight ×`` that of the aux head; 0 for a batch without any valid pixel."""
+    return criterion(outputs, labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +365,7 @@ class _Trainer:
         if len(self.val_set) == 0:
             raise UserError(f"dataset {data.name!r} split {data.val_split!r} holds no images")
         self.eval_cfg = resolve_eval_config(recipe)
+        self.criterion = loss_for(recipe, self.num_classes, self.ignore_index, self.show_progress)
 
         self.ckpt = load_checkpoint(self.resume_from) if self.resume_from is not None else None
         if self.ckpt is not None:
@@ -548,7 +538,7 @@ class _Trainer:
             with sync:
                 with _autocast(dev, cfg.amp):
                     outputs = self._forward(images)
-                loss = seg_loss(outputs, labels, self.ignore_index, self.recipe.model.aux_weight)
+                loss = seg_loss(outputs, labels, self.criterion)
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             loss_sum += loss.detach()
         stats = torch.cat([(loss_sum / cfg.accum_steps).reshape(1), stop_flags.to(dev)])
