@@ -131,7 +131,7 @@ class TrainConfig:
     loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["jsonl"])
     wandb_project: str = "emactl"
     wandb_mode: Literal["offline", "online"] = "offline"
-    mlflow_tracking_uri: str = ""  # empty: a file store in <run_dir>/mlruns
+    mlflow_tracking_uri: str = ""  # empty: a SQLite store, <run_dir>/mlflow.db
 
 
 @dataclass

@@ -72,6 +72,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .cudnn import cudnn_benchmark
+from .loggers import build_loggers, require_loggers
 from .losses import SegLoss, loss_for
 from .optim import build_optimizer, build_scheduler
 from .rundir import MetricsLogger, capture_env, check_run_dir, remove_stale_temps, write_env, write_recipe
@@ -366,6 +367,7 @@ class _Trainer:
             raise UserError(f"dataset {data.name!r} split {data.val_split!r} holds no images")
         self.eval_cfg = resolve_eval_config(recipe)
         self.criterion = loss_for(recipe, self.num_classes, self.ignore_index, self.show_progress)
+        require_loggers(cfg)
 
         self.ckpt = load_checkpoint(self.resume_from) if self.resume_from is not None else None
         if self.ckpt is not None:
@@ -611,7 +613,7 @@ class _Trainer:
     def run(self) -> TrainResult:
         start = time.perf_counter()
         cfg, main = self.cfg, self.main
-        logger = MetricsLogger(self.run_dir, enabled=main)
+        logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=False)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.run_dir)
@@ -619,6 +621,7 @@ class _Trainer:
             resumed = self.iteration if self.resume_from is not None else None
             write_env(self.run_dir, capture_env(self.device, self.info.world_size, cfg.amp, resumed))
             logger.truncate(self.iteration, keep_val_at=self.iteration < cfg.iters)
+            logger.attach(build_loggers(self.run_dir, self.recipe))
             where = f"resuming {self.resume_from} at iteration {self.iteration}" if resumed is not None else "training"
             _console.print(
                 f"{where} → {self.run_dir} on {self.device} × {self.info.world_size} "
