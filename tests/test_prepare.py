@@ -21,6 +21,8 @@ from emactl.data.prepare import (
     cityscapes_polygons_to_train_ids,
     cocostuff_to_train_ids,
     context_mat_to_labels,
+    decode_rle,
+    rle_counts,
 )
 
 
@@ -237,6 +239,66 @@ def test_prepare_context_refuses_malformed_mats(tmp_path, capsys):
     assert run("data", "prepare", "context", "--context", str(context), "--voc",
                str(context)) == 2
     assert "no VOC2010 directory" in capsys.readouterr().err
+
+
+def test_rle_counts_and_decode_follow_coco():
+    # runs 0, 4, 2, then 1 and 2 stored as differences from two places before: 1 - 4 = -3
+    # (5 bits 11101 with the sign bit: chr(48 + 29) = 'M') and 2 - 2 = 0
+    assert rle_counts("042M0") == [0, 4, 2, 1, 2]
+    # column-major: 0 zeros, 4 ones (column 0 and the top of column 1), 2 zeros, 1 one, 2 zeros
+    mask = decode_rle({"size": [3, 3], "counts": "042M0"}, 3, 3)
+    assert np.array_equal(mask, [[1, 1, 1], [1, 0, 0], [1, 0, 0]])
+    assert np.array_equal(decode_rle({"size": [2, 2], "counts": [1, 2, 1]}, 2, 2), [[0, 1], [1, 0]])
+    for bad in ({"size": [3, 3], "counts": "04"}, {"size": [2, 3], "counts": "042M0"}, [1, 2]):
+        with pytest.raises(ValueError):
+            decode_rle(bad, 3, 3)
+
+
+def detail_json(path: Path, images: list[dict], annotations: list[dict]) -> Path:
+    """The Detail API's trainval_merged.json, with the keys its loader reads (others omitted)."""
+    path.write_text(json.dumps({"info": {}, "images": images, "annos_segmentation": annotations,
+                                "categories": [], "parts": [], "annos_occlusion": [],
+                                "annos_boundary": [], "annos_joints": []}))
+    return path
+
+
+def test_prepare_context_from_the_detail_api_json(tmp_path, capsys):
+    voc = tmp_path / "VOCdevkit" / "VOC2010"
+    images = []
+    for k, (name, phase) in enumerate([("2008_000002", "train"), ("2008_000008", "val"),
+                                       ("2010_000001", "test")]):
+        write_image(voc / "JPEGImages" / f"{name}.jpg", 3, 3)
+        images.append({"image_id": 2008000002 + k, "file_name": f"{name}.jpg", "height": 3,
+                       "width": 3, "phase": phase})
+    annotations = [
+        # image 0: 'cat' (65) on the left two columns, then 'person' (284) over the left column
+        # and the top row
+        {"id": 1, "image_id": 2008000002, "category_id": 65, "segmentation": {"size": [3, 3], "counts": [0, 6, 3]}},
+        {"id": 2, "image_id": 2008000002, "category_id": 284, "segmentation": {"size": [3, 3], "counts": "042M0"}},
+        # image 1: 'wood' (458) everywhere
+        {"id": 3, "image_id": 2008000003, "category_id": 458, "segmentation": {"size": [3, 3], "counts": [0, 9]}},
+    ]
+    ann = detail_json(tmp_path / "trainval_merged.json", images, annotations)
+    assert run("data", "prepare", "context", "--detail", str(ann), "--voc", str(voc)) == 0
+    assert "2 written, 0 already present, 0 refused; train.txt lists 1 images, val.txt 1" in \
+        capsys.readouterr().out
+    out = voc / "SegmentationClassContext"
+    # person (37) painted after cat (15) wins where they overlap; the rest is background 0
+    assert np.array_equal(read_label(out / "2008_000002.png"), [[37, 37, 37], [37, 15, 0], [37, 15, 0]])
+    assert (read_label(out / "2008_000008.png") == 59).all()
+    assert (voc / "ImageSets" / "SegmentationContext" / "val.txt").read_text() == "2008_000008\n"
+    assert run("data", "check", str(write_recipe(tmp_path / "r.yaml", "context60", tmp_path, 60))) == 0
+
+    annotations[2]["segmentation"] = {"size": [3, 3], "counts": [0, 8]}
+    detail_json(ann, images, annotations)
+    assert run("data", "prepare", "context", "--detail", str(ann), "--voc", str(voc), "--force") == 2
+    err = capsys.readouterr().err
+    assert f"{ann}: image 2008_000008: segmentation 0: RLE runs do not cover the 3x3 image" in err
+    ann.write_text('{"images": []}')
+    assert run("data", "prepare", "context", "--detail", str(ann), "--voc", str(voc)) == 2
+    assert "no 'annos_segmentation'" in capsys.readouterr().err
+    assert run("data", "prepare", "context", "--voc", str(voc)) == 2
+    assert "give exactly one of --context" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,8 +55,10 @@ def prepare_cityscapes(
 
 @prepare_app.command("context")
 def prepare_context(
-    context: Path = typer.Option(..., "--context", help="Where trainval.tar.gz was extracted "
-                                 "(its trainval/ holds the .mat files)."),
+    context: Optional[Path] = typer.Option(None, "--context", help="Where PASCAL Context's "
+                                           "trainval.tar.gz was extracted (trainval/*.mat)."),
+    detail: Optional[Path] = typer.Option(None, "--detail", help="Or the Detail API's "
+                                          "trainval_merged.json."),
     voc: Path = typer.Option(..., "--voc", help="VOCdevkit, VOC2010, or the dir holding them."),
     workers: int = typer.Option(4, "--workers", min=1, help=WORKERS_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -67,7 +69,7 @@ def prepare_context(
 
     from ..data.prepare import prepare_context as run
 
-    result = run(context, voc, workers, force)
+    result = run(context, voc, workers, force, detail=detail)
     Console(soft_wrap=True).print(
         result.labels.summary(str(result.voc_dir / "SegmentationClassContext"))
         + f"; train.txt lists {result.splits['train']} images, val.txt {result.splits['val']}",

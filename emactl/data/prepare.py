@@ -380,36 +380,148 @@ def find_context_mats(path: Path) -> Path:
                     "directory trainval.tar.gz was extracted into")
 
 
-def prepare_context(context: Path, voc: Path, workers: int = 4, force: bool = False,
-                    progress: bool = True) -> ContextResult:
-    """Write ``VOC2010/SegmentationClassContext/<name>.png`` and
-    ``ImageSets/SegmentationContext/{train,val}.txt``.
+def rle_counts(counts: str) -> list[int]:
+    """The run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``).
 
-    The split is VOC 2010's ``ImageSets/Main`` train/val (4,998 / 5,105 images; PASCAL
-    Context annotates exactly those 10,103). The PNGs hold 0 = background and 1..59 = the
-    standard 59 classes; dataset ``context60`` reads them as they are and ``context``
-    ignores 0 and shifts the rest down, so one set of files serves both recipes.
+    Each count is written 5 bits per character (offset 48, bit 0x20 = more characters follow,
+    bit 0x10 of the last = negative); from the third count on, a count is stored as its
+    difference from the count two places before.
     """
-    mat_dir = find_context_mats(Path(context))
+    runs: list[int] = []
+    p = 0
+    while p < len(counts):
+        value = shift = 0
+        more = True
+        while more:
+            if p >= len(counts):
+                raise ValueError("truncated counts string")
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {counts[p]!r} is not RLE")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def decode_rle(segmentation: object, height: int, width: int) -> np.ndarray:
+    """A COCO RLE mask (``{"size": [h, w], "counts": str or list}``) as an (h, w) bool array.
+
+    Runs alternate 0s and 1s, starting with 0s, over the pixels in column-major order.
+    """
+    if not isinstance(segmentation, dict) or "counts" not in segmentation:
+        raise ValueError("segmentation is not an RLE object with counts")
+    size = segmentation.get("size")
+    if list(size or []) != [height, width]:
+        raise ValueError(f"RLE size {size} is not the image's [{height}, {width}]")
+    counts = segmentation["counts"]
+    runs = rle_counts(counts) if isinstance(counts, str) else list(counts)
+    if any(not isinstance(r, int) or r < 0 for r in runs) or sum(runs) != height * width:
+        raise ValueError(f"RLE runs do not cover the {height}x{width} image")
+    values = np.zeros(len(runs), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, runs)
+    return flat.reshape((width, height)).T
+
+
+@dataclass(frozen=True)
+class DetailLabel:
+    """One image of the Detail API's ``trainval_merged.json``, converted as its ``getMask``
+    draws the class mask: zeros, then each segmentation in file order painted with its
+    category id (459-class ids); then the 60-class table."""
+
+    name: str
+    height: int
+    width: int
+    annotations: tuple[tuple[object, object], ...]  # (category_id, segmentation)
+
+    def __call__(self, path: Path) -> np.ndarray:
+        ids = np.zeros((self.height, self.width), dtype=np.int64)
+        for k, (category, segmentation) in enumerate(self.annotations):
+            if not isinstance(category, int):
+                raise DataFileError(f"{path}: image {self.name}: segmentation {k} has category "
+                                    f"{category!r}", path)
+            try:
+                ids[decode_rle(segmentation, self.height, self.width)] = category
+            except ValueError as e:
+                raise DataFileError(f"{path}: image {self.name}: segmentation {k}: {e}", path) from None
+        return _lookup(context_lut(), ids, path,
+                       f"PASCAL Context 459-class ids (0..459) (image {self.name})")
+
+
+def read_detail(path: Path) -> tuple[dict[str, list[str]], list[DetailLabel]]:
+    """The train/val names (by each image's ``phase``) and the images of ``trainval_merged.json``."""
+    if not path.is_file():
+        raise UserError(f"--detail {path}: no such file; give the Detail API's trainval_merged.json")
+    try:
+        data = json.loads(path.read_text())
+        images, annotations = data["images"], data["annos_segmentation"]
+        by_image: dict[object, list[tuple[object, object]]] = {}
+        for ann in annotations:
+            by_image.setdefault(ann["image_id"], []).append((ann["category_id"], ann["segmentation"]))
+        splits: dict[str, list[str]] = {"train": [], "val": []}
+        labels = []
+        for image in images:
+            name = Path(image["file_name"]).stem
+            if image["phase"] in splits:
+                splits[image["phase"]].append(name)
+                labels.append(DetailLabel(name, int(image["height"]), int(image["width"]),
+                                          tuple(by_image.get(image["image_id"], ()))))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: not a Detail API annotation file ({what}); expected "
+                        "trainval_merged.json with images and annos_segmentation") from None
+    if not labels:
+        raise UserError(f"{path}: no train or val images")
+    return splits, labels
+
+
+def prepare_context(context: Path | None, voc: Path, workers: int = 4, force: bool = False,
+                    progress: bool = True, detail: Path | None = None) -> ContextResult:
+    """Write ``VOC2010/SegmentationClassContext/<name>.png`` and
+    ``ImageSets/SegmentationContext/{train,val}.txt``, from the release's ``.mat`` files
+    (``context``) or from the Detail API's ``trainval_merged.json`` (``detail``).
+
+    With the ``.mat`` files the split is VOC 2010's ``ImageSets/Main`` train/val (4,998 / 5,105
+    images; PASCAL Context annotates exactly those 10,103); with the JSON it is each image's
+    ``phase``. The PNGs hold 0 = background and 1..59 = the standard 59 classes; dataset
+    ``context60`` reads them as they are and ``context`` ignores 0 and shifts the rest down,
+    so one set of files serves both recipes.
+    """
+    if (context is None) == (detail is None):
+        raise UserError("give exactly one of --context (the trainval/ .mat files) and --detail "
+                        "(trainval_merged.json)")
+    mat_dir = find_context_mats(Path(context)) if context is not None else None
     if not Path(voc).is_dir():
         raise UserError(f"--voc {voc}: not a directory")
     voc_dir = find_voc(Path(voc), "2010", how="point --voc at VOCdevkit, at VOC2010 or at the "
                                              "directory holding VOCdevkit")
-    main = voc_dir / "ImageSets" / "Main"
-    splits = {split: read_split_list(main / f"{split}.txt") for split in ("train", "val")}
-    jobs = []
     out_dir = voc_dir / "SegmentationClassContext"
-    for name in sorted(set(splits["train"]) | set(splits["val"])):
-        mat = mat_dir / f"{name}.mat"
-        if not mat.is_file():
-            raise UserError(f"no PASCAL Context label for {name!r} (listed in {main}): {mat} "
-                            "does not exist; is trainval.tar.gz fully extracted?")
-        jobs.append(LabelJob(mat, out_dir / f"{name}.png", context_mat_to_labels))
-    labels = convert_labels(jobs, "SegmentationClassContext", workers, force, progress)
+    jobs = []
+    if detail is not None:
+        splits, labels = read_detail(Path(detail))
+        jobs = [LabelJob(Path(detail), out_dir / f"{label.name}.png", label) for label in labels]
+    else:
+        assert mat_dir is not None
+        main = voc_dir / "ImageSets" / "Main"
+        splits = {split: read_split_list(main / f"{split}.txt") for split in ("train", "val")}
+        for name in sorted(set(splits["train"]) | set(splits["val"])):
+            mat = mat_dir / f"{name}.mat"
+            if not mat.is_file():
+                raise UserError(f"no PASCAL Context label for {name!r} (listed in {main}): {mat} "
+                                "does not exist; is trainval.tar.gz fully extracted?")
+            jobs.append(LabelJob(mat, out_dir / f"{name}.png", context_mat_to_labels))
+    labels_result = convert_labels(jobs, "SegmentationClassContext", workers, force, progress)
     lists = voc_dir / "ImageSets" / "SegmentationContext"
     for split, names in splits.items():
         write_text(lists / f"{split}.txt", "".join(f"{n}\n" for n in sorted(names)))
-    return ContextResult(voc_dir, {k: len(v) for k, v in splits.items()}, labels)
+    return ContextResult(voc_dir, {k: len(v) for k, v in splits.items()}, labels_result)
 
 
 # --------------------------------------------------------------------------------------------
