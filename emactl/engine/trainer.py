@@ -2,7 +2,7 @@
 
 One call, :func:`train`, runs a whole (or resumed) training and the final evaluation. The loop
 is deliberately plain, in the style of the torchvision segmentation references: forward,
-cross-entropy (plus the weighted aux loss), backward, step, schedule — with the extras a long
+the loss (``train.loss``, plus the weighted aux loss), backward, step, schedule — with the extras a long
 job needs around it.
 
 Reproducibility and resume
@@ -366,8 +366,8 @@ class _Trainer:
         if len(self.val_set) == 0:
             raise UserError(f"dataset {data.name!r} split {data.val_split!r} holds no images")
         self.eval_cfg = resolve_eval_config(recipe)
-        self.criterion = loss_for(recipe, self.num_classes, self.ignore_index, self.show_progress)
         require_loggers(cfg)
+        self.criterion = loss_for(recipe, self.num_classes, self.ignore_index, self.show_progress)
 
         self.ckpt = load_checkpoint(self.resume_from) if self.resume_from is not None else None
         if self.ckpt is not None:
