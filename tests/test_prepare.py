@@ -344,3 +344,17 @@ def test_prepare_cocostuff_writes_train_ids_and_refuses_unused_ids(tmp_path, cap
     assert not (ann / "train2017" / "000000000025_labelTrainIds.png").exists()
     assert run("data", "prepare", "cocostuff", "--root", str(root / "images")) == 2
     assert "COCO-Stuff 164k directory" in capsys.readouterr().err
+
+
+def test_prepare_unwritable_output_is_one_line(tmp_path, capsys, monkeypatch):
+    import emactl.data.prepare as prepare
+
+    def no_space(path, label):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare, "save_gray_png", no_space)
+    root = tmp_path / "coco"
+    write_png(root / "annotations" / "val2017" / "000000000139.png", [[0]])
+    assert run("data", "prepare", "cocostuff", "--root", str(root)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "000000000139_labelTrainIds.png: cannot write the label (No space left on device)" in err

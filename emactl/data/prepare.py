@@ -168,7 +168,10 @@ def _run_job(job: LabelJob, force: bool) -> str | DataFileError:
         label = job.convert(job.src)
     except DataFileError as e:
         return e
-    save_gray_png(job.dst, label)
+    try:
+        save_gray_png(job.dst, label)
+    except OSError as e:  # permissions, a full disk: nothing is left half-written either way
+        raise UserError(f"{job.dst}: cannot write the label ({e.strerror or e})") from None
     return "written"
 
 
