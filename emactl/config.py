@@ -122,7 +122,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     # The loss (emactl.engine.losses): ce, weighted_ce (needs class_weights) or ohem, whose
-    # min_kept counts the pixels of the whole (global) micro-batch.
+    # min_kept counts the pixels of the whole micro-batch over all ranks (mmseg: per GPU).
     loss: Literal["ce", "ohem", "weighted_ce"] = "ce"
     class_weights: list[float] | Literal["frequency"] | None = None
     ohem_thresh: float = 0.7
