@@ -183,16 +183,22 @@ def convert_labels(jobs: Sequence[LabelJob], what: str, workers: int = 4, force:
     interrupted run leaves only finished labels and can simply be run again.
     """
     result = ConvertResult()
-    with progress_bar(progress) as bar, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        task = bar.add_task(what, total=len(jobs))
-        for outcome in pool.map(lambda job: _run_job(job, force), jobs):
-            if outcome == "written":
-                result.written += 1
-            elif outcome == "skipped":
-                result.skipped += 1
-            else:
-                result.refused.append(outcome)
-            bar.advance(task)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        with progress_bar(progress) as bar:
+            task = bar.add_task(what, total=len(jobs))
+            for outcome in pool.map(lambda job: _run_job(job, force), jobs):
+                if isinstance(outcome, DataFileError):
+                    result.refused.append(outcome)
+                elif outcome == "written":
+                    result.written += 1
+                else:
+                    result.skipped += 1
+                bar.advance(task)
+    finally:
+        # On Ctrl-C or an unwritable output, drop the queued files instead of converting
+        # them all first; the ones running finish (their writes are atomic either way).
+        pool.shutdown(wait=True, cancel_futures=True)
     result.refused.sort(key=lambda e: str(e.path))
     return result
 
