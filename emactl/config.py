@@ -122,6 +122,17 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
+    # The loss (emactl.engine.losses): ce, weighted_ce (needs class_weights) or ohem, whose
+    # min_kept counts the pixels of the whole micro-batch over all ranks (mmseg: per GPU).
+    loss: Literal["ce", "ohem", "weighted_ce"] = "ce"
+    class_weights: list[float] | Literal["frequency"] | None = None
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100000
+    # Experiment loggers (emactl.engine.loggers); metrics.jsonl is always written.
+    loggers: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["jsonl"])
+    wandb_project: str = "emactl"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    mlflow_tracking_uri: str = ""  # empty: a SQLite store, <run_dir>/mlflow.db
 
 
 @dataclass
@@ -334,6 +345,10 @@ def validate(r: Recipe, source: str = "recipe") -> None:
             f"{source}: train.batch_size={r.train.batch_size} is not divisible by "
             f"train.accum_steps={r.train.accum_steps}"
         )
+    if not 0.0 < r.train.ohem_thresh <= 1.0:
+        raise UserError(f"{source}: train.ohem_thresh: must be in (0, 1], got {r.train.ohem_thresh}")
+    if r.train.ohem_min_kept < 0:
+        raise UserError(f"{source}: train.ohem_min_kept: must be >= 0")
     if r.train.warmup_iters < 0:
         raise UserError(f"{source}: train.warmup_iters: must be >= 0")
     if not r.name or "/" in r.name:

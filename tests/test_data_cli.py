@@ -66,6 +66,18 @@ def test_check_clean_dataset_exits_0_and_writes_tables(folder, tmp_path, capsys)
     assert (out / "config.yaml").is_file()
 
 
+def test_check_prints_frequency_class_weights_of_the_train_split(folder, capsys):
+    from emactl.engine.losses import frequency_weights
+
+    _, recipe = folder
+    assert run("data", "check", str(recipe)) == 0
+    text = capsys.readouterr().out
+    # train: a and b, 24 pixels each of classes 0, 1 and 2 (and 24 ignored)
+    assert "class weights from the train split" in text
+    assert frequency_weights([24, 24, 24]) == [1.0, 1.0, 1.0]
+    assert "  class_weights: [1, 1, 1]" in text
+
+
 def test_check_lists_every_problem_and_exits_1(folder, tmp_path, capsys):
     root, recipe = folder
     write_label(root / "masks" / "a.png", [0, 7])

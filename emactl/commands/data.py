@@ -31,6 +31,69 @@ def prepare_voc_aug(
     )
 
 
+WORKERS_HELP = "Threads converting files in parallel."
+FORCE_HELP = "Rewrite labels that already exist (default: skip them)."
+
+
+@prepare_app.command("cityscapes")
+def prepare_cityscapes(
+    root: Path = typer.Option(..., "--root", help="Directory holding gtFine/ (and leftImg8bit/)."),
+    source: str = typer.Option("auto", "--source", help="Read gtFine polygons (JSON), label ids "
+                               "(PNG) or auto: polygons where present. polygons | label-ids | auto"),
+    workers: int = typer.Option(4, "--workers", min=1, help=WORKERS_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Write gtFine/*/*_gtFine_labelTrainIds.png (19 classes, 255 ignored)."""
+    from rich.console import Console
+
+    from ..data.prepare import prepare_cityscapes as run
+
+    base, result = run(root, source, workers, force)
+    Console(soft_wrap=True).print(result.summary(str(base / "gtFine")), markup=False, highlight=False)
+    result.raise_refused()
+
+
+@prepare_app.command("context")
+def prepare_context(
+    context: Optional[Path] = typer.Option(None, "--context", help="Where PASCAL Context's "
+                                           "trainval.tar.gz was extracted (trainval/*.mat)."),
+    detail: Optional[Path] = typer.Option(None, "--detail", help="Or the Detail API's "
+                                          "trainval_merged.json."),
+    voc: Path = typer.Option(..., "--voc", help="VOCdevkit, VOC2010, or the dir holding them."),
+    workers: int = typer.Option(4, "--workers", min=1, help=WORKERS_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Write VOC2010/SegmentationClassContext/*.png (0 = background, 1..59) and the
+    ImageSets/SegmentationContext train/val lists; serves the context and context60 recipes."""
+    from rich.console import Console
+
+    from ..data.prepare import prepare_context as run
+
+    result = run(context, voc, workers, force, detail=detail)
+    Console(soft_wrap=True).print(
+        result.labels.summary(str(result.voc_dir / "SegmentationClassContext"))
+        + f"; train.txt lists {result.splits['train']} images, val.txt {result.splits['val']}",
+        markup=False, highlight=False)
+    result.labels.raise_refused()
+
+
+@prepare_app.command("cocostuff")
+def prepare_cocostuff(
+    root: Path = typer.Option(..., "--root", help="Directory holding images/ and annotations/ "
+                              "(stuffthingmaps_trainval2017.zip unzipped into annotations/)."),
+    workers: int = typer.Option(4, "--workers", min=1, help=WORKERS_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Write annotations/{train2017,val2017}/*_labelTrainIds.png (171 classes, 255 ignored)."""
+    from rich.console import Console
+
+    from ..data.prepare import prepare_cocostuff as run
+
+    base, result = run(root, workers, force)
+    Console(soft_wrap=True).print(result.summary(str(base / "annotations")), markup=False, highlight=False)
+    result.raise_refused()
+
+
 @data_app.command("check")
 def check(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
@@ -44,12 +107,13 @@ def check(
     Exit code 0 when clean, 1 when problems were found, 2 for bad input.
     """
     from ..config import dump_yaml, load_recipe
-    from ..data.check import check_dataset, print_report, write_report
+    from ..data.check import check_dataset, print_class_weights, print_report, write_report
     from ..io import write_text
 
     cfg = load_recipe(recipe, overrides)
     report = check_dataset(cfg.data, split or None)
     print_report(report)
+    print_class_weights(report, cfg.data.train_split)
     if out is not None:
         write_report(report, out)
         write_text(out / "config.yaml", dump_yaml(cfg))

@@ -179,3 +179,17 @@ def write_report(report: CheckReport, out_dir: Path) -> list[Path]:
         *save_table(report.histogram().reset_index(), out_dir / "class_histogram"),
         *save_table(report.problems(), out_dir / "problems"),
     ]
+
+
+def print_class_weights(report: CheckReport, split: str, console: Console | None = None) -> None:
+    """The frequency class weights of ``split`` as a line to paste into a recipe."""
+    from ..engine.losses import frequency_weights
+
+    found = [s for s in report.splits if s.split == split]
+    if not found or not found[0].pixels.sum():
+        return
+    weights = ", ".join(f"{w:g}" for w in frequency_weights(found[0].pixels))
+    console = console or Console()
+    console.print(f"class weights from the {split} split (ENet, 1/ln(1.02 + share), mean 1); "
+                  "for train.loss=weighted_ce or ohem:", markup=False, highlight=False)
+    console.print(f"  class_weights: [{weights}]", markup=False, highlight=False, soft_wrap=True)

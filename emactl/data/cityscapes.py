@@ -1,8 +1,8 @@
 """Cityscapes (``cityscapes``): 19 classes as train ids, 255 ignored.
 
 Layout: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
-``gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` (made by cityscapesScripts'
-``createTrainIdLabelImgs``). With ``data.args.label_ids: true`` the raw
+``gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` (made by ``emactl data prepare
+cityscapes`` or cityscapesScripts' ``createTrainIdLabelImgs``). With ``data.args.label_ids: true`` the raw
 ``*_gtFine_labelIds.png`` maps are read instead and converted to train ids on the fly.
 ``data.root`` may point at the Cityscapes directory or at one holding it as ``cityscapes``.
 """
@@ -15,7 +15,7 @@ from .base import DATASETS, ImageListDataset
 from .classes import CITYSCAPES, CITYSCAPES_COLOURS, CITYSCAPES_ID_TO_TRAINID
 from .paths import find_dir, resolve_root, scan_pairs
 
-TRAINID_HINT = ("; make the train-id maps with cityscapesScripts' createTrainIdLabelImgs, or "
+TRAINID_HINT = ("; make the train-id maps with `emactl data prepare cityscapes --root PATH`, or "
                 "read the raw *_gtFine_labelIds.png with --set data.args.label_ids=true")
 
 

@@ -58,11 +58,36 @@ CITYSCAPES_COLOURS = (
     (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
+# Cityscapes' label table (cityscapesScripts helpers/labels.py): (name, label id, train id).
+# Label ids 0..33 are what *_gtFine_labelIds.png stores; train id 255 is ignored. The licence
+# plate (id -1) is never drawn, so the car polygon beneath it keeps its label.
+CITYSCAPES_LABELS = (
+    ("unlabeled", 0, 255), ("ego vehicle", 1, 255), ("rectification border", 2, 255),
+    ("out of roi", 3, 255), ("static", 4, 255), ("dynamic", 5, 255), ("ground", 6, 255),
+    ("road", 7, 0), ("sidewalk", 8, 1), ("parking", 9, 255), ("rail track", 10, 255),
+    ("building", 11, 2), ("wall", 12, 3), ("fence", 13, 4), ("guard rail", 14, 255),
+    ("bridge", 15, 255), ("tunnel", 16, 255), ("pole", 17, 5), ("polegroup", 18, 255),
+    ("traffic light", 19, 6), ("traffic sign", 20, 7), ("vegetation", 21, 8),
+    ("terrain", 22, 9), ("sky", 23, 10), ("person", 24, 11), ("rider", 25, 12),
+    ("car", 26, 13), ("truck", 27, 14), ("bus", 28, 15), ("caravan", 29, 255),
+    ("trailer", 30, 255), ("train", 31, 16), ("motorcycle", 32, 17), ("bicycle", 33, 18),
+    ("license plate", -1, 255),
+)
 # Cityscapes label id (0..33) -> train id (0..18, 255 = ignore), from cityscapesScripts.
 CITYSCAPES_ID_TO_TRAINID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-    25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+    label_id: train_id for _, label_id, train_id in CITYSCAPES_LABELS
+    if label_id >= 0 and train_id != 255
 }
+
+# PASCAL Context: the 459-class label ids (the release's labels.txt, 1-based, alphabetical;
+# 0 = unlabelled) of the standard 59 classes, in the order of CONTEXT59. Every other id is
+# background (0) in the 60-class maps.
+CONTEXT459_IDS = (
+    2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105,
+    113, 115, 144, 158, 159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308,
+    324, 326, 347, 349, 354, 355, 360, 366, 368, 397, 415, 416, 420, 424, 427, 440, 445, 454,
+    458,
+)
 
 # ADE20K SceneParsing (ADEChallengeData2016), 150 classes; stored index 0 ("other") is ignored.
 ADE20K = (

@@ -19,8 +19,8 @@ from .classes import COCOSTUFF
 from .paths import Item, MissingFile, find_dir, read_split_list, resolve_root, scan_pairs, split_dir
 from .readers import DataFileError, load_mat, require_scipy
 
-LABEL_HINT = ("; COCO-Stuff 164k train-id labels (*_labelTrainIds.png) are made from the stuffthing"
-              " maps by the usual conversion script (e.g. mmsegmentation's coco_stuff164k.py)")
+LABEL_HINT = ("; make the COCO-Stuff 164k train-id labels (*_labelTrainIds.png) from the "
+              "stuffthingmaps with `emactl data prepare cocostuff --root PATH`")
 
 
 @DATASETS.register("cocostuff")

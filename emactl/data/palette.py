@@ -57,3 +57,19 @@ def save_palette_png(path: str | os.PathLike, label: np.ndarray, palette: np.nda
     image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def save_gray_png(path: str | os.PathLike, label: np.ndarray) -> None:
+    """Write ``label`` (values in [0, 255]) as a grayscale PNG, atomically.
+
+    This is how cityscapesScripts and the common converters store train-id maps, so the
+    files read the same in any toolkit (a palette PNG read as grey by OpenCV would not).
+    """
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label must be 2-D, got shape {label.shape}")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"label values must be in [0, 255], got [{label.min()}, {label.max()}]")
+    image = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))  # 2-D uint8: mode L
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

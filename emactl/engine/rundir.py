@@ -7,7 +7,7 @@
     metrics.jsonl        one JSON object per line: {"kind": "train"|"val", "iter": ..., ...}
     checkpoints/         iter_XXXXXXX.pt (see :mod:`emactl.engine.checkpoint`)
     eval/                the final evaluation tables
-    tb/                  TensorBoard scalars, when ``torch.utils.tensorboard`` imports
+    tb/, wandb/, mlflow.db, mlartifacts/   the optional loggers' files (``train.loggers``, see :mod:`emactl.engine.loggers`)
 
 Only rank 0 writes any of it.
 """
@@ -119,17 +119,24 @@ class MetricsLogger:
 
     Each line is flushed as it is written, so a killed run loses at most a partial last line;
     :meth:`truncate` removes that and anything logged after the checkpoint being resumed.
-    A disabled logger (ranks other than 0) does nothing.
+    A disabled logger (ranks other than 0) does nothing. :meth:`attach` adds the optional
+    back-ends of ``train.loggers``, which get a copy of every record written.
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
         self._tb: Any = None
+        self._extra: Any = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
                 self._tb = _summary_writer(Path(run_dir) / "tb")
+
+    def attach(self, loggers: Any) -> None:
+        """Also send every record to ``loggers`` (an :class:`emactl.engine.loggers.Loggers`)."""
+        if self.enabled:
+            self._extra = loggers
 
     def truncate(self, iteration: int, keep_val_at: bool = True) -> None:
         """Keep only well-formed lines with ``iter <= iteration`` (atomically).
@@ -163,11 +170,16 @@ class MetricsLogger:
                 if key not in ("kind", "iter", "time") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, step)
             self._tb.flush()
+        if self._extra is not None:
+            self._extra.log(record)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._extra is not None:
+            self._extra.close()
+            self._extra = None
 
 
 def _summary_writer(folder: Path) -> Any:

@@ -2,7 +2,7 @@
 
 One call, :func:`train`, runs a whole (or resumed) training and the final evaluation. The loop
 is deliberately plain, in the style of the torchvision segmentation references: forward,
-cross-entropy (plus the weighted aux loss), backward, step, schedule — with the extras a long
+the loss (``train.loss``, plus the weighted aux loss), backward, step, schedule — with the extras a long
 job needs around it.
 
 Reproducibility and resume
@@ -48,7 +48,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
@@ -73,6 +72,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .cudnn import cudnn_benchmark
+from .loggers import build_loggers, require_loggers
+from .losses import SegLoss, loss_for
 from .optim import build_optimizer, build_scheduler
 from .rundir import MetricsLogger, capture_env, check_run_dir, remove_stale_temps, write_env, write_recipe
 
@@ -102,21 +103,10 @@ class TrainResult:
 # Loss.
 
 
-def seg_loss(outputs: dict[str, Tensor], labels: Tensor, ignore_index: int, aux_weight: float) -> Tensor:
-    """Pixel-wise cross-entropy over non-ignored pixels, plus ``aux_weight ×`` the aux loss.
-
-    It equals ``F.cross_entropy(..., ignore_index=...)`` (the mean over valid pixels), except
-    that a batch without any valid pixel gives 0 instead of NaN.
-    """
-    valid = (labels != ignore_index).sum().clamp(min=1)
-
-    def ce(logits: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum") / valid
-
-    loss = ce(outputs["out"])
-    if "aux" in outputs:
-        loss = loss + aux_weight * ce(outputs["aux"])
-    return loss
+def seg_loss(outputs: dict[str, Tensor], labels: Tensor, criterion: SegLoss) -> Tensor:
+    """The recipe's loss (``train.loss``, see :mod:`emactl.engine.losses`) of the main head,
+    plus ``model.aux_weight ×`` that of the aux head; 0 for a batch without any valid pixel."""
+    return criterion(outputs, labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +366,8 @@ class _Trainer:
         if len(self.val_set) == 0:
             raise UserError(f"dataset {data.name!r} split {data.val_split!r} holds no images")
         self.eval_cfg = resolve_eval_config(recipe)
+        require_loggers(cfg)
+        self.criterion = loss_for(recipe, self.num_classes, self.ignore_index, self.show_progress)
 
         self.ckpt = load_checkpoint(self.resume_from) if self.resume_from is not None else None
         if self.ckpt is not None:
@@ -548,7 +540,7 @@ class _Trainer:
             with sync:
                 with _autocast(dev, cfg.amp):
                     outputs = self._forward(images)
-                loss = seg_loss(outputs, labels, self.ignore_index, self.recipe.model.aux_weight)
+                loss = seg_loss(outputs, labels, self.criterion)
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             loss_sum += loss.detach()
         stats = torch.cat([(loss_sum / cfg.accum_steps).reshape(1), stop_flags.to(dev)])
@@ -621,7 +613,7 @@ class _Trainer:
     def run(self) -> TrainResult:
         start = time.perf_counter()
         cfg, main = self.cfg, self.main
-        logger = MetricsLogger(self.run_dir, enabled=main)
+        logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=False)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.run_dir)
@@ -629,6 +621,7 @@ class _Trainer:
             resumed = self.iteration if self.resume_from is not None else None
             write_env(self.run_dir, capture_env(self.device, self.info.world_size, cfg.amp, resumed))
             logger.truncate(self.iteration, keep_val_at=self.iteration < cfg.iters)
+            logger.attach(build_loggers(self.run_dir, self.recipe))
             where = f"resuming {self.resume_from} at iteration {self.iteration}" if resumed is not None else "training"
             _console.print(
                 f"{where} → {self.run_dir} on {self.device} × {self.info.world_size} "
