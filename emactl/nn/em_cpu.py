@@ -84,12 +84,12 @@ def run_fast(
 
 
 def _folded(mu: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The E step's operands for bases ``mu`` (…, C, K): weightᵀ·mu and muᵀ·bias (see e_step)."""
+    """The E step's operands for bases ``mu`` ((B,) C, K): weightᵀ·mu and muᵀ·bias (see e_step)."""
     if weight is None:
         return mu, None
-    return torch.matmul(mu.transpose(-1, -2), weight).transpose(-1, -2), (
-        torch.matmul(mu.transpose(-1, -2), bias) if bias is not None else None
-    )
+    mu_t = mu.transpose(-1, -2)
+    nu_t = torch.mm(mu_t.reshape(-1, mu.shape[-2]), weight).view(*mu_t.shape[:-1], -1)
+    return nu_t.transpose(-1, -2), (torch.matmul(mu_t, bias) if bias is not None else None)
 
 
 def conv_iterations(

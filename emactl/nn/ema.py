@@ -67,7 +67,8 @@ def e_step(x: Tensor, mu: Tensor, temperature: float, weight: Tensor | None = No
     if weight is None:
         logits = torch.bmm(mu.transpose(1, 2), x)
     else:
-        nu_t = torch.matmul(mu.transpose(1, 2), weight)  # (B, K, C_in): one (B·K, C) × (C, C_in) product
+        b, c, k = mu.shape  # (B, K, C_in) as one (B·K, C) × (C, C_in) product, not B of them
+        nu_t = torch.mm(mu.transpose(1, 2).reshape(b * k, c), weight).view(b, k, -1)
         shift = torch.matmul(mu.transpose(1, 2), bias).unsqueeze(2) if bias is not None else None
         logits = torch.bmm(nu_t, x) if shift is None else torch.baddbmm(shift, nu_t, x)
     if temperature != 1.0:
@@ -87,7 +88,10 @@ def m_step(x: Tensor, z: Tensor, norm: str, weight: Tensor | None = None, bias: 
 
 def finish_m_step(xz: Tensor, z: Tensor, norm: str, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """The M step from the product ``x zᵀ`` (B, C_in, K): fold the convolution back, normalise."""
-    mu = xz if weight is None else torch.matmul(xz.transpose(1, 2), weight.t()).transpose(1, 2)
+    if weight is not None:  # weight · xz as one (B·K, C_in) × (C_in, C) product
+        b, c_in, k = xz.shape
+        xz = torch.mm(xz.transpose(1, 2).reshape(b * k, c_in), weight.t()).view(b, k, -1).transpose(1, 2)
+    mu = xz
     if bias is not None:
         mu = torch.baddbmm(mu, bias.view(1, -1, 1).expand(mu.shape[0], -1, 1), z.sum(dim=2, keepdim=True).transpose(1, 2))
     if norm != "l2":
