@@ -248,6 +248,21 @@ def test_one_line_on_a_reraised_worker_error():
     assert _one_line(str(info.value)) == "shapes: broken sample 0"
 
 
+def test_one_line_drops_the_qualified_class_of_a_reraised_data_file_error():
+    from torch._utils import ExceptionWrapper
+
+    from emactl.cli import _one_line
+    from emactl.data.readers import DataFileError
+
+    try:
+        raise DataFileError("a.jpg: cannot read image (truncated)", "a.jpg")
+    except DataFileError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataFileError) as info:
+        wrapped.reraise()
+    assert _one_line(str(info.value)) == "a.jpg: cannot read image (truncated)"
+
+
 def test_main_maps_user_error_to_exit_2(tmp_path, monkeypatch, capsys):
     from emactl import cli
 
