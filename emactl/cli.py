@@ -4,7 +4,6 @@ Every user error (``UserError``, a bad CLI value) becomes one line on stderr and
 """
 from __future__ import annotations
 
-import re
 import sys
 
 import typer
@@ -16,7 +15,7 @@ except ImportError:  # older typer depends on Click itself
     import click
     from click.exceptions import Abort, Exit
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 app = typer.Typer(
     name="emactl",
@@ -49,19 +48,8 @@ def _register() -> None:
 _register()
 
 
-# The ``module.Class: `` prefix a traceback's last line starts with, e.g. ``emactl.data.readers.DataFileError: ``.
-_EXCEPTION_PREFIX = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): ")
-
-
 def _one_line(message: str) -> str:
-    """A UserError re-raised by a DataLoader worker carries a traceback; keep its last line.
-
-    That line starts with the exception's qualified class name, which is dropped too.
-    """
-    lines = [ln for ln in message.strip().splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return message.strip()
-    return _EXCEPTION_PREFIX.sub("", lines[-1].strip(), count=1)
+    return one_line(message)
 
 
 def main(argv: list[str] | None = None) -> None:

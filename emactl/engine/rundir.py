@@ -28,7 +28,7 @@ import torchvision
 
 from ..config import Recipe, dump_yaml
 from ..errors import UserError
-from ..io import write_json, write_text
+from ..io import write_failure, write_json, write_text
 from .checkpoint import CKPT_DIR, latest_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -154,9 +154,12 @@ class MetricsLogger:
         """Append one record, which must hold ``kind`` and ``iter``."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=False) + "\n")
+                f.flush()
+        except OSError as e:
+            raise write_failure(self.path, e) from None
         if self._tb is not None:
             step = int(record["iter"])
             for key, value in record.items():
@@ -180,14 +183,16 @@ def _summary_writer(folder: Path) -> Any:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a run's ``metrics.jsonl`` (malformed lines skipped)."""
+    """All records (JSON objects) of a run's ``metrics.jsonl``; any other line is skipped."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):  # valid JSON that is not a record (a list, a number) is skipped too
+            out.append(record)
     return out
