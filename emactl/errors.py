@@ -15,15 +15,6 @@ class UserError(Exception):
     exit_code = 2
 
 
-class Stopped(UserError):
-    """A run stopped by a signal (SIGINT, SIGTERM): exit code 128 + the signal number."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-
 # The ``module.Class: `` prefix a traceback's last line starts with, e.g. ``emactl.data.readers.DataFileError: ``.
 _EXCEPTION_PREFIX = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): ")
 
