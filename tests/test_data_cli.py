@@ -202,3 +202,17 @@ def test_check_flags_image_modes_it_cannot_read_faithfully(folder, tmp_path, cap
     assert problems["kind"].tolist() == ["unreadable"]
     assert "image mode F" in problems.loc[0, "detail"]
     assert "no problems found" not in capsys.readouterr().out
+
+
+def test_check_refuses_an_unwritable_out_before_scanning(folder, tmp_path, capsys, monkeypatch):
+    import emactl.data.check as check_mod
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned before refusing")
+
+    monkeypatch.setattr(check_mod, "check_dataset", no_scan)
+    _, recipe = folder
+    (tmp_path / "a_file").write_text("x")
+    assert run("data", "check", str(recipe), "--out", str(tmp_path / "a_file")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a_file: exists and is not a folder; choose another --out" in err
