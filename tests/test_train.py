@@ -639,6 +639,21 @@ def test_full_tmpfs_at_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monke
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+def test_read_only_file_system_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (or is not allowed here)")
+    try:
+        recipe = write_recipe_file(tmp_path, "train.iters=2")
+        code, err = cli(["train", str(recipe), "--no-progress", "--out", str(mount)], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"{mount / 't'}: cannot create this output folder (Read-only file system)" in err
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
 def test_signal_during_the_final_evaluation_stops_with_143(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
