@@ -701,6 +701,26 @@ def test_second_sigint_stops_at_once_naming_the_last_checkpoint(
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_second_sigint_during_validation_saves_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_validate = trainer_mod._Trainer.validate
+
+    def validate_with_two_sigints(self: Any, progress: bool) -> Any:
+        if self.iteration == 3:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real_validate(self, progress)
+
+    monkeypatch.setattr(trainer_mod._Trainer, "validate", validate_with_two_sigints)
+    recipe = write_recipe_file(tmp_path, "train.iters=10", "train.ckpt_every=100", "train.val_every=3")
+    code, err = cli(["train", str(recipe), "--no-progress"], capsys)
+    run = tmp_path / "runs" / "t"
+    assert code == 128 + signal.SIGINT
+    assert f"stopped by SIGINT during validation at iteration 3; saved {checkpoint_path(run, 3)}" in err
+    assert latest_checkpoint(run) == checkpoint_path(run, 3) and ckpt(checkpoint_path(run, 3))["iteration"] == 3
+
+
 def test_corrupt_newest_checkpoint_falls_back_on_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     recipe = write_recipe_file(tmp_path, "train.iters=6", "train.ckpt_every=3")
     run = tmp_path / "runs" / "t"

@@ -20,8 +20,9 @@ Stopping
     The first SIGINT or SIGTERM sets a flag that is checked after every optimiser step (and
     agreed on by all ranks); the run then saves a checkpoint at the current iteration and
     :func:`train` returns with ``stopped_by`` set; ``emactl train`` exits with 128 + the signal
-    number (130 for SIGINT, 143 for SIGTERM). A second signal stops the run at once, without
-    saving, and says which checkpoint is the last. A signal during the final evaluation (the
+    number (130 for SIGINT, 143 for SIGTERM). A second signal stops the run at once, and says
+    which checkpoint is the last: during a periodic validation it first saves the state (which
+    validating does not change), during a step it cannot, as that state is half updated. A signal during the final evaluation (the
     final checkpoint is on disk by then) stops it at once too: ``emactl eval`` or ``--resume``
     redo it. Either way :func:`train` returns with ``stopped_by`` set and a message printed.
 
@@ -814,7 +815,16 @@ class _Trainer:
                     window_start, window_iters = now, 0
                 progress.update(task, completed=it, loss=f"{loss:.4f}", lr=_fmt_lr(lr), ips=f"{ips:.1f}")
                 if cfg.val_every and it % cfg.val_every == 0 and it < cfg.iters:
-                    result = self.validate(progress=False)
+                    try:
+                        result = self.validate(progress=False)
+                    except StopNow as e:
+                        # Validation changes no training state (eval mode, fork_rng): the state
+                        # after this step is whole, so it is saved rather than lost.
+                        path = self.save()
+                        name = signal.Signals(e.signum).name
+                        self._say(f"stopped by {name} during validation at iteration {it}; saved {path} "
+                                  "(continue with --resume)")
+                        return e.signum
                     self._log_val(logger, result.summary)
                     if main:
                         progress.console.print(
