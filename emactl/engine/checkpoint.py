@@ -134,7 +134,9 @@ def load_newest(run_dir: str | os.PathLike, set_aside: bool = False) -> tuple[Pa
         return path, ckpt
     if bad:
         others = f" (and {len(bad) - 1} older ones)" if len(bad) > 1 else ""
-        raise UserError(f"{bad[0][1]}{others}; no checkpoint of {run_dir} loads: remove them, or train afresh with another --name")
+        raise UserError(
+            f"{bad[0][1]}{others}; no checkpoint of {run_dir} loads: remove them, or train afresh with another --name"
+        )
     return None
 
 

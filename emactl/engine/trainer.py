@@ -20,11 +20,12 @@ Stopping
     The first SIGINT or SIGTERM sets a flag that is checked after every optimiser step (and
     agreed on by all ranks); the run then saves a checkpoint at the current iteration and
     :func:`train` returns with ``stopped_by`` set; ``emactl train`` exits with 128 + the signal
-    number (130 for SIGINT, 143 for SIGTERM). A second signal stops the run at once, and says
+    number (130 for SIGINT, 143 for SIGTERM). A second signal stops the run at once and says
     which checkpoint is the last: during a periodic validation it first saves the state (which
-    validating does not change), during a step it cannot, as that state is half updated. A signal during the final evaluation (the
-    final checkpoint is on disk by then) stops it at once too: ``emactl eval`` or ``--resume``
-    redo it. Either way :func:`train` returns with ``stopped_by`` set and a message printed.
+    validating does not change); during a step it cannot, as that state is half updated. A
+    signal during the final evaluation (the final checkpoint is on disk by then) stops it at
+    once too: ``emactl eval`` or ``--resume`` redo it. Either way :func:`train` returns with
+    ``stopped_by`` set and a message printed.
 
 Non-finite values
     A NaN/inf loss raises :class:`UserError` naming the iteration *before* the bad update is
@@ -70,7 +71,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..config import Recipe, to_dict
-from ..data.loading import clean_error, next_batch, stop_workers
+from ..data.loading import next_batch, stop_workers
 from ..errors import UserError
 from ..io import ensure_dir, folder_lock
 from ..nn.emanet import build_model, ema_units
@@ -416,7 +417,7 @@ class _Trainer:
         check_run_dir(run_dir, resume)
         self.resume_from: Path | None = None
         self.ckpt: dict[str, Any] | None = None
-        self.resume_changes: dict[str, list[Any]] = {}
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}
         if resume:
             self._load_resume_checkpoint()
         cfg = self.cfg
@@ -468,8 +469,9 @@ class _Trainer:
         change; changed ones that may are kept in ``resume_changes`` and reported.
         """
         found = load_newest(self.run_dir, set_aside=True) if self.main else None
-        path = D.broadcast_object(found[0] if found is not None else None) if self.info.distributed else (
-            found[0] if found is not None else None)
+        path = found[0] if found is not None else None
+        if self.info.distributed:
+            path = D.broadcast_object(path)
         if path is None:
             return
         ckpt = found[1] if found is not None else load_checkpoint(path)
@@ -732,7 +734,9 @@ class _Trainer:
             resumed = self.iteration if self.resume_from is not None else None
             env = capture_env(self.device, self.info.world_size, cfg.amp, resumed)
             if self.resume_changes:
-                env["resume_changes"] = {k: {"checkpoint": old, "now": new} for k, (old, new) in self.resume_changes.items()}
+                env["resume_changes"] = {
+                    k: {"checkpoint": old, "now": new} for k, (old, new) in self.resume_changes.items()
+                }
                 listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())
                 _console.print(f"resuming with changed settings: {listed}", markup=False, highlight=False)
             write_env(self.run_dir, env)
