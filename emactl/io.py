@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,10 +236,15 @@ def folder_lock(folder: str | os.PathLike, command: str, fix: str) -> Iterator[N
     with open(folder / LOCK_FILE, "a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise UserError(f"{folder}: in use by {holder}; {fix}") from None
+        except OSError as e:  # a file system without locks: go on, but say so
+            print(f"warning: {folder}: cannot lock ({_reason(e)}); make sure no other process uses it",
+                  file=sys.stderr)
+            yield
+            return
         try:
             f.seek(0)
             f.truncate()
