@@ -15,7 +15,8 @@ except ImportError:  # older typer depends on Click itself
     import click
     from click.exceptions import Abort, Exit
 
-from .errors import UserError, one_line
+from .errors import UserError
+from .errors import one_line as _one_line
 
 app = typer.Typer(
     name="emactl",
@@ -46,10 +47,6 @@ def _register() -> None:
 
 
 _register()
-
-
-def _one_line(message: str) -> str:
-    return one_line(message)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,6 +75,16 @@ def write_failure(path: Path, e: BaseException, needed: int | None = None) -> Us
     )
 
 
+def _make_dir(folder: Path, fix: str) -> None:
+    """``mkdir -p`` whose failures are one-line UserErrors ending in ``fix``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{folder}: exists and is not a folder; {fix}") from None
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create this output folder ({_reason(e)}); {fix}") from None
+
+
 def ensure_dir(folder: str | os.PathLike, option: str = "") -> Path:
     """Create ``folder`` (and its parents) and check a file can be created in it.
 
@@ -84,12 +94,7 @@ def ensure_dir(folder: str | os.PathLike, option: str = "") -> Path:
     """
     folder = Path(folder)
     fix = f"choose another {option}" if option else "choose a writable location"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{folder}: exists and is not a folder; {fix}") from None
-    except OSError as e:
-        raise UserError(f"{folder}: cannot create this output folder ({_reason(e)}); {fix}") from None
+    _make_dir(folder, fix)
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
         os.close(fd)
@@ -108,7 +113,7 @@ def atomic_path(path: str | os.PathLike, needed: Callable[[], int] | None = None
     needs, when ``needed`` can tell); ``path`` is untouched.
     """
     path = Path(path)
-    ensure_dir(path.parent)
+    _make_dir(path.parent, "choose a writable location")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
