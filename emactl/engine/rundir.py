@@ -34,10 +34,11 @@ from .checkpoint import CKPT_DIR, latest_checkpoint
 METRICS_FILE = "metrics.jsonl"
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Refuse to train over an existing run unless resuming; return the checkpoint to resume.
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to train over an existing run unless resuming.
 
-    ``resume`` with no checkpoint yet (e.g. killed before the first one) starts from scratch.
+    ``resume`` with no checkpoint yet (e.g. killed before the first one) starts from scratch;
+    which checkpoint it continues from is :func:`emactl.engine.checkpoint.load_newest`'s choice.
     """
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and not resume:
@@ -45,7 +46,6 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
             f"{run_dir}: run already has checkpoints (latest {ckpt.name}); "
             "pass --resume to continue it or choose another --name"
         )
-    return ckpt if resume else None
 
 
 def remove_stale_temps(run_dir: Path) -> None:
