@@ -16,6 +16,7 @@ except ImportError:  # older typer depends on Click itself
     from click.exceptions import Abort, Exit
 
 from .errors import UserError
+from .errors import one_line as _one_line
 
 app = typer.Typer(
     name="emactl",
@@ -46,15 +47,6 @@ def _register() -> None:
 
 
 _register()
-
-
-def _one_line(message: str) -> str:
-    """A UserError re-raised by a DataLoader worker carries a traceback; keep its last line."""
-    lines = [ln for ln in message.strip().splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return message.strip()
-    last = lines[-1]
-    return last.split("UserError: ", 1)[-1]
 
 
 def main(argv: list[str] | None = None) -> None:

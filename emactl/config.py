@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 import types
@@ -247,9 +248,11 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         # PyYAML (YAML 1.1) reads exponents without a dot, e.g. ``1e-3``, as strings.
         if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            return float(value)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):  # YAML's .nan and .inf: no setting means anything with them
+            raise bad("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -349,10 +352,12 @@ def validate(r: Recipe, source: str = "recipe") -> None:
         raise UserError(f"{source}: train.ohem_thresh: must be in (0, 1], got {r.train.ohem_thresh}")
     if r.train.ohem_min_kept < 0:
         raise UserError(f"{source}: train.ohem_min_kept: must be >= 0")
-    if r.train.warmup_iters < 0:
-        raise UserError(f"{source}: train.warmup_iters: must be >= 0")
-    if not r.name or "/" in r.name:
-        raise UserError(f"{source}: name: must be a non-empty name without '/'")
+    for key, value in (("train.warmup_iters", r.train.warmup_iters), ("train.val_every", r.train.val_every),
+                       ("data.workers", r.data.workers), ("train.seed", r.train.seed)):
+        if value < 0:
+            raise UserError(f"{source}: {key}: must be >= 0, got {value}")
+    if not r.name or "/" in r.name or "\\" in r.name or r.name in (".", ".."):
+        raise UserError(f"{source}: name: got {r.name!r}; must be a folder name without '/', not '.' or '..'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,12 +396,50 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _duplicate_key(node: yaml.Node) -> tuple[str, yaml.Mark] | None:
+    """The first mapping key that appears twice in the same mapping of a composed YAML tree."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    return key.value, key.start_mark
+                seen.add(key.value)
+            found = _duplicate_key(value)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found = _duplicate_key(item)
+            if found:
+                return found
+    return None
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
+    """A recipe file's mapping, read with ``yaml.safe_load``; every problem is one UserError.
+
+    A key given twice in one mapping is refused: YAML keeps the last silently, so an edit
+    that adds a key already set further down would be ignored.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a recipe YAML file, e.g. recipes/shapes.yaml")
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}, line {line}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read recipe ({e.strerror})") from None
+    try:
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        if duplicate:
+            key, mark = duplicate
+            raise UserError(f"{path}: key {key!r} appears twice in one section (line {mark.line + 1}); keep one")
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -404,14 +447,45 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data or {}
 
 
+_BLAMED_KEY = re.compile(r"(?:unknown key ')?([A-Za-z_][\w.]*)")
+
+
+def _blame_override(e: UserError, source: str, overrides: list[str]) -> UserError:
+    """``e`` with its source replaced by the ``--set`` item that set the key it names, if any.
+
+    Messages of :func:`from_dict` read ``SOURCE: KEY: ...`` or ``SOURCE: unknown key 'KEY'``;
+    a value given with ``--set`` is the command line's fault, not the recipe file's.
+    """
+    message = str(e)
+    if not message.startswith(f"{source}: "):
+        return e
+    rest = message[len(source) + 2:]
+    match = _BLAMED_KEY.match(rest)
+    if not match:
+        return e
+    key = match.group(1)
+    for item in reversed(overrides):
+        set_key = item.split("=", 1)[0].strip()
+        if key == set_key or key.startswith(f"{set_key}.") or set_key.startswith(f"{key}."):
+            return UserError(f"--set {item}: {rest}")
+    return e
+
+
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe file (or the defaults when ``path`` is None) and apply overrides."""
+    """Load a recipe file (or the defaults when ``path`` is None) and apply overrides.
+
+    An error about a key that an override set names that ``--set`` item, not the file.
+    """
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "recipe"
     if not isinstance(data, dict):
         return from_dict(data, source=source)  # raises: a recipe must be a mapping
-    data = apply_overrides(data, overrides or [])
-    return from_dict(data, source=source)
+    overrides = list(overrides or [])
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(data, source=source)
+    except UserError as e:
+        raise _blame_override(e, source, overrides) from None
 
 
 def dump_yaml(recipe: Recipe) -> str:

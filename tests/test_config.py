@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +262,21 @@ def test_one_line_on_a_reraised_worker_error():
     assert _one_line(str(info.value)) == "shapes: broken sample 0"
 
 
+def test_one_line_drops_the_qualified_class_of_a_reraised_data_file_error():
+    from torch._utils import ExceptionWrapper
+
+    from emactl.cli import _one_line
+    from emactl.data.readers import DataFileError
+
+    try:
+        raise DataFileError("a.jpg: cannot read image (truncated)", "a.jpg")
+    except DataFileError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataFileError) as info:
+        wrapped.reraise()
+    assert _one_line(str(info.value)) == "a.jpg: cannot read image (truncated)"
+
+
 def test_main_maps_user_error_to_exit_2(tmp_path, monkeypatch, capsys):
     from emactl import cli
 
@@ -294,3 +309,60 @@ def test_help_exits_zero():
     )
     assert proc.returncode == 0, proc.stderr
     assert "emactl" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Values and files that used to pass silently or crash (issue 13, items 8, 11, 12)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lr=.nan", "train.lr"),
+        ("train.lr=.inf", "train.lr"),
+        ("data.scale_max=.inf", "data.scale_max"),
+        ("train.val_every=-1", "train.val_every"),
+        ("data.workers=-1", "data.workers"),
+        ("name=..", "name"),
+        ("name=.", "name"),
+    ],
+)
+def test_bad_values_are_refused(tmp_path, override, needle):
+    with pytest.raises(UserError, match=needle) as info:
+        load_recipe(_write(tmp_path, "name: a\n"), [override])
+    assert "\n" not in str(info.value)
+
+
+def test_duplicate_key_is_refused_with_its_line(tmp_path):
+    path = _write(tmp_path, "train:\n  lr: 0.1\n  iters: 5\n  lr: 0.2\n")
+    with pytest.raises(UserError, match=r"key 'lr' appears twice .*line 4"):
+        load_recipe(path)
+    assert load_recipe(_write(tmp_path, "train: {lr: 0.1}\nmodel: {dropout: 0.2}\n")).train.lr == 0.1
+
+
+def test_non_utf8_recipe_is_one_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"name: a\ntrain: {lr: 0.1}  # caf\xe9\n")
+    with pytest.raises(UserError, match=r"not UTF-8 text .*line 2"):
+        load_recipe(path)
+
+
+def test_directory_recipe_is_not_reported_missing(tmp_path):
+    with pytest.raises(UserError, match="is a directory") as info:
+        load_recipe(tmp_path)
+    assert "not found" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("train.lr=abc", "expected a number"), ("train.lr=-1", "must be > 0"), ("train.bogus=1", "unknown key")],
+)
+def test_bad_set_value_blames_the_set_item_not_the_file(tmp_path, override, needle):
+    path = _write(tmp_path, "name: a\n")
+    with pytest.raises(UserError, match=needle) as info:
+        load_recipe(path, [override])
+    assert str(info.value).startswith(f"--set {override}: ")
+    assert str(path) not in str(info.value)
+    # a bad value in the file itself is still the file's
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: train.lr"):
+        load_recipe(_write(tmp_path, "train: {lr: abc}\n"), ["train.iters=5"])

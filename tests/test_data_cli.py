@@ -197,3 +197,34 @@ def test_prepare_voc_aug_missing_label_and_bad_mat(tmp_path, capsys):
     assert run("data", "prepare", "voc-aug", "--sbd", str(tmp_path / "nope"), "--voc", str(voc)) == 2
     assert run("data", "prepare", "voc-aug", "--sbd", str(sbd), "--voc", str(sbd)) == 2
     assert "point --voc at VOCdevkit" in capsys.readouterr().err
+
+
+def test_check_flags_image_modes_it_cannot_read_faithfully(folder, tmp_path, capsys):
+    root, recipe = folder
+    grey16 = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 1300)
+    Image.fromarray(grey16).save(root / "images" / "a.png")          # 16-bit: read, scaled
+    Image.fromarray(grey16.astype(np.float32)).save(root / "images" / "b.tiff")  # float: refused
+    args = "  args: {image_suffix: .png}\n"
+    (root / "images" / "b.png").write_bytes((root / "images" / "b.tiff").read_bytes())
+    recipe.write_text(recipe.read_text() + args)
+    out = tmp_path / "report"
+    assert run("data", "check", str(recipe), "--split", "train", "--out", str(out)) == 1
+    problems = pd.read_csv(out / "problems.csv")
+    assert problems["path"].map(lambda p: Path(p).name).tolist() == ["b.png"]
+    assert problems["kind"].tolist() == ["unreadable"]
+    assert "image mode F" in problems.loc[0, "detail"]
+    assert "no problems found" not in capsys.readouterr().out
+
+
+def test_check_refuses_an_unwritable_out_before_scanning(folder, tmp_path, capsys, monkeypatch):
+    import emactl.data.check as check_mod
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned before refusing")
+
+    monkeypatch.setattr(check_mod, "check_dataset", no_scan)
+    _, recipe = folder
+    (tmp_path / "a_file").write_text("x")
+    assert run("data", "check", str(recipe), "--out", str(tmp_path / "a_file")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a_file: exists and is not a folder; choose another --out" in err

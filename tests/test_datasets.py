@@ -555,3 +555,29 @@ def test_folder_names_may_be_relative_paths(tmp_path):
     write_list(tmp_path / "splits" / "train.txt", ["site1/a.jpg"])
     ds = build_dataset(cfg("folder", tmp_path, 2), "train", False)
     assert ds.load(0).name == "site1/a"
+
+
+def test_16_bit_image_is_scaled_not_clipped_to_white(tmp_path):
+    values = np.arange(H * W, dtype=np.uint16).reshape(H, W) * 341  # 0 .. 65,131
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    image = read_image(tmp_path / "deep.png")
+    assert image.shape == (H, W, 3) and image.dtype == np.uint8
+    expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(image[..., 0], expected) and np.array_equal(image[..., 2], expected)
+
+
+def test_float_image_is_refused_in_one_line(tmp_path):
+    Image.fromarray(np.ones((H, W), dtype=np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(UserError, match=r"f.tiff: image mode F cannot be read as 8-bit RGB") as info:
+        read_image(tmp_path / "f.tiff")
+    assert "\n" not in str(info.value)
+
+
+def test_split_list_line_with_a_space_is_one_name(tmp_path):
+    make_folder(tmp_path, ["my photo"], [0, 1])
+    ds = build_dataset(cfg("folder", tmp_path, 2), "train", False)
+    assert [item.name for item in ds.items] == ["my photo"]
+    write_list(tmp_path / "splits" / "val.txt", ["other shot"])
+    with pytest.raises(UserError, match=r"images/other shot.jpg for 'other shot'"):
+        build_dataset(cfg("folder", tmp_path, 2), "val", False)

@@ -1,6 +1,7 @@
 """``emactl eval`` end to end on a tiny model and the synthetic ``shapes`` set, plus the loop."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -121,6 +122,73 @@ def test_checkpoint_in_run_dir_writes_to_run_eval(run_dir, capsys):
 def test_bad_options_are_one_line_errors(run_dir, capsys, args, message):
     code, _, err = cli(["eval", str(run_dir), "--no-progress", *args], capsys)
     assert message in one_line_error(code, err)
+
+
+def test_eval_into_a_run_in_use_is_refused_and_an_unwritable_out_before_the_work(
+    run_dir, tmp_path, capsys, monkeypatch
+):
+    from emactl.engine import evaluate as evaluate_mod
+    from emactl.io import folder_lock
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("evaluated before refusing")
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with monkeypatch.context() as m:
+        m.setattr(evaluate_mod, "evaluate", no_work)
+        code, _, err = cli(["eval", str(run_dir), "--out", str(a_file), "--device", "cpu", "--no-progress"], capsys)
+        assert "a_file: exists and is not a folder; choose another --out" in one_line_error(code, err)
+        with folder_lock(run_dir, "emactl train", "wait"):
+            code, _, err = cli(["eval", str(run_dir), "--device", "cpu", "--no-progress"], capsys)
+            line = one_line_error(code, err)
+            assert f"in use by pid {os.getpid()} on " in line and "(emactl train)" in line and "--out" in line
+    with folder_lock(run_dir, "emactl train", "wait"):  # writing elsewhere does not need the run
+        code, _, _ = cli(["eval", str(run_dir), "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"],
+                         capsys)
+        assert code == 0 and (tmp_path / "o" / "summary.csv").is_file()
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    good = checkpoint_path(run, 7)
+    good.parent.mkdir(parents=True)
+    good.write_bytes(checkpoint_path(run_dir, 7).read_bytes())
+    checkpoint_path(run, 9).write_bytes(good.read_bytes()[:500])
+    code, _, err = cli(["eval", str(run), "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"{checkpoint_path(run, 9)}: cannot load checkpoint" in err
+    assert f"using {good} instead (remove iter_0000009.pt" in err
+    assert pd.read_csv(run / "eval" / "summary.csv")["checkpoint"][0] == str(good)
+    good.write_bytes(b"garbage")
+    code, _, err = cli(["eval", str(run), "--device", "cpu", "--no-progress"], capsys)
+    line = one_line_error(code, err)
+    assert str(checkpoint_path(run, 9)) in line and "remove them" in line
+
+
+def test_bad_file_with_workers_in_eval_stops_them(tmp_path):
+    import multiprocessing
+
+    import numpy as np
+    from PIL import Image
+
+    from emactl.config import DataConfig
+    from emactl.data import build_dataset, save_palette_png, voc_palette
+    from emactl.errors import UserError
+
+    root = tmp_path / "data"
+    for i in range(4):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / f"v{i}.jpg")
+        save_palette_png(root / "masks" / f"v{i}.png", np.zeros((8, 8), np.uint8), voc_palette())
+    (root / "images" / "v2.jpg").write_bytes((root / "images" / "v2.jpg").read_bytes()[:200])
+    (root / "splits").mkdir()
+    (root / "splits" / "val.txt").write_text("v0\nv1\nv2\nv3\n")
+    data = build_dataset(DataConfig(name="folder", root=str(root), num_classes=3, crop_size=8), "val", False)
+    with pytest.raises(UserError, match="v2.jpg: cannot read image") as info:
+        evaluate(nn.Conv2d(3, 3, 1), data, EvalConfig(), 3, 255, "cpu", progress=False, workers=2)
+    assert "\n" not in str(info.value)
+    assert multiprocessing.active_children() == []
 
 
 def test_corrupt_and_missing_checkpoints(tmp_path, capsys):

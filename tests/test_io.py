@@ -36,3 +36,44 @@ def test_checkpoint_round_trip_and_corrupt_file(tmp_path):
     path.write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="cannot load checkpoint"):
         load_torch(path)
+
+
+def test_unsafe_pickle_is_refused_without_suggesting_an_unsafe_load(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": argparse.Namespace(a=1)}, path)
+    with pytest.raises(UserError) as info:
+        load_torch(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot load checkpoint (") and "argparse.Namespace" in message
+    for advice in ("weights_only", "can still be loaded", "trust", "safe_globals"):
+        assert advice not in message
+    assert "\n" not in message and "\x1b" not in message
+
+
+def test_folder_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path):
+    from emactl.io import folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("pid 999999 on elsewhere (emactl train)\n")  # left by a killed process
+    with folder_lock(run, "emactl train", "choose another --name"):
+        assert (run / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(UserError, match=rf"run: in use by pid {os.getpid()} on .*\(emactl train\); wait$"):
+            with folder_lock(run, "emactl eval", "wait"):
+                pass
+    with folder_lock(run, "emactl eval", "wait"):  # released: free again
+        pass
+
+
+def test_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    from emactl.io import ensure_dir
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match=r"f: exists and is not a folder; choose another --out"):
+        ensure_dir(tmp_path / "f", "--out")
+    with pytest.raises(UserError, match=r"f/sub: cannot create this output folder"):
+        ensure_dir(tmp_path / "f" / "sub", "--out")
+    with pytest.raises(UserError, match=r"f: exists and is not a folder; choose a writable location"):
+        write_text(tmp_path / "f" / "x.csv", "a")

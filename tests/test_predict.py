@@ -115,3 +115,18 @@ def test_palette_comes_from_the_dataset_class():
     city = dataset_palette(from_dict({"data": {"name": "cityscapes", "num_classes": 19}}))
     assert city[:19].tolist() == [list(c) for c in CITYSCAPES_COLOURS]
     assert (dataset_palette(from_dict({"data": {"name": "shapes", "num_classes": 7}})) == voc_palette()).all()
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/sub", "/proc/emactl"])
+def test_unwritable_out_is_refused_before_predicting(run_dir, images, tmp_path, capsys, monkeypatch, where):
+    import emactl.predict as predict_mod
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("predicted before refusing")
+
+    monkeypatch.setattr(predict_mod, "predict_images", no_work)
+    (tmp_path / "a_file").write_text("x")
+    out = Path(where) if where.startswith("/") else tmp_path / where
+    code, _, err = cli(["predict", str(run_dir), str(images), "--out", str(out), "--no-progress"], capsys)
+    line = one_line_error(code, err)
+    assert str(out if where != "a_file/sub" else tmp_path / "a_file/sub") in line and "--out" in line

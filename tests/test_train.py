@@ -353,7 +353,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Capture
 
     code, err = cli(["train", str(recipe), "--no-progress", "--name", "c", "--resume",
                      "--set", "model.head_channels=32"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "incompatible checkpoint" in err
+    assert code == 2 and err.count("\n") == 1 and "cannot change model.head_channels (16 -> 32)" in err
 
     code, err = cli(["train", str(recipe), "--iters", "0"], capsys)
     assert code == 2 and err.count("\n") == 1 and "train.iters" in err
@@ -429,3 +429,307 @@ def test_sigterm_and_kill9_then_resume_match_uninterrupted(tmp_path: Path) -> No
     assert json.loads((run / "env.json").read_text())["resumed_from"] == killed_at
     assert not list((run / "checkpoints").glob(".*.tmp"))
     assert to_dict(load_recipe(run / "recipe.yaml"))["train"]["iters"] == 60
+
+
+# --------------------------------------------------------------------------------------------
+# Reliability (issue 13): nothing lost or falsified, no hangs, one line on stderr.
+
+
+def all_finite(state: Any) -> bool:
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    return all(all_finite(v) for v in state) if isinstance(state, (list, tuple)) else True
+
+
+def test_non_finite_state_is_never_saved_and_the_last_finite_checkpoint_survives(tmp_path: Path) -> None:
+    # lr=1e6 keeps the loss finite for a few steps while BN running variances become inf
+    recipe = make_recipe(tmp_path, "train.lr=1e6", "train.warmup_iters=0", "train.ckpt_every=1",
+                         "train.keep_ckpts=2", "train.iters=20")
+    with pytest.raises(UserError, match=r"NaN or inf|loss is") as info:
+        train(recipe, progress=False)
+    run = tmp_path / "runs" / "t"
+    kept = list_checkpoints(run)
+    assert kept and str(kept[-1]) in str(info.value)
+    for path in kept:
+        state = ckpt(path)
+        assert all_finite(state["model"]) and all_finite(state["optimizer"]["state"]), path.name
+
+
+def hold_lock_in_child(run_dir: Path) -> subprocess.Popen:
+    """A process that holds the run's lock until it is killed."""
+    code = ("import sys, time; from emactl.io import folder_lock\n"
+            "with folder_lock(sys.argv[1], 'emactl train', 'wait'):\n"
+            "    print('held', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_concurrent_train_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = write_recipe_file(tmp_path, "train.iters=2", "train.ckpt_every=2")
+    run = tmp_path / "runs" / "t"
+    holder = hold_lock_in_child(run)
+    try:
+        code, err = cli(["train", str(recipe), "--no-progress"], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"in use by pid {holder.pid} on " in err and "(emactl train)" in err and "--name" in err
+        assert not list_checkpoints(run) and not (run / "recipe.yaml").exists()
+    finally:
+        holder.kill()  # kill -9: the lock file stays behind, the lock itself goes with the process
+        holder.wait(timeout=60)
+    assert (run / ".lock").read_text().startswith(f"pid {holder.pid} ")
+    code, err = cli(["train", str(recipe), "--no-progress"], capsys)
+    assert code == 0, err
+    assert latest_checkpoint(run) == checkpoint_path(run, 2)
+
+
+def test_resume_refuses_fixed_keys_and_records_the_ones_it_may_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = write_recipe_file(tmp_path, "train.iters=3", "train.ckpt_every=3")
+    assert cli(["train", str(recipe), "--no-progress"], capsys)[0] == 0
+    run = tmp_path / "runs" / "t"
+    before = (run / "recipe.yaml").read_text()
+
+    code, err = cli(["train", str(recipe), "--no-progress", "--resume", "--set", "train.lr=0.5",
+                     "--set", "train.seed=1"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot change" in err and "train.lr (0.01 -> 0.5)" in err and "train.seed (0 -> 1)" in err
+    assert (run / "recipe.yaml").read_text() == before
+    assert latest_checkpoint(run) == checkpoint_path(run, 3)
+
+    code, err = cli(["train", str(recipe), "--no-progress", "--resume", "--set", "train.iters=4",
+                     "--set", "train.ckpt_every=4"], capsys)
+    assert code == 0, err
+    assert "changed settings: train.iters 3 -> 4, train.ckpt_every 3 -> 4" in err
+    assert load_recipe(run / "recipe.yaml").train.iters == 4
+    assert ckpt(checkpoint_path(run, 4))["recipe"]["train"]["iters"] == 4
+    env = json.loads((run / "env.json").read_text())
+    assert env["resume_changes"]["train.iters"] == {"checkpoint": 3, "now": 4}
+
+
+def bad_jpeg_folder(root: Path, n: int = 4) -> None:
+    """A ``folder`` dataset whose train images are truncated JPEGs (val is fine)."""
+    import numpy as np
+    from PIL import Image
+
+    from emactl.data import save_palette_png, voc_palette
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        names = [f"{split}{i}" for i in range(n)]
+        for name in names:
+            image = root / "images" / f"{name}.jpg"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image, quality=95)
+            if split == "train":
+                image.write_bytes(image.read_bytes()[:300])
+            save_palette_png(root / "masks" / f"{name}.png", np.zeros((40, 40), np.uint8), voc_palette())
+        (root / "splits").mkdir(exist_ok=True)
+        (root / "splits" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
+
+
+def folder_overrides(root: Path, workers: int) -> tuple[str, ...]:
+    return ("data.name=folder", f"data.root={root}", "data.args={}", f"data.workers={workers}")
+
+
+def test_bad_file_with_workers_stops_them_and_gives_a_clean_line(tmp_path: Path) -> None:
+    import multiprocessing
+
+    bad_jpeg_folder(tmp_path / "data")
+    recipe = make_recipe(tmp_path, *folder_overrides(tmp_path / "data", 2))
+    with pytest.raises(UserError) as info:
+        train(recipe, progress=False)
+    message = str(info.value)
+    assert "cannot read image" in message and "\n" not in message and "DataFileError" not in message
+    assert multiprocessing.active_children() == []  # no worker outlives the error
+
+
+def test_cli_exits_2_on_a_bad_file_with_workers_instead_of_hanging(tmp_path: Path) -> None:
+    bad_jpeg_folder(tmp_path / "data")
+    recipe = write_recipe_file(tmp_path, *folder_overrides(tmp_path / "data", 2))
+    proc = _start(recipe, tmp_path)
+    try:
+        out, err = proc.communicate(timeout=120)  # a guard against the hang, not a timing check
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "cannot read image" in lines[-1] and "Traceback" not in err
+
+
+def test_unwritable_outputs_are_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = write_recipe_file(tmp_path, "train.iters=2", "train.ckpt_every=2")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code, err = cli(["train", str(recipe), "--no-progress", "--out", str(a_file)], capsys)
+    assert code == 2 and err.count("\n") == 1 and str(a_file) in err and "--out" in err
+
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    (run / "checkpoints").write_text("not a folder")
+    code, err = cli(["train", str(recipe), "--no-progress"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "checkpoints: exists and is not a folder" in err
+    assert not (run / "metrics.jsonl").exists()
+
+    code, err = cli(["train", str(recipe), "--no-progress", "--out", "/proc/emactl"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "/proc/emactl" in err
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ulimit -f`` makes the second checkpoint's write fail for real (EFBIG), as a full disk would."""
+    import resource
+
+    real_save = trainer_mod._Trainer.save
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def save_then_limit(self: Any) -> Path:
+        path = real_save(self)
+        if self.iteration == 3:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size // 2, limits[1]))
+        return path
+
+    monkeypatch.setattr(trainer_mod._Trainer, "save", save_then_limit)
+    try:
+        with pytest.raises(UserError) as info:
+            train(make_recipe(tmp_path, "train.ckpt_every=3", "train.keep_ckpts=1"), progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    run = tmp_path / "runs" / "t"
+    message = str(info.value)
+    assert message.startswith(f"{checkpoint_path(run, 6)}: cannot write (File too large; needs ")
+    assert "needs " in message and " free" in message and "\n" not in message
+    assert list_checkpoints(run) == [checkpoint_path(run, 3)]
+    assert ckpt(checkpoint_path(run, 3))["iteration"] == 3
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+def test_full_tmpfs_at_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real full disk: a 4 MiB tmpfs, filled up after the first checkpoint."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (or is not allowed here)")
+    real_save = trainer_mod._Trainer.save
+
+    def save_then_fill(self: Any) -> Path:
+        path = real_save(self)
+        if self.iteration == 3:
+            with open(mount / "filler", "wb") as f:
+                f.write(b"\0" * (shutil.disk_usage(mount).free - 4096))
+        return path
+
+    monkeypatch.setattr(trainer_mod._Trainer, "save", save_then_fill)
+    try:
+        recipe = make_recipe(tmp_path, "train.ckpt_every=3", "train.keep_ckpts=1", f"out_dir={mount}")
+        with pytest.raises(UserError) as info:
+            train(recipe, progress=False)
+        run = mount / "t"
+        assert str(info.value).startswith(f"{checkpoint_path(run, 6)}: cannot write (No space left on device; needs ")
+        assert list_checkpoints(run) == [checkpoint_path(run, 3)]
+        assert ckpt(checkpoint_path(run, 3))["iteration"] == 3
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_read_only_file_system_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (or is not allowed here)")
+    try:
+        recipe = write_recipe_file(tmp_path, "train.iters=2")
+        code, err = cli(["train", str(recipe), "--no-progress", "--out", str(mount)], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"{mount / 't'}: cannot create this output folder (Read-only file system)" in err
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_signal_during_the_final_evaluation_stops_with_143(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_validate = trainer_mod._Trainer.validate
+
+    def validate_with_sigterm(self: Any, progress: bool) -> Any:
+        if self.iteration == self.cfg.iters:
+            signal.raise_signal(signal.SIGTERM)
+        return real_validate(self, progress)
+
+    monkeypatch.setattr(trainer_mod._Trainer, "validate", validate_with_sigterm)
+    recipe = write_recipe_file(tmp_path, "train.iters=3", "train.ckpt_every=3")
+    code, err = cli(["train", str(recipe), "--no-progress"], capsys)
+    run = tmp_path / "runs" / "t"
+    assert code == 128 + signal.SIGTERM
+    assert f"SIGTERM during the final evaluation; training is complete and saved in {checkpoint_path(run, 3)}" in err
+    assert not (run / "eval" / "summary.csv").exists()
+    monkeypatch.setattr(trainer_mod._Trainer, "validate", real_validate)
+    code, err = cli(["train", str(recipe), "--no-progress", "--resume"], capsys)  # redoes the evaluation
+    assert code == 0 and (run / "eval" / "summary.csv").exists()
+    assert len(val_lines(run)) == 1
+
+
+def test_second_sigint_stops_at_once_naming_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_step = trainer_mod._Trainer.step
+
+    def step_then_two_sigints(self: Any, flags: torch.Tensor) -> float:
+        loss = real_step(self, flags)
+        if self.iteration == 3:
+            signal.raise_signal(signal.SIGINT)  # the first: a flag
+            signal.raise_signal(signal.SIGINT)  # the second: stop now
+        return loss
+
+    monkeypatch.setattr(trainer_mod._Trainer, "step", step_then_two_sigints)
+    before = signal.getsignal(signal.SIGINT)
+    recipe = write_recipe_file(tmp_path, "train.iters=10", "train.ckpt_every=2")
+    code, err = cli(["train", str(recipe), "--no-progress"], capsys)
+    run = tmp_path / "runs" / "t"
+    assert code == 128 + signal.SIGINT
+    assert (f"stopped by a second SIGINT at iteration 3, without saving; the last checkpoint is "
+            f"{checkpoint_path(run, 2)} (continue with --resume)") in err
+    assert latest_checkpoint(run) == checkpoint_path(run, 2)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_second_sigint_during_validation_saves_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real_validate = trainer_mod._Trainer.validate
+
+    def validate_with_two_sigints(self: Any, progress: bool) -> Any:
+        if self.iteration == 3:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real_validate(self, progress)
+
+    monkeypatch.setattr(trainer_mod._Trainer, "validate", validate_with_two_sigints)
+    recipe = write_recipe_file(tmp_path, "train.iters=10", "train.ckpt_every=100", "train.val_every=3")
+    code, err = cli(["train", str(recipe), "--no-progress"], capsys)
+    run = tmp_path / "runs" / "t"
+    assert code == 128 + signal.SIGINT
+    assert f"stopped by SIGINT during validation at iteration 3; saved {checkpoint_path(run, 3)}" in err
+    assert latest_checkpoint(run) == checkpoint_path(run, 3) and ckpt(checkpoint_path(run, 3))["iteration"] == 3
+
+
+def test_corrupt_newest_checkpoint_falls_back_on_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = write_recipe_file(tmp_path, "train.iters=6", "train.ckpt_every=3")
+    run = tmp_path / "runs" / "t"
+    assert cli(["train", str(recipe), "--no-progress", "--set", "train.iters=5"], capsys)[0] == 0
+    newest = checkpoint_path(run, 5)
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a failing disk
+    code, err = cli(["train", str(recipe), "--no-progress", "--resume", "--set", "train.iters=5"], capsys)
+    assert code == 0, err
+    assert f"{newest}: cannot load checkpoint" in err and f"using {checkpoint_path(run, 3)} instead" in err
+    assert "renamed iter_0000005.pt to *.corrupt" in err
+    assert newest.with_name(newest.name + ".corrupt").exists()
+    assert ckpt(newest)["iteration"] == 5

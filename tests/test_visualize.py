@@ -153,6 +153,15 @@ def test_curves(tmp_path: Path, capsys: pytest.CaptureFixture, val: bool) -> Non
     check_png(paths[0], curves.figure_size(has_val=val))
 
 
+def test_curves_skip_json_lines_that_are_not_records(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir, val=False)
+    text = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text("[1, 2]\n3\nnull\n\"x\"\n" + text.rsplit("\n", 1)[0] + "\n")
+    paths = cli(capsys, "curves", str(run_dir), "--out", str(tmp_path / "out"))
+    check_png(paths[0], curves.figure_size(has_val=False))
+
+
 def test_ablation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rows = []
     for train_t in (1, 3):

@@ -45,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..config import apply_overrides, from_dict, read_yaml, to_dict
 from ..engine.rundir import code_version
 from ..errors import UserError
-from ..io import write_json
+from ..io import LOCK_FILE, folder_lock, write_json
 from .axes import AXES, Axes, Cell, cell_label, expand, safe_label, table_columns
 
 SWEEP_FILE = "sweep.json"
@@ -53,7 +53,6 @@ CELLS_DIR = "cells"
 TRAIN_FILE = "ablate_train.json"
 ERROR_FILE = "ablate_error.json"
 LOG_FILE = "ablate.log"
-LOCK_FILE = ".lock"
 DEFAULT_RECIPE = Path("recipes") / "shapes.yaml"
 SWEEPS_DIR = Path("sweeps")
 SPEC_KEYS = ("source", "recipe", "checkpoint", "axes", "seeds")
@@ -268,21 +267,8 @@ def _check_spec(sweep: Sweep) -> None:
 @contextlib.contextmanager
 def sweep_lock(sweep_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the sweep so that two processes never run the same cells."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no locking
+    with folder_lock(sweep_dir, "emactl ablate", "wait for that `emactl ablate` to finish or pass --out DIR"):
         yield
-        return
-    with open(sweep_dir / LOCK_FILE, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"{sweep_dir}: another `emactl ablate` is running on this sweep") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def check_sweep(sweep: Sweep) -> None:

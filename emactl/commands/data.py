@@ -108,9 +108,11 @@ def check(
     """
     from ..config import dump_yaml, load_recipe
     from ..data.check import check_dataset, print_class_weights, print_report, write_report
-    from ..io import write_text
+    from ..io import ensure_dir, write_text
 
     cfg = load_recipe(recipe, overrides)
+    if out is not None:
+        ensure_dir(out, "--out")  # before the scan, not after
     report = check_dataset(cfg.data, split or None)
     print_report(report)
     print_class_weights(report, cfg.data.train_split)

@@ -19,8 +19,10 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Segment images with a trained run; masks use the stored recipe's eval settings."""
+        from ..io import ensure_dir
         from ..predict import predict_images
 
+        ensure_dir(out, "--out")  # before the images are segmented, not after
         written = predict_images(run, images, out, overlay=overlay, alpha=alpha, overrides=list(set_),
                                  device=device, progress=progress)
         masks = sum(1 for p in written if p.parent == out and p.suffix == ".png")

@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         """Measure params, MACs/FLOPs, memory, latency and throughput of EMA and the alternatives."""
         from rich.console import Console
 
+        from ..io import ensure_dir
         from ..profile.report import run_profile
         from ..profile.settings import HEADS, SECTIONS, ProfileSettings, parse_list, parse_sizes, resolve_device, validate
 
@@ -74,6 +75,7 @@ def register(app: typer.Typer) -> None:
             compile_timeout=compile_timeout,
         )
         validate(settings)
+        ensure_dir(out, "--out")  # before minutes of measuring, not after
         console = Console()
         if not console.is_terminal:  # logs and pipes: keep wide tables whole
             console = Console(width=220)

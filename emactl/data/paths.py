@@ -81,7 +81,8 @@ def read_split_list(path: Path, image_suffix: str = "", hint: str = "") -> list[
     """Sample names from a split list, one per line (relative paths such as ``a/b`` allowed).
 
     Lines of the common ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` form are accepted too:
-    then the first field's file name is used. A trailing ``image_suffix`` is dropped.
+    then the first field's file name is used. Any other line is one name, spaces included.
+    A trailing ``image_suffix`` is dropped.
     """
     if not path.is_file():
         others = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
@@ -89,11 +90,13 @@ def read_split_list(path: Path, image_suffix: str = "", hint: str = "") -> list[
         raise UserError(f"split list {path} not found{available}{hint}")
     names = []
     for line in path.read_text().splitlines():
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
+        name = line.strip()
+        if not name or name.startswith("#"):
             continue
-        name = fields[0]
-        if len(fields) > 1 or name.startswith("/"):
+        fields = name.split()
+        if len(fields) == 2 and all("/" in f for f in fields):
+            name = Path(fields[0]).name  # an "image-path label-path" pair
+        elif name.startswith("/"):
             name = Path(name).name
         if image_suffix and name.endswith(image_suffix):
             name = name[: -len(image_suffix)]

@@ -33,13 +33,47 @@ def _reason(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
+# Modes whose conversion to 8-bit RGB keeps what the image shows (alpha is dropped).
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
+# 16-bit grayscale: Pillow's convert("RGB") clips these at 255 (a solid white image).
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _to_rgb(im: Image.Image, path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an open image, scaling 16-bit grayscale to 8 bits.
+
+    Modes that cannot be shown faithfully in 8-bit RGB (32-bit float, integers beyond 16 bits)
+    raise a :class:`DataFileError` instead of being clipped.
+    """
+    mode = im.mode
+    if mode in _EIGHT_BIT_MODES:
+        return np.array(im.convert("RGB"))
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        values = np.array(im).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataFileError(
+                f"{path}: image mode {mode} holds values outside 0..65535; save it as 8-bit RGB",
+                path, "unreadable",
+            )
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # 0..65535 -> 0..255, rounded
+        return np.repeat(grey[..., None], 3, axis=2)
+    raise DataFileError(
+        f"{path}: image mode {mode} cannot be read as 8-bit RGB without loss; save it as 8-bit RGB",
+        path, "unreadable",
+    )
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB. Corrupt or unreadable files raise a UserError."""
+    """Read an image as (H, W, 3) uint8 RGB. Corrupt or unreadable files raise a UserError.
+
+    16-bit grayscale images are scaled to 8 bits (65535 -> 255); modes that 8-bit RGB cannot
+    hold (e.g. 32-bit float) are refused, so ``emactl data check`` lists them as unreadable.
+    """
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            array = np.array(im.convert("RGB"))
+            array = _to_rgb(im, path)
     except FileNotFoundError:
         raise DataFileError(f"{path}: image file not found", path, "unreadable") from None
     except _DECODE_ERRORS as e:

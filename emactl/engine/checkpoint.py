@@ -46,9 +46,32 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
-    for old in list_checkpoints(run_dir)[:-keep]:
+    """Delete all but the newest ``keep`` checkpoints.
+
+    The trainer calls it only right after saving a checkpoint it checked to be finite (see
+    :func:`first_non_finite`), so the newest checkpoint, which is always kept, is a good one.
+    """
+    for old in list_checkpoints(run_dir)[:-max(1, keep)]:
         old.unlink(missing_ok=True)
+
+
+def first_non_finite(tensors: Any, prefix: str = "") -> str | None:
+    """The name of the first floating-point tensor in a (nested) state holding NaN or inf."""
+    if isinstance(tensors, torch.Tensor):
+        if tensors.is_floating_point() or tensors.is_complex():
+            return None if bool(torch.isfinite(tensors).all()) else (prefix or "tensor")
+        return None
+    if isinstance(tensors, dict):
+        items: Any = tensors.items()
+    elif isinstance(tensors, (list, tuple)):
+        items = enumerate(tensors)
+    else:
+        return None
+    for key, value in items:
+        found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -74,6 +97,47 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "recipe" not in ckpt:
         raise UserError(f"{path}: not an emactl checkpoint (expected keys 'model' and 'recipe')")
     return ckpt
+
+
+def _warn(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"warning: {message}", markup=False, highlight=False)
+
+
+def load_newest(run_dir: str | os.PathLike, set_aside: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of a run that loads, and its contents; None if it has none.
+
+    A newest checkpoint that cannot be loaded (truncated, corrupt, not an emactl checkpoint)
+    does not block the run: the previous intact one is used, with a warning naming the bad
+    file and saying to remove it. ``set_aside`` (for ``--resume``, which will write newer
+    checkpoints) renames bad files to ``*.corrupt`` instead, so they are kept but no longer
+    taken for the newest. If none loads, the UserError names the newest and the fix.
+    """
+    ckpts = list_checkpoints(run_dir)
+    bad: list[tuple[Path, str]] = []
+    for path in reversed(ckpts):
+        try:
+            ckpt = load_checkpoint(path)
+        except UserError as e:
+            bad.append((path, str(e)))
+            continue
+        if bad:
+            names = ", ".join(p.name for p, _ in bad)
+            if set_aside:
+                for p, _ in bad:
+                    p.rename(p.with_name(p.name + ".corrupt"))
+                action = f"renamed {names} to *.corrupt"
+            else:
+                action = f"remove {names} to silence this"
+            _warn(f"{bad[0][1]}; using {path} instead ({action})")
+        return path, ckpt
+    if bad:
+        others = f" (and {len(bad) - 1} older ones)" if len(bad) > 1 else ""
+        raise UserError(
+            f"{bad[0][1]}{others}; no checkpoint of {run_dir} loads: remove them, or train afresh with another --name"
+        )
+    return None
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -107,8 +171,12 @@ def load_model(path: str | os.PathLike, overrides: list[str] | None = None, map_
     The recipe comes from the checkpoint itself; ``overrides`` (``a.b=v``) adjust it, e.g. the
     eval settings. ``model.pretrained`` is dropped: the checkpoint holds all the weights.
     """
-    ckpt_path = resolve_checkpoint(path)
-    ckpt = load_checkpoint(ckpt_path)
+    found = load_newest(path) if Path(path).is_dir() else None
+    if found is not None:
+        ckpt_path, ckpt = found
+    else:
+        ckpt_path = resolve_checkpoint(path)
+        ckpt = load_checkpoint(ckpt_path)
     data = apply_overrides(ckpt["recipe"], overrides or [])
     data.setdefault("model", {})["pretrained"] = None
     recipe = from_dict(data, source=f"{ckpt_path} (stored recipe)")

@@ -8,6 +8,7 @@ duplicates as ``DistributedSampler`` would add — and the confusion matrices ar
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -23,11 +24,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import EvalConfig, Recipe, dump_yaml
+from ..data.loading import batches
 from ..errors import UserError
-from ..io import write_text
+from ..io import ensure_dir, folder_lock, write_text
 from ..nn.emanet import ema_units, set_eval_iters
 from ..tables import print_table, save_table
-from .checkpoint import CKPT_DIR, LoadedRun, load_model
+from .checkpoint import CKPT_DIR, LoadedRun, load_model, resolve_checkpoint
 from .inference import predict_logits, window_params
 from .metrics import ConfusionMeter, compute_metrics
 
@@ -150,7 +152,7 @@ def evaluate(
     try:
         with _progress(progress and rank == 0) as bar:
             task = bar.add_task("eval", total=len(indices))
-            for images, labels in loader:
+            for images, labels in batches(loader):
                 for group in _same_size_groups(images):
                     x = torch.stack([images[i] for i in group]).to(device, non_blocking=True)
                     y = torch.stack([labels[i] for i in group]).to(device, non_blocking=True)
@@ -276,6 +278,26 @@ def _evaluate_run(
     device: str,
     progress: bool,
 ) -> EvalResult:
+    resolve_checkpoint(path)  # a missing run is refused before any folder is made for it
+    main = _rank_world()[0] == 0
+    target = Path(out_dir) if out_dir is not None else run_dir_of(path) / EVAL_DIR
+    with contextlib.ExitStack() as stack:
+        if main:  # refuse an output that cannot be written, or a run in use, before the work
+            ensure_dir(target, "--out")
+            if out_dir is None:
+                stack.enter_context(folder_lock(
+                    run_dir_of(path), "emactl eval", "wait for it to finish, or pass --out DIR"))
+        return _evaluate_into(path, overrides, iters, target, device, progress)
+
+
+def _evaluate_into(
+    path: str | os.PathLike,
+    overrides: list[str],
+    iters: int | None,
+    target: Path,
+    device: str,
+    progress: bool,
+) -> EvalResult:
     from ..data import build_dataset
 
     run, cfg, dev = load_for_eval(path, overrides, iters, device)
@@ -312,7 +334,6 @@ def _evaluate_run(
         result.meta.update(crop_size=cfg.crop_size, stride=cfg.stride)
 
     if _rank_world()[0] == 0:
-        target = Path(out_dir) if out_dir is not None else run_dir_of(path) / EVAL_DIR
         names = [str(n) for n in result.per_class["class"]]
         write_eval(result, target, names)
         write_text(target / "recipe.yaml", dump_yaml(recipe))

@@ -28,16 +28,17 @@ import torchvision
 
 from ..config import Recipe, dump_yaml
 from ..errors import UserError
-from ..io import write_json, write_text
+from ..io import write_failure, write_json, write_text
 from .checkpoint import CKPT_DIR, latest_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
-    """Refuse to train over an existing run unless resuming; return the checkpoint to resume.
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to train over an existing run unless resuming.
 
-    ``resume`` with no checkpoint yet (e.g. killed before the first one) starts from scratch.
+    ``resume`` with no checkpoint yet (e.g. killed before the first one) starts from scratch;
+    which checkpoint it continues from is :func:`emactl.engine.checkpoint.load_newest`'s choice.
     """
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and not resume:
@@ -45,7 +46,6 @@ def check_run_dir(run_dir: Path, resume: bool) -> Path | None:
             f"{run_dir}: run already has checkpoints (latest {ckpt.name}); "
             "pass --resume to continue it or choose another --name"
         )
-    return ckpt if resume else None
 
 
 def remove_stale_temps(run_dir: Path) -> None:
@@ -161,9 +161,12 @@ class MetricsLogger:
         """Append one record, which must hold ``kind`` and ``iter``."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=False) + "\n")
+                f.flush()
+        except OSError as e:
+            raise write_failure(self.path, e) from None
         if self._tb is not None:
             step = int(record["iter"])
             for key, value in record.items():
@@ -192,14 +195,16 @@ def _summary_writer(folder: Path) -> Any:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a run's ``metrics.jsonl`` (malformed lines skipped)."""
+    """All records (JSON objects) of a run's ``metrics.jsonl``; any other line is skipped."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):  # valid JSON that is not a record (a list, a number) is skipped too
+            out.append(record)
     return out

@@ -20,10 +20,25 @@ Stopping
     The first SIGINT or SIGTERM sets a flag that is checked after every optimiser step (and
     agreed on by all ranks); the run then saves a checkpoint at the current iteration and
     :func:`train` returns with ``stopped_by`` set; ``emactl train`` exits with 128 + the signal
-    number (130 for SIGINT, 143 for SIGTERM). A second signal acts as it would by default.
-    Signals during the final evaluation are noted but the evaluation finishes (the final
-    checkpoint is already on disk). A NaN/inf loss raises :class:`UserError` naming the
-    iteration *before* the bad update is applied, and nothing is saved.
+    number (130 for SIGINT, 143 for SIGTERM). A second signal stops the run at once and says
+    which checkpoint is the last: during a periodic validation it first saves the state (which
+    validating does not change); during a step it cannot, as that state is half updated. A
+    signal during the final evaluation (the final checkpoint is on disk by then) stops it at
+    once too: ``emactl eval`` or ``--resume`` redo it. Either way :func:`train` returns with
+    ``stopped_by`` set and a message printed.
+
+Non-finite values
+    A NaN/inf loss raises :class:`UserError` naming the iteration *before* the bad update is
+    applied, and nothing is saved. A finite loss can still leave non-finite weights or BN
+    statistics behind (a huge learning rate); such a state is never saved either, so the
+    newest checkpoint, which pruning always keeps, is a finite one.
+
+Run directory
+    One process at a time trains in a run directory (a lock naming the holder's pid and host;
+    the kernel drops it when that process dies, even by ``kill -9``). The folders are checked
+    to be writable before any work; a write that fails later (a full disk) stops the run with
+    one line naming the file and the space it needs, keeping the previous checkpoint.
+    ``--resume`` refuses settings that cannot change mid-run (see :data:`RESUME_MUTABLE`).
 
 Distributed
     Under ``torchrun`` each rank runs this same function. ``train.batch_size`` is the global
@@ -54,15 +69,20 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..config import Recipe
+from ..config import Recipe, to_dict
+from ..data.loading import next_batch, stop_workers
 from ..errors import UserError
+from ..io import ensure_dir, folder_lock
 from ..nn.emanet import build_model, ema_units
 from ..tables import print_table
 from . import distributed as D
 from .checkpoint import (
+    CKPT_DIR,
     checkpoint_path,
+    first_non_finite,
     latest_checkpoint,
     load_checkpoint,
+    load_newest,
     load_state,
     model_state,
     prune_checkpoints,
@@ -79,6 +99,14 @@ from .rundir import MetricsLogger, capture_env, check_run_dir, remove_stale_temp
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "iteration", "loader", "ranks")
+# Recipe keys ``--resume`` may change (a prefix ending in "." covers a section): the length and
+# cadence of the run, where it runs and reads from, and how it evaluates. Any other change
+# would make the resumed run differ from what its checkpoints and recipe.yaml say.
+RESUME_MUTABLE = (
+    "name", "out_dir", "data.root", "data.workers", "data.class_names", "model.pretrained",
+    "model.ema.cuda_graph", "train.iters", "train.val_every", "train.ckpt_every", "train.keep_ckpts",
+    "train.log_every", "train.device", "train.compile", "train.cudnn_benchmark", "eval.",
+)
 
 _console = Console(stderr=True, soft_wrap=True)
 
@@ -208,7 +236,7 @@ class InfiniteLoader:
                     self.loader.generator.manual_seed(sample_seed(self.sampler.seed, self.epoch, -1, 0))
                 self._it = iter(self.loader)
             try:
-                item = next(self._it)
+                item = next_batch(self._it)
             except StopIteration:
                 self._it = None
                 self.epoch, self.batch = self.epoch + 1, 0
@@ -220,6 +248,9 @@ class InfiniteLoader:
         return {"epoch": self.epoch, "batch": self.batch}
 
     def close(self) -> None:
+        """Stop the workers now (not when the garbage collector gets to the iterator)."""
+        if self._it is not None:
+            stop_workers(self._it)
         self._it = None
 
 
@@ -227,16 +258,29 @@ class InfiniteLoader:
 # Signals.
 
 
-class StopSignals:
-    """Turn the first SIGINT/SIGTERM into a flag; the original handlers come back after it.
+class StopNow(BaseException):
+    """Raised by :class:`StopSignals` for a signal that must stop the run at once.
 
-    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int, second: bool) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.second = signum, second
+
+
+class StopSignals:
+    """Turn the first SIGINT/SIGTERM into a flag; a second one raises :class:`StopNow`.
+
+    With ``immediate`` set (during the final evaluation) the first one raises too. Handlers can
+    only be installed from the main thread; elsewhere this does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.immediate = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -246,9 +290,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is None:
+        second = self.signum is not None
+        if not second:
             self.signum = signum
-        self._restore()
+        if second or self.immediate:
+            raise StopNow(signum, second)
 
     def _restore(self) -> None:
         for s, handler in self._old.items():
@@ -322,6 +368,28 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:.3e}"
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two plain-dict recipes: ``{key: (old, new)}``.
+
+    Keys only one side has (a setting added or removed between emactl versions) are skipped.
+    """
+    before, after = _flatten(old), _flatten(new)
+    return {k: (before[k], after[k]) for k in after if k in before and before[k] != after[k]}
+
+
+def _mutable(key: str) -> bool:
+    return any(key == m or (m.endswith(".") and key.startswith(m)) for m in RESUME_MUTABLE)
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer.
 
@@ -336,7 +404,12 @@ class _Trainer:
         self.device = info.device
         self.main = info.is_main
         self.show_progress = progress and self.main
-        self.resume_from = check_run_dir(run_dir, resume)
+        check_run_dir(run_dir, resume)
+        self.resume_from: Path | None = None
+        self.ckpt: dict[str, Any] | None = None
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}
+        if resume:
+            self._load_resume_checkpoint()
         cfg = self.cfg
 
         if cfg.amp == "fp16" and self.device.type != "cuda":
@@ -369,13 +442,6 @@ class _Trainer:
         require_loggers(cfg)
         self.criterion = loss_for(recipe, self.num_classes, self.ignore_index, self.show_progress)
 
-        self.ckpt = load_checkpoint(self.resume_from) if self.resume_from is not None else None
-        if self.ckpt is not None:
-            missing = [k for k in TRAINING_KEYS if k not in self.ckpt]
-            if missing:
-                raise UserError(
-                    f"{self.resume_from}: not a training checkpoint (no {', '.join(missing)}); cannot resume from it"
-                )
         self._build_model()
         self._build_loader()
         # Each rank draws its own dropout masks; a resume replaces this with the saved states.
@@ -387,6 +453,32 @@ class _Trainer:
             self._restore()
 
     # ---- set-up
+
+    def _load_resume_checkpoint(self) -> None:
+        """The newest checkpoint that loads (rank 0 chooses; corrupt newer ones are set aside).
+
+        Its recipe is compared with this one: keys outside :data:`RESUME_MUTABLE` must not
+        change; changed ones that may are kept in ``resume_changes`` and reported.
+        """
+        found = load_newest(self.run_dir, set_aside=True) if self.main else None
+        path = found[0] if found is not None else None
+        if self.info.distributed:
+            path = D.broadcast_object(path)
+        if path is None:
+            return
+        ckpt = found[1] if found is not None else load_checkpoint(path)
+        missing = [k for k in TRAINING_KEYS if k not in ckpt]
+        if missing:
+            raise UserError(f"{path}: not a training checkpoint (no {', '.join(missing)}); cannot resume from it")
+        changes = recipe_changes(ckpt["recipe"], to_dict(self.recipe))
+        fixed = {k: v for k, v in changes.items() if not _mutable(k)}
+        if fixed:
+            listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in fixed.items())
+            raise UserError(
+                f"{path}: --resume cannot change {listed}: the run was trained with the old values; "
+                "resume without these changes, or start a new run with --name"
+            )
+        self.resume_from, self.ckpt, self.resume_changes = path, ckpt, changes
 
     def _build_model(self) -> None:
         cfg, dev = self.cfg, self.device
@@ -563,13 +655,26 @@ class _Trainer:
         return loss_value
 
     def save(self) -> Path:
-        """Checkpoint the current state (collective: every rank contributes its RNG states)."""
+        """Checkpoint the current state (collective: every rank contributes its RNG states).
+
+        A state holding NaN or inf is refused (every rank sees the same, averaged state), so
+        the previous checkpoint stays the newest and is never pruned.
+        """
         average_bn_stats(self.model)
         ranks = D.all_gather_object({"rng": rng_state(self.device), "bases": bases_digest(self.model)})
         path = checkpoint_path(self.run_dir, self.iteration)
+        weights = model_state(self.model)
+        bad = first_non_finite(weights) or first_non_finite(self.optimizer.state_dict()["state"])
+        if bad is not None:
+            kept = latest_checkpoint(self.run_dir)
+            raise UserError(
+                f"{bad} holds NaN or inf at iteration {self.iteration}; stopped without saving it "
+                f"(last good checkpoint: {kept if kept else 'none'}); "
+                "lower train.lr, add warm-up or try train.amp=none"
+            )
         if self.main:
             state = {
-                "model": model_state(self.model),
+                "model": weights,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -619,7 +724,14 @@ class _Trainer:
             remove_stale_temps(self.run_dir)
             write_recipe(self.run_dir, self.recipe)
             resumed = self.iteration if self.resume_from is not None else None
-            write_env(self.run_dir, capture_env(self.device, self.info.world_size, cfg.amp, resumed))
+            env = capture_env(self.device, self.info.world_size, cfg.amp, resumed)
+            if self.resume_changes:
+                env["resume_changes"] = {
+                    k: {"checkpoint": old, "now": new} for k, (old, new) in self.resume_changes.items()
+                }
+                listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())
+                _console.print(f"resuming with changed settings: {listed}", markup=False, highlight=False)
+            write_env(self.run_dir, env)
             logger.truncate(self.iteration, keep_val_at=self.iteration < cfg.iters)
             logger.attach(build_loggers(self.run_dir, self.recipe))
             where = f"resuming {self.resume_from} at iteration {self.iteration}" if resumed is not None else "training"
@@ -634,9 +746,23 @@ class _Trainer:
             with StopSignals() as signals:
                 stopped_by = self._loop(signals, logger)
                 if stopped_by is None:
-                    if signals.signum is not None and main:
-                        _console.print("signal received; finishing the final evaluation (send again to abort)")
-                    metrics = self._final(logger)
+                    stopped_by = self._agreed_signal(signals)
+                    if stopped_by is not None:
+                        self._say(f"stopped by {signal.Signals(stopped_by).name} at iteration {self.iteration}, "
+                                  f"before the final evaluation; training is complete and saved in "
+                                  f"{latest_checkpoint(self.run_dir)}; `emactl eval {self.run_dir}` writes the tables")
+                    else:
+                        signals.immediate = True
+                        metrics = self._final(logger)
+        except StopNow as e:
+            stopped_by = e.signum
+            name = signal.Signals(e.signum).name
+            if e.second:
+                self._say(f"stopped by a second {name} at iteration {self.iteration}, without saving; the last "
+                          f"checkpoint is {latest_checkpoint(self.run_dir) or 'none'} (continue with --resume)")
+            else:
+                self._say(f"stopped by {name} during the final evaluation; training is complete and saved in "
+                          f"{latest_checkpoint(self.run_dir)}; `emactl eval {self.run_dir}` writes the tables")
         finally:
             self.loader.close()
             logger.close()
@@ -686,7 +812,16 @@ class _Trainer:
                     window_start, window_iters = now, 0
                 progress.update(task, completed=it, loss=f"{loss:.4f}", lr=_fmt_lr(lr), ips=f"{ips:.1f}")
                 if cfg.val_every and it % cfg.val_every == 0 and it < cfg.iters:
-                    result = self.validate(progress=False)
+                    try:
+                        result = self.validate(progress=False)
+                    except StopNow as e:
+                        # Validation changes no training state (eval mode, fork_rng): the state
+                        # after this step is whole, so it is saved rather than lost.
+                        path = self.save()
+                        name = signal.Signals(e.signum).name
+                        self._say(f"stopped by {name} during validation at iteration {it}; saved {path} "
+                                  "(continue with --resume)")
+                        return e.signum
                     self._log_val(logger, result.summary)
                     if main:
                         progress.console.print(
@@ -708,6 +843,19 @@ class _Trainer:
                         )
                     return signum
         return None
+
+    def _say(self, message: str) -> None:
+        if self.main:
+            _console.print(message, markup=False, highlight=False)
+
+    def _agreed_signal(self, signals: StopSignals) -> int | None:
+        """A signal that arrived after the last step's flags were taken, agreed by all ranks."""
+        flags = torch.tensor([float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)],
+                             device=self.device)
+        sigint, sigterm = D.all_reduce(flags, "sum").tolist()
+        if sigterm:
+            return int(signal.SIGTERM)
+        return int(signal.SIGINT) if sigint else None
 
     def _log_val(self, logger: MetricsLogger, summary: dict[str, float]) -> None:
         logger.log({"kind": "val", "iter": self.iteration, **{k: float(v) for k, v in summary.items()}})
@@ -738,6 +886,36 @@ def train(recipe: Recipe, run_dir: Path | None = None, resume: bool = False, pro
     run_dir = Path(run_dir) if run_dir is not None else Path(recipe.out_dir) / recipe.name
     info = D.init_distributed(recipe.train.device)
     try:
-        return _Trainer(recipe, run_dir, resume, progress, info).run()
+        with _run_dir_lock(run_dir, info):
+            return _Trainer(recipe, run_dir, resume, progress, info).run()
     finally:
         D.cleanup()
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path, info: D.DistInfo) -> Iterator[None]:
+    """Check the run's folders can be written and hold its lock (rank 0; all ranks agree).
+
+    A refusal on rank 0 (another process trains here, a folder cannot be written) is raised
+    on every rank, so that none waits for the others in a collective.
+    """
+    if not info.is_main:
+        refusal = D.broadcast_object(None) if info.distributed else None
+        if refusal is not None:
+            raise UserError(refusal)
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        error: UserError | None = None
+        try:
+            for folder in (run_dir, run_dir / CKPT_DIR, run_dir / "eval"):
+                ensure_dir(folder, "--out or --name")
+            stack.enter_context(folder_lock(
+                run_dir, "emactl train", "wait for it to finish, or choose another --name"))
+        except UserError as e:
+            error = e
+        if info.distributed:
+            D.broadcast_object(str(error) if error is not None else None)
+        if error is not None:
+            raise error
+        yield
