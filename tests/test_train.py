@@ -355,8 +355,27 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Capture
                      "--set", "model.head_channels=32"], capsys)
     assert code == 2 and err.count("\n") == 1 and "incompatible checkpoint" in err
 
-    code, err = cli(["train", str(recipe), "--iters", "0"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "train.iters" in err
+    code, err = cli(["train", str(recipe), "--steps", "0"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--steps" in err
+
+
+def test_steps_sets_the_training_length_and_iters_is_its_deprecated_spelling(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = write_recipe_file(tmp_path, "train.iters=5", "train.ckpt_every=1")
+    code, err = cli(["train", str(recipe), "--no-progress", "--name", "new", "--steps", "1"], capsys)
+    assert code == 0 and "deprecated" not in err
+    assert latest_checkpoint(tmp_path / "runs" / "new").name == "iter_0000001.pt"
+
+    code, err = cli(["train", str(recipe), "--no-progress", "--name", "old", "--iters", "2"], capsys)
+    assert code == 0
+    warning = [line for line in err.splitlines() if "deprecated" in line]
+    assert len(warning) == 1 and "--steps" in warning[0]
+    assert latest_checkpoint(tmp_path / "runs" / "old").name == "iter_0000002.pt"
+
+    code, err = cli(["train", str(recipe), "--iters", "2", "--steps", "2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--steps" in err
+    code, err = cli(["train", str(recipe), "--threads", "0"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--threads" in err
 
 
 # --------------------------------------------------------------------------------------------
