@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..config import Recipe
 from ..errors import UserError
 from ..nn.emanet import build_model, ema_units
-from ..tables import print_table
+from ..tables import describe_paths
 from . import distributed as D
 from .checkpoint import (
     checkpoint_path,
@@ -720,18 +720,20 @@ class _Trainer:
         logger.log({"kind": "val", "iter": self.iteration, **{k: float(v) for k, v in summary.items()}})
 
     def _final(self, logger: MetricsLogger) -> dict[str, float]:
-        from .evaluate import summary_frame, write_eval
+        from .evaluate import describe_setting, eval_meta, print_eval, summary_frame, write_eval
 
         result = self.validate(progress=self.show_progress)
-        result.meta.update(iteration=self.iteration, split=self.recipe.data.val_split, mode=self.eval_cfg.mode)
+        ckpt = checkpoint_path(self.run_dir, self.iteration)
+        result.meta.update(eval_meta(self.eval_cfg, self.recipe.data.val_split, self.model, self.iteration,
+                                     ckpt if ckpt.is_file() else None))
         self._log_val(logger, result.summary)
         if self.main:
             out = self.run_dir / "eval"
             names = [str(n) for n in result.per_class["class"]]
-            write_eval(result, out, names)
-            print_table(summary_frame(result), title=f"{self.recipe.name} — iteration {self.iteration}")
-            print_table(result.per_class, title="per class")
-            _console.print(f"wrote {out}/{{summary,per_class}}.{{csv,md}}, confusion.csv")
+            paths = write_eval(result, out, names)
+            setting = describe_setting(summary_frame(result).iloc[0].to_dict())
+            print_eval(result, title=f"{self.recipe.name}: {setting}")
+            _console.print(f"wrote {describe_paths(paths)}", markup=False, highlight=False)
         return {k: float(v) for k, v in result.summary.items()}
 
 
