@@ -88,7 +88,9 @@ def save_table(df: pd.DataFrame, stem: str | os.PathLike, json: bool = False) ->
 def _table(text: pd.DataFrame, numeric: Sequence[bool], columns: Sequence[int], title: str | None) -> Table:
     table = Table(title=title, show_lines=False)
     for i in columns:
-        table.add_column(header(text.columns[i]), justify="right" if numeric[i] else "left")
+        name = header(text.columns[i])
+        table.add_column(name, justify="right" if numeric[i] else "left",
+                         min_width=_min_width([name, *text.iloc[:, i]]))
     for row in text.itertuples(index=False):
         table.add_row(*(row[i] for i in columns))
     return table

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
             compile_timeout=compile_timeout,
         )
         validate(settings)
-        console = Console()
+        console = Console(log_path=False)  # progress lines say what runs, not where in emactl
         if not console.is_terminal:  # logs and pipes: keep wide tables whole
-            console = Console(width=220)
+            console = Console(width=220, log_path=False)
         run_profile(settings, console)
