@@ -372,6 +372,8 @@ def test_steps_sets_the_training_length_and_iters_is_its_deprecated_spelling(
     assert len(warning) == 1 and "--steps" in warning[0]
     assert latest_checkpoint(tmp_path / "runs" / "old").name == "iter_0000002.pt"
 
+    assert err.strip().splitlines()[-1].startswith("total time ")
+
     code, err = cli(["train", str(recipe), "--iters", "2", "--steps", "2"], capsys)
     assert code == 2 and err.count("\n") == 1 and "--steps" in err
     code, err = cli(["train", str(recipe), "--threads", "0"], capsys)
@@ -448,3 +450,13 @@ def test_sigterm_and_kill9_then_resume_match_uninterrupted(tmp_path: Path) -> No
     assert json.loads((run / "env.json").read_text())["resumed_from"] == killed_at
     assert not list((run / "checkpoints").glob(".*.tmp"))
     assert to_dict(load_recipe(run / "recipe.yaml"))["train"]["iters"] == 60
+
+
+def test_train_eta_uses_the_mean_step_time_of_this_session() -> None:
+    from emactl.progress import hms, mean_rate_eta
+
+    assert mean_rate_eta(1000, 0, 0, 5.0) is None  # nothing measured yet: no guess
+    assert mean_rate_eta(1000, 100, 0, 60.0) == pytest.approx(540.0)
+    assert mean_rate_eta(1000, 600, 500, 60.0) == pytest.approx(240.0)  # resumed at 500: 100 steps in 60 s
+    assert mean_rate_eta(1000, 1000, 0, 60.0) == 0.0
+    assert (hms(None), hms(59.6), hms(3725)) == ("-:--", "1:00", "1:02:05")

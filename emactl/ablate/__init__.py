@@ -49,7 +49,7 @@ def run_ablation(
     or an interruption.
     """
     from ..tables import describe_paths
-    from .progress import hms
+    from ..progress import hms
     from .sweep import console
 
     sweep = plan_from(source, axes, seeds, out) if source is not None else plan_recipe(recipe, axes, seeds, out)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..engine.rundir import METRICS_FILE
+from ..progress import hms
 
 TAIL_BYTES = 8192
 
@@ -124,16 +125,6 @@ class SweepProgress:
             cell.done = cell.total
         else:  # what it did not train is not left to do in this session
             cell.total = cell.done
-
-
-def hms(seconds: float | None) -> str:
-    """``1:02:03``, ``4:05``; ``-:--`` when unknown."""
-    if seconds is None:
-        return "-:--"
-    s = int(round(seconds))
-    h, rest = divmod(s, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def sweep_line(p: SweepProgress) -> str:

@@ -47,7 +47,8 @@ from ..engine.rundir import code_version
 from ..errors import UserError
 from ..io import write_json
 from .axes import AXES, Axes, Cell, cell_label, expand, safe_label, table_columns
-from .progress import CellState, SweepMonitor, SweepProgress, cell_line, hms, sweep_line
+from ..progress import hms
+from .progress import CellState, SweepMonitor, SweepProgress, cell_line, sweep_line
 
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..config import Recipe
 from ..errors import UserError
 from ..nn.emanet import build_model, ema_units
+from ..progress import MeanRateETA, hms
 from ..tables import describe_paths
 from . import distributed as D
 from .checkpoint import (
@@ -647,7 +648,11 @@ class _Trainer:
         finally:
             self.loader.close()
             logger.close()
-        return TrainResult(self.run_dir, self.iteration, time.perf_counter() - start, metrics, stopped_by)
+        seconds = time.perf_counter() - start
+        if main and metrics is not None:
+            _console.print(f"total time {hms(seconds)}; the training steps took {hms(self.elapsed)} "
+                           "(summed over resumes)", highlight=False)
+        return TrainResult(self.run_dir, self.iteration, seconds, metrics, stopped_by)
 
     def _loop(self, signals: StopSignals, logger: MetricsLogger) -> int | None:
         cfg, main = self.cfg, self.main
@@ -656,13 +661,15 @@ class _Trainer:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
-            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            MeanRateETA(),
         )
         progress = Progress(*columns, console=_console, disable=not self.show_progress)
         window_start, window_iters = time.perf_counter(), 0
-        ips = 0.0
+        ips: float | None = None  # shown once the first log_every window is measured
         with progress:
-            task = progress.add_task("train", total=cfg.iters, completed=self.iteration, loss="–", lr="–", ips="–")
+            task = progress.add_task("train", total=cfg.iters, completed=self.iteration, loss="–", lr="–", ips="–",
+                                     first=self.iteration)
             while self.iteration < cfg.iters:
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
@@ -691,7 +698,8 @@ class _Trainer:
                     )
                     self.window = [0.0, 0]
                     window_start, window_iters = now, 0
-                progress.update(task, completed=it, loss=f"{loss:.4f}", lr=_fmt_lr(lr), ips=f"{ips:.1f}")
+                progress.update(task, completed=it, loss=f"{loss:.4f}", lr=_fmt_lr(lr),
+                                ips="–" if ips is None else f"{ips:.1f}")
                 if cfg.val_every and it % cfg.val_every == 0 and it < cfg.iters:
                     result = self.validate(progress=False)
                     self._log_val(logger, result.summary)
