@@ -362,14 +362,36 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data or {}
 
 
+def with_overrides(data: dict, overrides: list[str], source: str) -> Recipe:
+    """``data`` with ``overrides`` applied, as a Recipe; an error names whoever caused it.
+
+    A mistake the file ``source`` has on its own is blamed on the file; one that comes with
+    the overrides on the first ``--set KEY=VALUE`` that brings it in.
+    """
+    applied = apply_overrides(data, overrides)  # a malformed item already names its --set
+    try:
+        return from_dict(applied, source=source)
+    except UserError as e:
+        if not overrides:
+            raise
+        full = str(e)
+    for n in range(len(overrides) + 1):
+        try:
+            from_dict(apply_overrides(data, overrides[:n]), source=source)
+        except UserError as e:
+            if str(e) == full:
+                culprit = source if n == 0 else f"--set {overrides[n - 1]}"
+                raise UserError(culprit + full[len(source):]) from None
+    raise UserError(full)
+
+
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe file (or the defaults when ``path`` is None) and apply overrides."""
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "recipe"
     if not isinstance(data, dict):
         return from_dict(data, source=source)  # raises: a recipe must be a mapping
-    data = apply_overrides(data, overrides or [])
-    return from_dict(data, source=source)
+    return with_overrides(data, overrides or [], source)
 
 
 def dump_yaml(recipe: Recipe) -> str:

@@ -1,6 +1,7 @@
 """Recipes: loading, dotted overrides, validation errors, and the CLI's error mapping."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -279,3 +280,20 @@ def test_help_exits_zero():
     )
     assert proc.returncode == 0, proc.stderr
     assert "emactl" in proc.stdout
+
+
+def test_a_bad_set_key_is_blamed_on_set_and_a_bad_file_key_on_the_file(tmp_path):
+    from emactl.config import load_recipe
+    from emactl.errors import UserError
+
+    good = tmp_path / "good.yaml"
+    good.write_text("name: x\ntrain: {lr: 0.1}\n")
+    with pytest.raises(UserError, match=r"^--set train\.bogus=1: unknown key 'train\.bogus'"):
+        load_recipe(good, ["train.lr=0.2", "train.bogus=1"])
+    with pytest.raises(UserError, match=r"^--set model\.ema\.iters=abc: model\.ema\.iters: got 'abc'"):
+        load_recipe(good, ["model.ema.iters=abc"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: {bogus: 1}\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(bad))}: unknown key 'train\.bogus'"):
+        load_recipe(bad, ["train.lr=0.2"])
+    assert load_recipe(good, ["train.lr=0.3"]).train.lr == 0.3

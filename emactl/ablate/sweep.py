@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
-from ..config import apply_overrides, from_dict, read_yaml, to_dict
+from ..config import apply_overrides, from_dict, read_yaml, to_dict, with_overrides
 from ..engine.rundir import code_version
 from ..errors import UserError
 from ..io import write_json
@@ -153,8 +153,7 @@ def plan_recipe(recipe: Path | None, axes: Axes, seeds: int = 1, out: Path | Non
     data = read_yaml(path)
     if not isinstance(data, dict):
         from_dict(data, source=str(path))
-    base = apply_overrides(data, axes.overrides)
-    resolved = from_dict(base, source=str(path))
+    resolved = with_overrides(data, axes.overrides, str(path))
     if not axes.values and seeds <= 1:
         raise UserError("nothing to sweep: give at least one axis, e.g. --iters 1,3,5 (see emactl ablate --help)")
     seed_list = _seeds(resolved.train.seed, seeds)
