@@ -6,9 +6,10 @@ basis k in the last E step — reshaped to the feature map, upsampled bilinearly
 and drawn with a perceptual colormap on one scale (0 to the largest value shown) with a
 colorbar, so the maps compare directly.
 
-Without explicit bases, the ``top`` bases with the highest spatial variance of their
-responsibilities are shown: those are the ones that separate regions of the image, while a
-basis with a flat map carries no spatial information.
+Without explicit bases, ``top`` bases are picked by the structure they show: for each
+predicted class, the basis whose responsibility is highest inside that class relative to
+outside it (see :func:`choose_bases`), then the bases of largest spatial variance. Variance
+alone picked bases that share the background and look nearly flat.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -53,10 +55,21 @@ def parse_bases(text: str) -> list[int]:
     return values
 
 
-def choose_bases(resp: Tensor, bases: Sequence[int] | None, top: int) -> list[int]:
-    """The given basis indices (checked against K), else the ``top`` by spatial variance.
+def classes_at(pred: np.ndarray, size: tuple[int, int]) -> Tensor:
+    """The (H, W) class map sampled at the centres of an (h, w) feature grid."""
+    rows = ((np.arange(size[0]) + 0.5) * pred.shape[0] / size[0]).astype(np.int64)
+    cols = ((np.arange(size[1]) + 0.5) * pred.shape[1] / size[1]).astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(pred[np.ix_(rows, cols)]))
 
-    ``resp`` is (h, w, K).
+
+def choose_bases(resp: Tensor, bases: Sequence[int] | None, top: int, pred: np.ndarray | None = None) -> list[int]:
+    """The given basis indices (checked against K), else ``top`` bases that show structure.
+
+    ``resp`` is (h, w, K). With the prediction ``pred`` (H, W): for each predicted class, most
+    pixels first, the basis whose mean responsibility inside the class exceeds its mean outside
+    by the most — the basis that marks that region — each basis once. Any places left go to
+    the bases with the largest spatial variance. Variance alone favours the bases that share
+    the large background, whose maps look nearly flat.
     """
     k = resp.shape[-1]
     if bases:
@@ -66,8 +79,23 @@ def choose_bases(resp: Tensor, bases: Sequence[int] | None, top: int) -> list[in
         return list(bases)
     if top < 1:
         raise UserError(f"--top: must be >= 1, got {top}")
-    variance = resp.reshape(-1, k).var(dim=0)
-    return variance.argsort(descending=True)[: min(top, k)].tolist()
+    top = min(top, k)
+    flat = resp.reshape(-1, k).float()
+    chosen: list[int] = []
+    if pred is not None:
+        classes = classes_at(pred, tuple(resp.shape[:2])).reshape(-1)
+        ids, counts = torch.unique(classes, return_counts=True)
+        for c in ids[counts.argsort(descending=True, stable=True)]:
+            inside = classes == c
+            if len(chosen) == top or bool(inside.all()):
+                break
+            contrast = flat[inside].mean(0) - flat[~inside].mean(0)
+            contrast[chosen] = -math.inf
+            best = int(contrast.argmax())
+            if contrast[best] > 0:
+                chosen.append(best)
+    by_variance = [int(b) for b in flat.var(dim=0).argsort(descending=True, stable=True)]
+    return chosen + [b for b in by_variance if b not in chosen][: top - len(chosen)]
 
 
 def layout(n_bases: int, has_label: bool) -> tuple[int, int]:
@@ -152,8 +180,8 @@ def draw_bases(
     names = unique_names(s.name for s in image_set.samples)
     for sample, name in zip(image_set.samples, names):
         rec = forward_record(run, unit, sample.image, dev)
-        chosen = choose_bases(rec.resp, bases, top if top is not None else DEFAULT_TOP)
-        how = "chosen bases" if bases else "top bases by spatial variance"
+        chosen = choose_bases(rec.resp, bases, top if top is not None else DEFAULT_TOP, rec.pred)
+        how = "chosen bases" if bases else "for each predicted class, the basis that marks it best"
         title = f"{sample.name} — {run.recipe.name}, iteration {run.iteration} ({how})"
         fig = bases_figure(sample.image, sample.label, rec, chosen, image_set, title)
         written.append(save(fig, out_dir / f"bases_{name}.png"))
