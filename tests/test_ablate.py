@@ -399,3 +399,22 @@ def test_sweep_progress_starts_from_checkpoints_and_finished_cells(grid, recipe_
     fresh = plan_recipe(recipe_file, parse_axes(train_iters="1,2", eval_iters="1,2"), out=tmp_path / "new")
     p = sweep_progress(fresh, FakeClock())
     assert p.total() == 4 and p.done() == 0 and not p.by_cells
+
+
+def test_pivot_headers_fit_100_columns():
+    from rich.console import Console
+
+    from emactl.ablate.report import pivot, short_headers
+    from emactl.tables import print_table
+
+    summary = pd.DataFrame([{"train_iters": 3, "eval_iters": t, "mIoU_mean": 80.0 + t, "mIoU_std": float("nan"),
+                             "n": 1} for t in range(1, 9)])
+    _, text = pivot(summary, ["train_iters"], ["eval_iters"])
+    shown, title = short_headers(text, "mIoU: train T (rows) × eval T (columns)")
+    assert list(shown.columns) == ["train_iters", *map(str, range(1, 9))] and title.endswith("columns: eval_iters")
+    con = Console(width=100, record=True)
+    print_table(shown, title, con)
+    out = con.export_text()
+    assert "…" not in out and "continued" not in out and "88.00" in out
+    two = pd.DataFrame({"norm": ["l2"], "bases_update=x, grad=y": ["1"]})
+    assert short_headers(two, "t") == (two, "t")  # several axes per column: left as they are
