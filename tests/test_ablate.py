@@ -325,7 +325,7 @@ class FakeClock:
         return self.now
 
 
-def test_eta_comes_from_iterations_done_and_counts_only_this_sessions_work():
+def test_eta_from_this_sessions_iterations_and_evaluations():
     from emactl.ablate.progress import CellState, SweepProgress, sweep_line
 
     clock = FakeClock()
@@ -337,21 +337,41 @@ def test_eta_comes_from_iterations_done_and_counts_only_this_sessions_work():
     p.start("T3")
     clock.now += 60.0
     p.update("T3", 70, loss=0.5, img_per_s=12.0)  # 30 iterations in 60 s; T3's first 40 were done before
-    assert p.eta() == pytest.approx((300 - 170) * 2.0)
-    assert "170/300 it" in sweep_line(p) and "1:00 elapsed" in sweep_line(p) and "ETA 4:20" in sweep_line(p)
+    assert p.estimate() == (pytest.approx(130 * 2.0), True)  # no evaluation timed yet: said so
+    line = sweep_line(p)
+    assert "170/300 it" in line and "1:00 elapsed" in line and "ETA 4:20 + evaluation" in line
 
     clock.now += 60.0
     p.update("T3", 60)  # a stale line never moves progress back
     assert p.done() == 170 and p.eta() == pytest.approx(130 * 4.0)
 
-    p.finish("T3")  # trained and evaluated: the rate now includes its evaluation time
+    clock.now += 60.0
+    p.update("T3", 100)  # trained: 60 iterations in 180 s, now evaluating
+    clock.now += 20.0
+    p.finish("T3")  # the evaluation took 20 s
+    assert p.estimate() == (pytest.approx(100 * 3.0 + 20.0), False)
     p.start("T5")
     clock.now += 30.0
-    p.update("T5", 50)
-    assert p.done() == 250 and p.eta() == pytest.approx(50 * 150.0 / 110)
+    p.update("T5", 50)  # 110 iterations in 210 s
+    assert p.eta() == pytest.approx(50 * 210.0 / 110 + 20.0)
+    clock.now += 100.0
+    p.update("T5", 100)
+    clock.now += 5.0  # 5 s into T5's evaluation, which takes about 20
+    assert p.eta() == pytest.approx(15.0) and "ETA 0:15" in sweep_line(p)
 
     p.finish("T5", ok=False)  # a failed cell leaves nothing for this session
-    assert p.eta() == 0.0 and "1/3 cells" not in sweep_line(p) and "3/3 cells" in sweep_line(p)
+    assert p.eta() == 0.0 and "3/3 cells" in sweep_line(p)
+
+
+def test_eta_divides_by_the_cells_running_at_once():
+    from emactl.ablate.progress import CellState, SweepProgress
+
+    clock = FakeClock()
+    p = SweepProgress({n: CellState(100) for n in "abcd"}, clock, jobs=2)
+    p.start("a"), p.start("b")
+    clock.now += 100.0
+    p.update("a", 50), p.update("b", 50)  # each cell: 2 s per iteration
+    assert p.estimate() == (pytest.approx((300 * 2.0) / 2), True)
 
 
 def test_eval_only_sweep_counts_cells():
@@ -363,7 +383,7 @@ def test_eval_only_sweep_counts_cells():
     p.start("a")
     clock.now += 10.0
     p.finish("a")
-    assert p.eta() == pytest.approx(10.0) and " it " not in sweep_line(p)
+    assert p.eta() == pytest.approx(10.0) and " it " not in sweep_line(p) and "1:00" not in sweep_line(p)
 
 
 def test_cell_line_and_monitor_read_the_running_cells_metrics(tmp_path):
@@ -411,7 +431,8 @@ def test_pivot_headers_fit_100_columns():
                              "n": 1} for t in range(1, 9)])
     _, text = pivot(summary, ["train_iters"], ["eval_iters"])
     shown, title = short_headers(text, "mIoU: train T (rows) × eval T (columns)")
-    assert list(shown.columns) == ["train_iters", *map(str, range(1, 9))] and title.endswith("columns: eval_iters")
+    assert list(shown.columns) == ["train_iters", *map(str, range(1, 9))] and title.endswith("eval T (columns)")
+    assert short_headers(text, "mIoU per train_iters")[1] == "mIoU per train_iters (columns: eval_iters)"
     con = Console(width=100, record=True)
     print_table(shown, title, con)
     out = con.export_text()

@@ -5,11 +5,11 @@ cell's ``metrics.jsonl`` every ``train.log_every`` iterations, whether it runs i
 or in a worker; :class:`SweepMonitor` reads the last of those lines about once a second, so the
 same code serves ``--jobs 1`` and ``--jobs N``.
 
-The ETA counts work in training iterations, the bulk of a cell's time: remaining iterations
-(summed over the cells) × wall seconds per iteration done *in this session* (iterations a
-resumed cell had already done cost nothing now). It has a value from the first logged
-iterations, and once cells have finished their evaluation time is in the rate as well. A sweep
-without training (``--from``) counts cells instead.
+The ETA adds the remaining training iterations × seconds per iteration and the remaining
+evaluations × seconds per evaluation, both measured per cell *in this session* (iterations a
+resumed cell had already done cost nothing now), and divides by the cells running at once. It
+has a value from the first logged iterations; until the first evaluation has been timed the
+line says ``+ evaluation``.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def last_train_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 @dataclass
 class CellState:
     """One cell: ``total`` training iterations, ``done`` now, ``start`` when this session began;
-    ``skipped``: finished before this session."""
+    ``skipped``: finished before this session. The times are this session's, on the sweep's clock."""
 
     total: int
     start: int = 0
@@ -61,6 +61,10 @@ class CellState:
     running: bool = False
     loss: float | None = None
     img_per_s: float | None = None
+    started_at: float | None = None
+    trained_at: float | None = None  # when its training was over (then it evaluates)
+    finished_at: float | None = None
+    ok: bool = False
 
     def __post_init__(self) -> None:
         self.start = min(self.start, self.total)
@@ -71,10 +75,15 @@ class CellState:
 
 @dataclass
 class SweepProgress:
-    """Iterations done per cell and the sweep's ETA; ``clock`` is injectable for tests."""
+    """Iterations done per cell and the sweep's ETA; ``clock`` is injectable for tests.
+
+    ETA = (remaining iterations × seconds per iteration + remaining evaluations × seconds per
+    evaluation) / cells running at once, both rates measured in this session, per cell.
+    """
 
     cells: dict[str, CellState]
     clock: Callable[[], float] = time.monotonic
+    jobs: int = 1
     began: float = field(default=0.0)
     by_cells: bool = field(default=False)
 
@@ -91,49 +100,77 @@ class SweepProgress:
             return sum(c.finished for c in self.cells.values())
         return sum(min(c.done, c.total) for c in self.cells.values())
 
-    def _session_work(self) -> int:
-        if self.by_cells:
-            return sum(c.finished and not c.skipped for c in self.cells.values())
-        return sum(min(c.done, c.total) - c.start for c in self.cells.values())
-
     def elapsed(self) -> float:
         return self.clock() - self.began
 
+    def _seconds_per_iteration(self, now: float) -> float | None:
+        trained = sum(c.done - c.start for c in self.cells.values() if c.started_at is not None)
+        seconds = sum((c.trained_at if c.trained_at is not None else now) - c.started_at
+                      for c in self.cells.values() if c.started_at is not None and c.done > c.start)
+        return seconds / trained if trained > 0 else None
+
+    def _seconds_per_evaluation(self) -> float | None:
+        times = [c.finished_at - c.trained_at for c in self.cells.values()
+                 if c.ok and c.finished_at is not None and c.trained_at is not None]
+        return sum(times) / len(times) if times else None
+
+    def estimate(self) -> tuple[float | None, bool]:
+        """``(seconds left, whether evaluation time is still unknown and left out)``."""
+        now = self.clock()
+        waiting = [c for c in self.cells.values() if not c.finished]
+        if not waiting:
+            return 0.0, False
+        iterations = sum(c.total - c.done for c in waiting)
+        per_iteration = self._seconds_per_iteration(now)
+        if iterations > 0 and per_iteration is None:
+            return None, False
+        work = iterations * (per_iteration or 0.0)
+        per_evaluation = self._seconds_per_evaluation()
+        if per_evaluation is not None:
+            for c in waiting:
+                evaluating = now - c.trained_at if c.trained_at is not None else 0.0
+                work += max(0.0, per_evaluation - evaluating)
+        elif iterations == 0 and not any(c.trained_at is not None for c in waiting):
+            return None, False
+        return work / max(1, min(self.jobs, len(waiting))), per_evaluation is None
+
     def eta(self) -> float | None:
-        """Seconds left, or None before any work has been done in this session."""
-        left = self.total() - self.done()
-        if left <= 0:
-            return 0.0
-        work = self._session_work()
-        if work <= 0:
-            return None
-        return left * self.elapsed() / work
+        return self.estimate()[0]
 
     def start(self, name: str) -> None:
-        self.cells[name].running = True
+        cell = self.cells[name]
+        cell.running, cell.started_at = True, self.clock()
+        if cell.done >= cell.total:
+            cell.trained_at = cell.started_at
 
     def update(self, name: str, done: int, loss: float | None = None, img_per_s: float | None = None) -> None:
         cell = self.cells[name]
         cell.done = max(cell.done, min(done, cell.total))
         cell.loss, cell.img_per_s = loss, img_per_s
+        if cell.done >= cell.total and cell.trained_at is None:
+            cell.trained_at = self.clock()
 
     def finish(self, name: str, ok: bool = True) -> None:
         """The cell stopped: trained and evaluated (``ok``), or failed / interrupted."""
         cell = self.cells[name]
-        cell.running, cell.finished = False, True
+        cell.running, cell.finished, cell.ok, cell.finished_at = False, True, ok, self.clock()
         if ok:
             cell.done = cell.total
+            if cell.trained_at is None:  # trained and evaluated between two polls
+                cell.trained_at = cell.finished_at
         else:  # what it did not train is not left to do in this session
             cell.total = cell.done
 
 
 def sweep_line(p: SweepProgress) -> str:
-    """``2/3 cells · 1,200/3,000 it · 4:10 elapsed · ETA 6:15``."""
+    """``2/3 cells · 1,200/3,000 it · 4:10 elapsed · ETA 6:15`` (``+ evaluation`` while no
+    evaluation has been timed yet)."""
     finished = sum(c.finished for c in p.cells.values())
     text = f"{finished}/{len(p.cells)} cells"
     if not p.by_cells:
         text += f" · {p.done():,}/{p.total():,} it"
-    return f"{text} · {hms(p.elapsed())} elapsed · ETA {hms(p.eta())}"
+    eta, partial = p.estimate()
+    return f"{text} · {hms(p.elapsed())} elapsed · ETA {hms(eta)}" + (" + evaluation" if partial else "")
 
 
 def cell_line(c: CellState) -> str:

@@ -225,15 +225,16 @@ def plots(sweep: Sweep) -> list[Path]:
 
 
 def short_headers(text: pd.DataFrame, title: str) -> tuple[pd.DataFrame, str]:
-    """``eval_iters=1 … eval_iters=8`` as ``1 … 8`` with ``(columns: eval_iters)`` in the title,
-    when every value column names the same single axis, so that a pivot fits the terminal."""
+    """``eval_iters=1 … eval_iters=8`` as ``1 … 8`` when every value column names the same
+    single axis, so that a pivot fits the terminal; the title names that axis unless it says
+    what the columns are already."""
     values = [c for c in text.columns if "=" in str(c)]
     axes = {str(c).split("=", 1)[0] for c in values}
     if not values or len(axes) != 1 or any("," in str(c) for c in values):
         return text, title
     axis = axes.pop()
     renamed = text.rename(columns={c: str(c).split("=", 1)[1] for c in values})
-    return renamed, f"{title} — columns: {axis}"
+    return renamed, title if "(columns)" in title else f"{title} (columns: {axis})"
 
 
 def write_report(sweep: Sweep, show: bool = True) -> tuple[pd.DataFrame, list[Path]]:

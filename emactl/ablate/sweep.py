@@ -639,11 +639,11 @@ def _train_total(cell: Cell) -> int:
     return 0 if cell.source is not None else int(cell.recipe.get("train", {}).get("iters") or 0)
 
 
-def sweep_progress(sweep: Sweep, clock: Callable[[], float] = time.monotonic) -> SweepProgress:
+def sweep_progress(sweep: Sweep, jobs: int = 1, clock: Callable[[], float] = time.monotonic) -> SweepProgress:
     """The progress and ETA bookkeeping of a sweep about to run (see :mod:`.progress`)."""
     cells = {c.name: CellState(_train_total(c), start=_iterations_done(sweep, c), skipped=sweep.finished(c))
              for c in sweep.cells}
-    return SweepProgress(cells, clock)
+    return SweepProgress(cells, clock, jobs)
 
 
 def run_sweep(
@@ -680,7 +680,7 @@ def run_sweep(
     failed: dict[str, str] = {}
     stopped: int | None = None
     tasks = [_task(sweep, c, device) for c in pending]
-    state = sweep_progress(sweep)
+    state = sweep_progress(sweep, jobs)
     bar = _progress(progress)
     cell_bars: dict[str, Any] = {}
     sweep_bar = bar.add_task("sweep", total=max(1, state.total()), completed=state.done(), detail="")
