@@ -2,7 +2,8 @@
 
 Numbers keep one number of decimals per column (``84.70`` beside ``84.13``, never ``84.7``),
 metrics in percent say so in their header (``mIoU %``), and a table wider than the terminal is
-split into column groups that repeat the first column, so that no header or name is cut.
+split into column groups that repeat its leading label columns (at most two), so that no header
+or name is cut.
 """
 from __future__ import annotations
 
@@ -85,15 +86,40 @@ def save_table(df: pd.DataFrame, stem: str | os.PathLike, json: bool = False) ->
     return paths
 
 
-def _table(text: pd.DataFrame, numeric: Sequence[bool], columns: Sequence[int], title: str | None) -> Table:
+def _table(text: pd.DataFrame, numeric: Sequence[bool], columns: Sequence[int], title: str | None,
+           width: int | None = None) -> Table:
+    """A rich table of ``columns``; given the console ``width``, column widths are set so that it
+    fits without cutting a word (rich's own shrinking can crop the last column instead)."""
+    widths = fit_widths(text, columns, width) if width is not None else None
     table = Table(title=title, show_lines=False)
-    for i in columns:
+    for n, i in enumerate(columns):
         name = header(text.columns[i])
         table.add_column(name, justify="right" if numeric[i] else "left",
-                         min_width=_min_width([name, *text.iloc[:, i]]))
+                         min_width=_min_width([name, *text.iloc[:, i]]),
+                         width=widths[n] if widths is not None else None)
     for row in text.itertuples(index=False):
         table.add_row(*(row[i] for i in columns))
     return table
+
+
+def fit_widths(text: pd.DataFrame, columns: Sequence[int], width: int) -> list[int] | None:
+    """Content widths that fit ``width``: None when the natural widths fit, else each column's
+    longest word plus a share of the room left, columns that need little more served first."""
+    cells = [[header(text.columns[i]), *text.iloc[:, i]] for i in columns]
+    natural = [max(len(str(c)) for c in col) for col in cells]
+    least = [_min_width(col) for col in cells]
+    room = width - (3 * len(columns) + 1)
+    if sum(natural) <= room:
+        return None
+    widths = list(least)
+    spare = room - sum(least)
+    wanting = sorted(range(len(columns)), key=lambda n: natural[n] - least[n])
+    for k, n in enumerate(wanting):
+        share = max(0, spare // (len(wanting) - k))
+        extra = min(natural[n] - least[n], share)
+        widths[n] += extra
+        spare -= extra
+    return widths
 
 
 def _min_width(cells: Iterable[str]) -> int:
@@ -101,19 +127,22 @@ def _min_width(cells: Iterable[str]) -> int:
     return max((len(word) for cell in cells for word in str(cell).split()), default=1)
 
 
-def column_groups(text: pd.DataFrame, width: int) -> list[list[int]]:
+def column_groups(text: pd.DataFrame, width: int, keys: int = 1) -> list[list[int]]:
     """Column indices per printed table: all in one when they fit ``width``, else groups that
-    each repeat column 0 (the row label) and fit; a column too wide for any group stands alone."""
+    each repeat the first ``keys`` columns (the row labels) and fit; a column too wide for any
+    group stands alone with the labels."""
     need = [_min_width([header(c), *text[c]]) + 3 for c in text.columns]  # padding 2 + one border
     everything = list(range(len(text.columns)))
-    if sum(need) + 1 <= width or len(everything) <= 2:
+    keys = max(1, min(keys, len(everything) - 1))
+    if sum(need) + 1 <= width or len(everything) <= keys + 1:
         return [everything]
+    base = sum(need[:keys]) + 1
     groups: list[list[int]] = []
-    current, used = [0], need[0] + 1
-    for i in everything[1:]:
-        if len(current) > 1 and used + need[i] > width:
+    current, used = list(range(keys)), base
+    for i in everything[keys:]:
+        if len(current) > keys and used + need[i] > width:
             groups.append(current)
-            current, used = [0], need[0] + 1
+            current, used = list(range(keys)), base
         current.append(i)
         used += need[i]
     groups.append(current)
@@ -125,10 +154,11 @@ def print_table(df: pd.DataFrame, title: str | None = None, con: Console | None 
     con = con or console
     text = formatted(df)
     numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
-    groups = column_groups(text, con.width)
+    labels = next((i for i, n in enumerate(numeric) if n), len(numeric))  # the leading text columns
+    groups = column_groups(text, con.width, keys=min(labels, 2))
     for n, group in enumerate(groups):
         part = title if n == 0 else (f"{title} (continued)" if title else "(continued)")
-        con.print(_table(text, numeric, group, part))
+        con.print(_table(text, numeric, group, part, con.width))
 
 
 def describe_paths(paths: Sequence[os.PathLike | str]) -> str:

@@ -302,6 +302,7 @@ def test_published_check_reproduces_the_paper():
     print_table(df, "published", con)
     shown = con.export_text()
     assert "…" not in shown and max(len(line) for line in shown.splitlines()) <= 100
+    assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in shown.splitlines() if line[:1] in "┏┃┡│└")  # not cropped
     for column in df.columns:  # headers wrap at spaces at most, never cut
         assert all(word in shown for word in header(column).split()), column
     for method in df["method"]:

@@ -31,6 +31,7 @@ def test_a_wide_table_is_split_into_groups_that_fit_100_columns():
                        **{f"eval_iters={t}": [80.0 + t, 81.0 + t] for t in range(1, 9)}})
     shown = render(df)
     assert "…" not in shown and max(len(line) for line in shown.splitlines()) <= 100
+    assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in shown.splitlines() if line[:1] in "┏┃┡│└")  # not cropped
     assert all(f"eval_iters={t}" in shown for t in range(1, 9))
     assert shown.count("ResNet-101") == 2 and "t (continued)" in shown  # the label column is repeated
     narrow = pd.DataFrame({"a": [1.0], "b": ["x"]})
