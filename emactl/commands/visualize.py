@@ -10,7 +10,7 @@ import typer
 from ..options import device_option, run_argument
 
 RUN_HELP = "Run directory or checkpoint file (default: the latest run in runs/)."
-OUT_HELP = "Output folder (default: <run_dir>/figures)."
+OUT_HELP = "Output folder (default: RUN/figures)."
 IMAGES_HELP = "Image file or folder of images to draw instead of dataset samples (repeatable)."
 SPLIT_HELP = "Dataset split to take images from (default: the recipe's data.val_split)."
 COUNT_HELP = "How many dataset images to draw (the first ones of the split)."
@@ -98,7 +98,7 @@ def confusion(
         metavar="SETTING", show_default=False),
     out: Optional[Path] = OutOpt,
 ) -> None:
-    """Heatmap of the row-normalised confusion matrix in <run>/eval/confusion.csv."""
+    """Heatmap of the row-normalised confusion matrix in RUN/eval/ (or RUN/eval/SETTING/) confusion.csv."""
     from ..visualize.confusion import draw_confusion
 
     _echo(draw_confusion(run, out, evaluation))
@@ -116,7 +116,7 @@ def curves(run: Optional[Path] = RunArg, out: Optional[Path] = OutOpt) -> None:
 def ablation(
     sweep: Path = typer.Argument(..., help="Sweep directory (holding results.csv) or the CSV itself.",
                                  metavar="SWEEP", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: <sweep_dir>/figures).",
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: SWEEP/figures).",
                                        metavar="DIR", show_default=False),
 ) -> None:
     """mIoU against eval T per train T, and a bar chart of mIoU for every other swept axis."""
