@@ -225,3 +225,15 @@ def test_distributed_eval_counts_every_image_once(tmp_path):
     single = evaluate(nn.Conv2d(3, 3, 1), ListDataset(SIZES), EvalConfig(), 3, 255, "cpu", progress=False)
     for rank in range(world):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), single.confusion)
+
+
+def test_setting_names_tell_every_setting_apart():
+    from emactl.engine.evaluate import describe_setting, setting_name
+
+    whole = {"split": "val", "mode": "whole", "scales": [1.0], "flip": False, "em_iters": 3, "iteration": 10}
+    assert setting_name(whole) == "val_whole_s1_T3_it10"
+    slide = {**whole, "mode": "slide", "crop_size": 769, "stride": 513, "scales": [0.5, 1.75], "flip": True}
+    assert setting_name(slide) == "val_slide769x513_s0.5-1.75_flip_T3_it10"
+    assert setting_name({**whole, "em_iters": None, "split": "test"}) == "test_whole_s1_it10"
+    assert describe_setting({**slide, "scales": "0.5,1.75"}) == (
+        "sliding window, scales 0.5/1.75 + flip, T=3, iteration 10")
