@@ -439,3 +439,11 @@ def test_pivot_headers_fit_100_columns():
     assert "…" not in out and "continued" not in out and "88.00" in out
     two = pd.DataFrame({"norm": ["l2"], "bases_update=x, grad=y": ["1"]})
     assert short_headers(two, "t") == (two, "t")  # several axes per column: left as they are
+
+
+def test_sweep_names_are_readable_with_plain_overrides():
+    from emactl.ablate.sweep import default_sweep_dir
+
+    axes = parse_axes(iters="1,3,5", sets=["train.iters=60", "data.root=/data/x y"])
+    assert default_sweep_dir("shapes", axes, [0]) == Path("sweeps/shapes_iters-1-3-5_data.root-data-x-y_train.iters-60")
+    assert default_sweep_dir("shapes", parse_axes(iters="1,3,5"), [0]) == Path("sweeps/shapes_iters-1-3-5")

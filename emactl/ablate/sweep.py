@@ -124,7 +124,7 @@ def _slug(axes: Axes, seeds: Sequence[int]) -> str:
         parts.append(f"seeds{len(seeds)}")
     for override in sorted(axes.overrides):  # plain --set KEY=V: readable, e.g. train.iters-60
         key, _, value = override.partition("=")
-        parts.append(safe_label(f"{key.strip()}-{value.strip()}"))
+        parts.append(f"{safe_label(key.strip())}-{safe_label(value.strip())}")
     return "_".join(parts)
 
 
