@@ -258,9 +258,11 @@ def test_top_bases_mark_the_predicted_classes_before_variance() -> None:
     pred = np.zeros((8, 8), dtype=np.int64)
     pred[2:6, 2:6] = 3  # class 3 on the centre: 16 of 64 image pixels, 4 of 16 feature cells
     assert bases.classes_at(pred, (4, 4))[1:3, 1:3].eq(3).all()
-    assert bases.choose_bases(resp, None, 3, pred) == [4, 2, 0]
-    assert bases.choose_bases(resp, None, 1, pred) == [4]
+    assert bases.choose_bases(resp, None, 3, pred) == [2, 4]  # the object's strong basis first; no flat filler
+    assert bases.choose_bases(resp, None, 1, pred) == [2]
     assert bases.choose_bases(resp, None, 2, np.zeros((8, 8), dtype=np.int64)) == [0, 2]  # one class: variance
+    resp[1:3, 1:3, 2] = 0.15  # 0.05 above the outside: does not mark the object
+    assert bases.choose_bases(resp, None, 3, pred) == [4]
 
 
 def test_shared_pca_scales_both_maps_alike() -> None:

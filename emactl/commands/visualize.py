@@ -41,8 +41,8 @@ def bases(
     images: Optional[list[Path]] = ImagesOpt,
     bases: Optional[str] = typer.Option(None, "--bases", help="Comma-separated basis indices, e.g. 0,5,12.",
                                         metavar="I,J,...", show_default=False),
-    top: Optional[int] = typer.Option(None, "--top", help="Without --bases: show N bases, for each predicted "
-                                      "class the one that marks it best, then by spatial variance (default 4).",
+    top: Optional[int] = typer.Option(None, "--top", help="Without --bases: show up to N bases, those that "
+                                      "mark a predicted class, one per class (default 4).",
                                       metavar="N", show_default=False),
     out: Optional[Path] = OutOpt,
     split: Optional[str] = SplitOpt,

@@ -6,10 +6,10 @@ basis k in the last E step — reshaped to the feature map, upsampled bilinearly
 and drawn with a perceptual colormap on one scale (0 to the largest value shown) with a
 colorbar, so the maps compare directly.
 
-Without explicit bases, ``top`` bases are picked by the structure they show: for each
-predicted class, the basis whose responsibility is highest inside that class relative to
-outside it (see :func:`choose_bases`), then the bases of largest spatial variance. Variance
-alone picked bases that share the background and look nearly flat.
+Without explicit bases, up to ``top`` bases are picked by the structure they show: the bases
+whose responsibility is clearly higher inside one predicted class than outside it, one per
+class, strongest first (see :func:`choose_bases`). Picking by spatial variance showed bases
+that share the background and look nearly flat.
 """
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ def parse_bases(text: str) -> list[int]:
     return values
 
 
+MIN_CONTRAST = 0.1  # a basis marks a class when its responsibility is this much higher inside
+
+
 def classes_at(pred: np.ndarray, size: tuple[int, int]) -> Tensor:
     """The (H, W) class map sampled at the centres of an (h, w) feature grid."""
     rows = ((np.arange(size[0]) + 0.5) * pred.shape[0] / size[0]).astype(np.int64)
@@ -65,11 +68,12 @@ def classes_at(pred: np.ndarray, size: tuple[int, int]) -> Tensor:
 def choose_bases(resp: Tensor, bases: Sequence[int] | None, top: int, pred: np.ndarray | None = None) -> list[int]:
     """The given basis indices (checked against K), else ``top`` bases that show structure.
 
-    ``resp`` is (h, w, K). With the prediction ``pred`` (H, W): for each predicted class, most
-    pixels first, the basis whose mean responsibility inside the class exceeds its mean outside
-    by the most — the basis that marks that region — each basis once. Any places left go to
-    the bases with the largest spatial variance. Variance alone favours the bases that share
-    the large background, whose maps look nearly flat.
+    ``resp`` is (h, w, K). With the prediction ``pred`` (H, W): up to ``top`` (class, basis)
+    pairs whose mean responsibility inside the class exceeds the mean outside by the most, at
+    least :data:`MIN_CONTRAST`, each class and each basis once, strongest first — the bases that
+    mark a region. Fewer than ``top`` when fewer bases do: a trained model typically gives the
+    objects a few bases and lets the others share the background, and those look flat. Without
+    such pairs (no prediction, one class), the ``top`` bases of largest spatial variance.
     """
     k = resp.shape[-1]
     if bases:
@@ -84,18 +88,21 @@ def choose_bases(resp: Tensor, bases: Sequence[int] | None, top: int, pred: np.n
     chosen: list[int] = []
     if pred is not None:
         classes = classes_at(pred, tuple(resp.shape[:2])).reshape(-1)
-        ids, counts = torch.unique(classes, return_counts=True)
-        for c in ids[counts.argsort(descending=True, stable=True)]:
-            inside = classes == c
-            if len(chosen) == top or bool(inside.all()):
-                break
-            contrast = flat[inside].mean(0) - flat[~inside].mean(0)
-            contrast[chosen] = -math.inf
-            best = int(contrast.argmax())
-            if contrast[best] > 0:
-                chosen.append(best)
-    by_variance = [int(b) for b in flat.var(dim=0).argsort(descending=True, stable=True)]
-    return chosen + [b for b in by_variance if b not in chosen][: top - len(chosen)]
+        masks = [classes == c for c in torch.unique(classes)]
+        masks = [m for m in masks if not bool(m.all())]
+        if masks:  # contrast[c, k]: mean responsibility of basis k inside class c minus outside
+            contrast = torch.stack([flat[m].mean(0) - flat[~m].mean(0) for m in masks])
+            while len(chosen) < top:
+                best = int(contrast.argmax())
+                c, b = divmod(best, k)
+                if not contrast[c, b] >= MIN_CONTRAST:
+                    break
+                chosen.append(b)
+                contrast[c, :] = -math.inf
+                contrast[:, b] = -math.inf
+    if chosen:
+        return chosen
+    return [int(b) for b in flat.var(dim=0).argsort(descending=True, stable=True)][:top]
 
 
 def layout(n_bases: int, has_label: bool) -> tuple[int, int]:
@@ -181,7 +188,7 @@ def draw_bases(
     for sample, name in zip(image_set.samples, names):
         rec = forward_record(run, unit, sample.image, dev)
         chosen = choose_bases(rec.resp, bases, top if top is not None else DEFAULT_TOP, rec.pred)
-        how = "chosen bases" if bases else "for each predicted class, the basis that marks it best"
+        how = "chosen bases" if bases else "the bases that best mark a predicted class each"
         title = f"{sample.name} — {run.recipe.name}, iteration {run.iteration} ({how})"
         fig = bases_figure(sample.image, sample.label, rec, chosen, image_set, title)
         written.append(save(fig, out_dir / f"bases_{name}.png"))
