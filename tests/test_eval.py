@@ -132,6 +132,7 @@ def test_each_setting_has_its_own_folder_and_training_tables_stay(tmp_path, caps
     ours, theirs = pd.read_csv(run / "eval" / "summary.csv"), pd.read_csv(setting / "summary.csv")
     assert list(ours.columns) == list(theirs.columns) == list(SUMMARY_COLUMNS)
     assert ours["setting"][0] == "val_whole_s1_T3_it2" and theirs["setting"][0] == setting.name
+    assert ours["checkpoint"][0] == theirs["checkpoint"][0] == "checkpoints/iter_0000002.pt"  # the run can move
 
     from emactl.visualize.confusion import _summary_note, draw_confusion, find_confusion
 

@@ -214,10 +214,19 @@ def describe_setting(meta: dict[str, Any]) -> str:
     return text
 
 
+def in_run(checkpoint: Path, run_dir: Path) -> Path:
+    """``checkpoint`` relative to ``run_dir`` when it lies inside (a run can move), else as given."""
+    try:
+        return checkpoint.resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return checkpoint
+
+
 def eval_meta(
     cfg: EvalConfig, split: str, model: nn.Module, iteration: int | None, checkpoint: str | os.PathLike | None
 ) -> dict[str, Any]:
-    """What an evaluation ran: the ``meta`` of :class:`EvalResult`, ``setting`` included."""
+    """What an evaluation ran: the ``meta`` of :class:`EvalResult`, ``setting`` included
+    (``checkpoint`` as given: callers pass it relative to the run directory, see :func:`in_run`)."""
     units = ema_units(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
     meta: dict[str, Any] = {
         "split": split,
@@ -368,7 +377,8 @@ def _evaluate_run(
         progress=progress,
         workers=recipe.data.workers,
     )
-    result.meta.update(eval_meta(cfg, recipe.data.val_split, run.model, run.iteration, run.checkpoint))
+    result.meta.update(eval_meta(cfg, recipe.data.val_split, run.model, run.iteration,
+                                 in_run(Path(run.checkpoint), run_dir_of(path))))
 
     if _rank_world()[0] == 0:
         target = Path(out_dir) if out_dir is not None else run_dir_of(path) / EVAL_DIR / result.meta["setting"]

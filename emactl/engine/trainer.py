@@ -733,7 +733,7 @@ class _Trainer:
         result = self.validate(progress=self.show_progress)
         ckpt = checkpoint_path(self.run_dir, self.iteration)
         result.meta.update(eval_meta(self.eval_cfg, self.recipe.data.val_split, self.model, self.iteration,
-                                     ckpt if ckpt.is_file() else None))
+                                     ckpt.relative_to(self.run_dir) if ckpt.is_file() else None))
         self._log_val(logger, result.summary)
         if self.main:
             out = self.run_dir / "eval"
