@@ -49,9 +49,34 @@ def _register() -> None:
 _register()
 
 
+def _commands(command: click.Command) -> list[click.Command]:
+    """``command`` and every subcommand below it."""
+    found = [command]
+    for sub in getattr(command, "commands", {}).values():
+        found += _commands(sub)
+    return found
+
+
+def tidy_help(command: click.Command) -> click.Command:
+    """Give every flag (``--resume``, ``--help``) an empty metavar.
+
+    Typer >= 0.26 shows ``<bool>`` beside flags, which take no value; value options name
+    their metavar themselves (:mod:`emactl.options`).
+    """
+    for cmd in _commands(command):
+        params = list(cmd.params)
+        helper = cmd.get_help_option(click.Context(cmd)) if hasattr(cmd, "get_help_option") else None
+        if helper is not None:
+            params.append(helper)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and map errors to one line with exit code 2."""
-    command = typer.main.get_command(app)
+    command = tidy_help(typer.main.get_command(app))
     try:
         rv = command.main(args=argv, prog_name="emactl", standalone_mode=False)
     except UserError as e:

@@ -447,28 +447,27 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data or {}
 
 
-_BLAMED_KEY = re.compile(r"(?:unknown key ')?([A-Za-z_][\w.]*)")
+def with_overrides(data: dict, overrides: list[str], source: str) -> Recipe:
+    """``data`` with ``overrides`` applied, as a Recipe; an error names whoever caused it.
 
-
-def _blame_override(e: UserError, source: str, overrides: list[str]) -> UserError:
-    """``e`` with its source replaced by the ``--set`` item that set the key it names, if any.
-
-    Messages of :func:`from_dict` read ``SOURCE: KEY: ...`` or ``SOURCE: unknown key 'KEY'``;
-    a value given with ``--set`` is the command line's fault, not the recipe file's.
+    A mistake the file ``source`` has on its own is blamed on the file; one that comes with
+    the overrides on the first ``--set KEY=VALUE`` that brings it in.
     """
-    message = str(e)
-    if not message.startswith(f"{source}: "):
-        return e
-    rest = message[len(source) + 2:]
-    match = _BLAMED_KEY.match(rest)
-    if not match:
-        return e
-    key = match.group(1)
-    for item in reversed(overrides):
-        set_key = item.split("=", 1)[0].strip()
-        if key == set_key or key.startswith(f"{set_key}.") or set_key.startswith(f"{key}."):
-            return UserError(f"--set {item}: {rest}")
-    return e
+    applied = apply_overrides(data, overrides)  # a malformed item already names its --set
+    try:
+        return from_dict(applied, source=source)
+    except UserError as e:
+        if not overrides:
+            raise
+        full = str(e)
+    for n in range(len(overrides) + 1):
+        try:
+            from_dict(apply_overrides(data, overrides[:n]), source=source)
+        except UserError as e:
+            if str(e) == full:
+                culprit = source if n == 0 else f"--set {overrides[n - 1]}"
+                raise UserError(culprit + full[len(source):]) from None
+    raise UserError(full)
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
@@ -480,12 +479,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     source = str(path) if path is not None else "recipe"
     if not isinstance(data, dict):
         return from_dict(data, source=source)  # raises: a recipe must be a mapping
-    overrides = list(overrides or [])
-    data = apply_overrides(data, overrides)
-    try:
-        return from_dict(data, source=source)
-    except UserError as e:
-        raise _blame_override(e, source, overrides) from None
+    return with_overrides(data, overrides or [], source)
 
 
 def dump_yaml(recipe: Recipe) -> str:

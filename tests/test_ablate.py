@@ -186,7 +186,7 @@ def test_grid_sweep_writes_tidy_results_and_pivots(grid):
     assert list(pivot.columns) == ["train_iters", "eval_iters=1", "eval_iters=2"]
     assert list(pivot.train_iters) == [1, 2] and pivot.notna().all().all()
     assert (grid / "pivot_iters.md").is_file() and (grid / "results.md").is_file()
-    assert (grid / "miou_vs_eval_iters.png").stat().st_size > 0
+    assert (grid / "figures" / "ablation_eval_iters.png").stat().st_size > 0
     summary = pd.read_csv(grid / "summary.csv")
     assert {"mIoU_mean", "mIoU_std", "n"} <= set(summary.columns) and (summary.n == 1).all()
     spec = json.loads((grid / SWEEP_FILE).read_text())
@@ -200,7 +200,7 @@ def test_rerun_skips_finished_cells_and_rebuilds_the_table(grid, recipe_file, co
     ckpts = sorted(grid.glob("cells/*/checkpoints/*.pt"))
     mtimes = [p.stat().st_mtime_ns for p in ckpts]
     before = pd.read_csv(grid / "results.csv")
-    for name in ("results.csv", "results.md", "pivot_iters.csv", "miou_vs_eval_iters.png"):
+    for name in ("results.csv", "results.md", "pivot_iters.csv", "figures/ablation_eval_iters.png"):
         (grid / name).unlink()
     code, out, err = cli(grid_argv(recipe_file, grid), capsys)
     assert code == 0, err
@@ -208,7 +208,7 @@ def test_rerun_skips_finished_cells_and_rebuilds_the_table(grid, recipe_file, co
     assert [p.stat().st_mtime_ns for p in sorted(grid.glob("cells/*/checkpoints/*.pt"))] == mtimes
     assert "2 finished, 0 to run" in err
     pd.testing.assert_frame_equal(pd.read_csv(grid / "results.csv"), before)
-    assert (grid / "pivot_iters.csv").is_file() and (grid / "miou_vs_eval_iters.png").is_file()
+    assert (grid / "pivot_iters.csv").is_file() and (grid / "figures" / "ablation_eval_iters.png").is_file()
 
 
 def test_interrupted_cell_resumes_from_its_checkpoint(grid, recipe_file, count_train, capsys):
@@ -311,3 +311,139 @@ def test_failed_cell_is_recorded_and_the_others_finish(recipe_file, tmp_path, ca
     df = pd.read_csv(out / "results.csv")
     assert list(df["data.args.val_length"]) == [4, 0]
     assert df["mIoU"].notna().tolist() == [True, False] and df["error"].notna().tolist() == [False, True]
+
+
+# --------------------------------------------------------------------------------------------
+# Progress inside the cells and the sweep ETA, on a fake clock.
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_eta_from_this_sessions_iterations_and_evaluations():
+    from emactl.ablate.progress import CellState, SweepProgress, sweep_line
+
+    clock = FakeClock()
+    cells = {"T1": CellState(100, skipped=True), "T3": CellState(100, start=40), "T5": CellState(100)}
+    p = SweepProgress(cells, clock)
+    assert p.total() == 300 and p.done() == 140
+    assert p.eta() is None and "ETA -:--" in sweep_line(p)
+
+    p.start("T3")
+    clock.now += 60.0
+    p.update("T3", 70, loss=0.5, img_per_s=12.0)  # 30 iterations in 60 s; T3's first 40 were done before
+    assert p.estimate() == (pytest.approx(130 * 2.0), True)  # no evaluation timed yet: said so
+    line = sweep_line(p)
+    assert "170/300 it" in line and "1:00 elapsed" in line and "ETA 4:20 + evaluation" in line
+
+    clock.now += 60.0
+    p.update("T3", 60)  # a stale line never moves progress back
+    assert p.done() == 170 and p.eta() == pytest.approx(130 * 4.0)
+
+    clock.now += 60.0
+    p.update("T3", 100)  # trained: 60 iterations in 180 s, now evaluating
+    clock.now += 20.0
+    p.finish("T3")  # the evaluation took 20 s
+    assert p.estimate() == (pytest.approx(100 * 3.0 + 20.0), False)
+    p.start("T5")
+    clock.now += 30.0
+    p.update("T5", 50)  # 110 iterations in 210 s
+    assert p.eta() == pytest.approx(50 * 210.0 / 110 + 20.0)
+    clock.now += 100.0
+    p.update("T5", 100)
+    clock.now += 5.0  # 5 s into T5's evaluation, which takes about 20
+    assert p.eta() == pytest.approx(15.0) and "ETA 0:15" in sweep_line(p)
+
+    p.finish("T5", ok=False)  # a failed cell leaves nothing for this session
+    assert p.eta() == 0.0 and "3/3 cells" in sweep_line(p)
+
+
+def test_eta_divides_by_the_cells_running_at_once():
+    from emactl.ablate.progress import CellState, SweepProgress
+
+    clock = FakeClock()
+    p = SweepProgress({n: CellState(100) for n in "abcd"}, clock, jobs=2)
+    p.start("a"), p.start("b")
+    clock.now += 100.0
+    p.update("a", 50), p.update("b", 50)  # each cell: 2 s per iteration
+    assert p.estimate() == (pytest.approx((300 * 2.0) / 2), True)
+
+
+def test_eval_only_sweep_counts_cells():
+    from emactl.ablate.progress import CellState, SweepProgress, sweep_line
+
+    clock = FakeClock()
+    p = SweepProgress({"a": CellState(0), "b": CellState(0), "c": CellState(0, skipped=True)}, clock)
+    assert p.by_cells and p.total() == 3 and p.done() == 1 and p.eta() is None
+    p.start("a")
+    clock.now += 10.0
+    p.finish("a")
+    assert p.eta() == pytest.approx(10.0) and " it " not in sweep_line(p) and "1:00" not in sweep_line(p)
+
+
+def test_cell_line_and_monitor_read_the_running_cells_metrics(tmp_path):
+    from emactl.ablate.progress import CellState, SweepMonitor, SweepProgress, cell_line, last_train_record
+
+    run = tmp_path / "cell"
+    run.mkdir()
+    lines = [{"kind": "train", "iter": i, "loss": 1.0 / i, "img_per_s": 8.0} for i in range(10, 2000, 10)]
+    lines.append({"kind": "val", "iter": 1990, "mIoU": 50.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "train", "it')
+    assert last_train_record(run)["iter"] == 1990
+    assert last_train_record(tmp_path / "missing") is None
+
+    p = SweepProgress({"cell": CellState(4000)}, FakeClock())
+    refreshed = []
+    monitor = SweepMonitor(p, {"cell": run}, lambda: refreshed.append(1))
+    monitor.poll()
+    assert p.cells["cell"].done == 0 and refreshed  # not running: not read
+    p.start("cell")
+    monitor.poll()
+    assert cell_line(p.cells["cell"]) == "it 1990/4000 · loss 0.0005 · 8.0 img/s"
+    p.update("cell", 4000)
+    assert cell_line(p.cells["cell"]) == "evaluating"
+
+
+def test_sweep_progress_starts_from_checkpoints_and_finished_cells(grid, recipe_file, tmp_path):
+    from emactl.ablate.axes import parse_axes
+    from emactl.ablate.sweep import plan_recipe, sweep_progress
+
+    sweep = plan_recipe(recipe_file, parse_axes(train_iters="1,2", eval_iters="1,2"), out=grid)
+    p = sweep_progress(sweep, FakeClock())
+    assert all(c.skipped for c in p.cells.values()) and p.eta() == 0.0
+    fresh = plan_recipe(recipe_file, parse_axes(train_iters="1,2", eval_iters="1,2"), out=tmp_path / "new")
+    p = sweep_progress(fresh, FakeClock())
+    assert p.total() == 4 and p.done() == 0 and not p.by_cells
+
+
+def test_pivot_headers_fit_100_columns():
+    from rich.console import Console
+
+    from emactl.ablate.report import pivot, short_headers
+    from emactl.tables import print_table
+
+    summary = pd.DataFrame([{"train_iters": 3, "eval_iters": t, "mIoU_mean": 80.0 + t, "mIoU_std": float("nan"),
+                             "n": 1} for t in range(1, 9)])
+    _, text = pivot(summary, ["train_iters"], ["eval_iters"])
+    shown, title = short_headers(text, "mIoU: train T (rows) × eval T (columns)")
+    assert list(shown.columns) == ["train_iters", *map(str, range(1, 9))] and title.endswith("eval T (columns)")
+    assert short_headers(text, "mIoU per train_iters")[1] == "mIoU per train_iters (columns: eval_iters)"
+    con = Console(width=100, record=True)
+    print_table(shown, title, con)
+    out = con.export_text()
+    assert "…" not in out and "continued" not in out and "88.00" in out
+    two = pd.DataFrame({"norm": ["l2"], "bases_update=x, grad=y": ["1"]})
+    assert short_headers(two, "t") == (two, "t")  # several axes per column: left as they are
+
+
+def test_sweep_names_are_readable_with_plain_overrides():
+    from emactl.ablate.sweep import default_sweep_dir
+
+    axes = parse_axes(iters="1,3,5", sets=["train.iters=60", "data.root=/data/x y"])
+    assert default_sweep_dir("shapes", axes, [0]) == Path("sweeps/shapes_iters-1-3-5_data.root-data-x-y_train.iters-60")
+    assert default_sweep_dir("shapes", parse_axes(iters="1,3,5"), [0]) == Path("sweeps/shapes_iters-1-3-5")

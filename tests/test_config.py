@@ -366,3 +366,20 @@ def test_bad_set_value_blames_the_set_item_not_the_file(tmp_path, override, need
     # a bad value in the file itself is still the file's
     with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: train.lr"):
         load_recipe(_write(tmp_path, "train: {lr: abc}\n"), ["train.iters=5"])
+
+
+def test_a_bad_set_key_is_blamed_on_set_and_a_bad_file_key_on_the_file(tmp_path):
+    from emactl.config import load_recipe
+    from emactl.errors import UserError
+
+    good = tmp_path / "good.yaml"
+    good.write_text("name: x\ntrain: {lr: 0.1}\n")
+    with pytest.raises(UserError, match=r"^--set train\.bogus=1: unknown key 'train\.bogus'"):
+        load_recipe(good, ["train.lr=0.2", "train.bogus=1"])
+    with pytest.raises(UserError, match=r"^--set model\.ema\.iters=abc: model\.ema\.iters: got 'abc'"):
+        load_recipe(good, ["model.ema.iters=abc"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: {bogus: 1}\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(bad))}: unknown key 'train\.bogus'"):
+        load_recipe(bad, ["train.lr=0.2"])
+    assert load_recipe(good, ["train.lr=0.3"]).train.lr == 0.3

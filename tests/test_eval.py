@@ -54,7 +54,7 @@ def one_line_error(code: int, err: str) -> str:
 def test_eval_run_dir_writes_and_prints_tables(run_dir, capsys):
     code, out, _ = cli(["eval", str(run_dir), "--device", "cpu", "--no-progress"], capsys)
     assert code == 0
-    eval_dir = run_dir / "eval"
+    eval_dir = run_dir / "eval" / "val_whole_s1_T3_it7"
     for name in ("summary.csv", "summary.md", "per_class.csv", "per_class.md", "confusion.csv", "recipe.yaml"):
         assert (eval_dir / name).is_file(), name
     assert "mIoU" in out and "per class" in out and "circle_warm" in out
@@ -103,9 +103,44 @@ def test_iters_reach_the_ema_units(run_dir):
 
 
 def test_checkpoint_in_run_dir_writes_to_run_eval(run_dir, capsys):
-    (run_dir / "eval" / "summary.csv").unlink(missing_ok=True)
-    code, _, _ = cli(["eval", str(checkpoint_path(run_dir, 7)), "--device", "cpu", "--no-progress"], capsys)
-    assert code == 0 and (run_dir / "eval" / "summary.csv").is_file()
+    setting = run_dir / "eval" / "val_whole_s1_T2_it7"
+    code, _, _ = cli(["eval", str(checkpoint_path(run_dir, 7)), "--iters", "2", "--device", "cpu", "--no-progress"],
+                     capsys)
+    assert code == 0 and (setting / "summary.csv").is_file()
+
+
+def test_each_setting_has_its_own_folder_and_training_tables_stay(tmp_path, capsys):
+    """A multi-scale eval after training writes eval/<setting>/ and leaves the training's eval/ alone;
+    both summaries have the same columns, and the confusion figures say which evaluation they show."""
+    from emactl.engine.evaluate import SUMMARY_COLUMNS
+    from emactl.engine.trainer import train
+
+    recipe = from_dict({**RECIPE, "out_dir": str(tmp_path), "name": "r",
+                        "train": {"iters": 2, "batch_size": 2, "ckpt_every": 2, "log_every": 1}})
+    train(recipe, progress=False)
+    run = tmp_path / "r"
+    trained = {p.name: p.read_bytes() for p in (run / "eval").iterdir() if p.is_file()}
+    assert {"summary.csv", "per_class.csv", "confusion.csv"} <= set(trained)
+
+    code, out, err = cli(["eval", str(run), "--scales", "0.75,1.0,1.25", "--flip", "--device", "cpu",
+                          "--no-progress"], capsys)
+    assert code == 0
+    setting = run / "eval" / "val_whole_s0.75-1-1.25_flip_T3_it2"
+    assert (setting / "summary.csv").is_file() and (setting / "confusion.csv").is_file()
+    assert {p.name: p.read_bytes() for p in (run / "eval").iterdir() if p.is_file()} == trained
+    assert str(setting) in err and "scales 0.75/1/1.25 + flip" in out
+
+    ours, theirs = pd.read_csv(run / "eval" / "summary.csv"), pd.read_csv(setting / "summary.csv")
+    assert list(ours.columns) == list(theirs.columns) == list(SUMMARY_COLUMNS)
+    assert ours["setting"][0] == "val_whole_s1_T3_it2" and theirs["setting"][0] == setting.name
+    assert ours["checkpoint"][0] == theirs["checkpoint"][0] == "checkpoints/iter_0000002.pt"  # the run can move
+
+    from emactl.visualize.confusion import _summary_note, draw_confusion, find_confusion
+
+    assert draw_confusion(run)[0].name == "confusion.png"
+    assert draw_confusion(run, setting=setting.name)[0].name == f"confusion_{setting.name}.png"
+    assert "single scale" in _summary_note(find_confusion(run)[0])
+    assert "scales 0.75/1/1.25 + flip" in _summary_note(find_confusion(run, setting.name)[0])
 
 
 @pytest.mark.parametrize(
@@ -259,3 +294,15 @@ def test_distributed_eval_counts_every_image_once(tmp_path):
     single = evaluate(nn.Conv2d(3, 3, 1), ListDataset(SIZES), EvalConfig(), 3, 255, "cpu", progress=False)
     for rank in range(world):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), single.confusion)
+
+
+def test_setting_names_tell_every_setting_apart():
+    from emactl.engine.evaluate import describe_setting, setting_name
+
+    whole = {"split": "val", "mode": "whole", "scales": [1.0], "flip": False, "em_iters": 3, "iteration": 10}
+    assert setting_name(whole) == "val_whole_s1_T3_it10"
+    slide = {**whole, "mode": "slide", "crop_size": 769, "stride": 513, "scales": [0.5, 1.75], "flip": True}
+    assert setting_name(slide) == "val_slide769x513_s0.5-1.75_flip_T3_it10"
+    assert setting_name({**whole, "em_iters": None, "split": "test"}) == "test_whole_s1_it10"
+    assert describe_setting({**slide, "scales": "0.5,1.75"}) == (
+        "sliding window, scales 0.5/1.75 + flip, T=3, iteration 10")

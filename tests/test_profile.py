@@ -297,6 +297,20 @@ def test_published_check_reproduces_the_paper():
     deep = df[df["method"].str.contains("deep")]
     assert deep["GMACs / published"].iloc[0] == pytest.approx(1.0, abs=0.02)
 
+    from rich.console import Console
+
+    from emactl.tables import header, print_table
+
+    con = Console(width=100, record=True, log_path=False)
+    print_table(df, "published", con)
+    shown = con.export_text()
+    assert "…" not in shown and max(len(line) for line in shown.splitlines()) <= 100
+    assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in shown.splitlines() if line[:1] in "┏┃┡│└")  # not cropped
+    for column in df.columns:  # headers wrap at spaces at most, never cut
+        assert all(word in shown for word in header(column).split()), column
+    for method in df["method"]:
+        assert all(word in shown for word in str(method).split()), method
+
 
 # ---------------------------------------------------------------------------------------------
 # The command line

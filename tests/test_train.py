@@ -355,8 +355,29 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.Capture
                      "--set", "model.head_channels=32"], capsys)
     assert code == 2 and err.count("\n") == 1 and "cannot change model.head_channels (16 -> 32)" in err
 
-    code, err = cli(["train", str(recipe), "--iters", "0"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "train.iters" in err
+    code, err = cli(["train", str(recipe), "--steps", "0"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--steps" in err
+
+
+def test_steps_sets_the_training_length_and_iters_is_its_deprecated_spelling(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = write_recipe_file(tmp_path, "train.iters=5", "train.ckpt_every=1")
+    code, err = cli(["train", str(recipe), "--no-progress", "--name", "new", "--steps", "1"], capsys)
+    assert code == 0 and "deprecated" not in err
+    assert latest_checkpoint(tmp_path / "runs" / "new").name == "iter_0000001.pt"
+
+    code, err = cli(["train", str(recipe), "--no-progress", "--name", "old", "--iters", "2"], capsys)
+    assert code == 0
+    warning = [line for line in err.splitlines() if "deprecated" in line]
+    assert len(warning) == 1 and "--steps" in warning[0]
+    assert latest_checkpoint(tmp_path / "runs" / "old").name == "iter_0000002.pt"
+
+    assert err.strip().splitlines()[-1].startswith("total time ")
+
+    code, err = cli(["train", str(recipe), "--iters", "2", "--steps", "2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--steps" in err
+    code, err = cli(["train", str(recipe), "--threads", "0"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--threads" in err
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,3 +754,13 @@ def test_corrupt_newest_checkpoint_falls_back_on_resume(tmp_path: Path, capsys: 
     assert "renamed iter_0000005.pt to *.corrupt" in err
     assert newest.with_name(newest.name + ".corrupt").exists()
     assert ckpt(newest)["iteration"] == 5
+
+
+def test_train_eta_uses_the_mean_step_time_of_this_session() -> None:
+    from emactl.progress import hms, mean_rate_eta
+
+    assert mean_rate_eta(1000, 0, 0, 5.0) is None  # nothing measured yet: no guess
+    assert mean_rate_eta(1000, 100, 0, 60.0) == pytest.approx(540.0)
+    assert mean_rate_eta(1000, 600, 500, 60.0) == pytest.approx(240.0)  # resumed at 500: 100 steps in 60 s
+    assert mean_rate_eta(1000, 1000, 0, 60.0) == 0.0
+    assert (hms(None), hms(59.6), hms(3725)) == ("-:--", "1:00", "1:02:05")

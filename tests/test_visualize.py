@@ -108,8 +108,18 @@ def test_recon(run: Path, capsys: pytest.CaptureFixture) -> None:
     check_png(paths[0], recon.FIGSIZE)
 
 
-def test_predictions(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_predictions(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    legends: list[bool] = []
+    real = predictions.class_legend
+
+    def spy(*args, ignore: bool = False, **kwargs):
+        legends.append(ignore)
+        return real(*args, ignore=ignore, **kwargs)
+
+    monkeypatch.setattr(predictions, "class_legend", spy)
     paths = cli(capsys, "predictions", str(run), "-n", "1", "--out", str(tmp_path))
+    assert legends == [True]  # shapes labels object borders 255: the legend has "ignored"
     assert [p.name for p in paths] == ["predictions_val_000000.png"]
     check_png(paths[0], predictions.figure_size(has_label=True))
     image = write_image(tmp_path, "photo.png")
@@ -160,6 +170,37 @@ def test_curves_skip_json_lines_that_are_not_records(tmp_path: Path, capsys: pyt
     (run_dir / "metrics.jsonl").write_text("[1, 2]\n3\nnull\n\"x\"\n" + text.rsplit("\n", 1)[0] + "\n")
     paths = cli(capsys, "curves", str(run_dir), "--out", str(tmp_path / "out"))
     check_png(paths[0], curves.figure_size(has_val=False))
+
+
+def test_curves_without_mid_run_validation_skip_the_val_panel() -> None:
+    lines = [{"kind": "train", "iter": i, "loss": 1.0, "lr": 0.01} for i in range(10, 101, 10)]
+    lines.append({"kind": "val", "iter": 100, "mIoU": 84.29})
+    fig = curves.curves_figure(lines, "t")
+    assert len(fig.axes) == 2
+    assert "val mIoU 84.29 % at the end" in fig._suptitle.get_text().replace("\n", " ")
+
+
+def test_recon_says_which_values_it_does_not_draw(run: Path) -> None:
+    from emactl.visualize.samples import forward_record, load_images, load_run, require_ema
+
+    loaded, dev, _ = load_run(run, [], "cpu")
+    images = load_images(loaded.recipe, None, None, 1)
+    rec = forward_record(loaded, require_ema(loaded, "recon"), images.samples[0].image, dev)
+    fig = recon.recon_figure(images.samples[0].image, rec, "t")
+    assert "below 1e-07 not drawn" in fig.axes[-1].get_ylabel()
+
+
+def test_ablation_line_spans_the_seed_spread_and_joins_the_diagonal(tmp_path: Path) -> None:
+    rows = [{"train_iters": t, "eval_iters": t, "seed": seed, "mIoU": 80.0 + 0.01 * t + (3.0 if seed else -3.0)}
+            for t in (1, 3, 5) for seed in (0, 1)]
+    df = pd.DataFrame(rows)
+    assert ablation.diagonal(df) and not ablation.diagonal(df.assign(eval_iters=1))
+    fig = ablation.eval_iters_figure(df.drop(columns=["train_iters"]), ["eval_iters"], "t")
+    lo, hi = fig.axes[0].get_ylim()
+    assert hi - lo >= 4 * df.groupby("eval_iters")["mIoU"].std().max() - 1e-9
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    fig_path = ablation.draw_ablation(tmp_path)[0]
+    assert fig_path == tmp_path / "figures" / "ablation_eval_iters.png"
 
 
 def test_ablation(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -215,6 +256,22 @@ def test_top_bases_by_spatial_variance() -> None:
     assert bases.choose_bases(resp, None, 2) == [3, 1]
     assert bases.choose_bases(resp, [4, 0], 2) == [4, 0]
     assert bases.choose_bases(resp, None, 99) == bases.choose_bases(resp, None, 5)
+
+
+def test_top_bases_mark_the_predicted_classes_before_variance() -> None:
+    resp = torch.full((4, 4, 5), 0.1)
+    resp[:, :, 0] = torch.linspace(0.0, 0.9, 16).reshape(4, 4)  # the largest variance, no class
+    resp[1:3, 1:3, 2] = 0.6  # basis 2 lights up on the object
+    resp[:, :, 4] = 0.5
+    resp[1:3, 1:3, 4] = 0.3  # basis 4: the background, a little higher outside the object
+    pred = np.zeros((8, 8), dtype=np.int64)
+    pred[2:6, 2:6] = 3  # class 3 on the centre: 16 of 64 image pixels, 4 of 16 feature cells
+    assert bases.classes_at(pred, (4, 4))[1:3, 1:3].eq(3).all()
+    assert bases.choose_bases(resp, None, 3, pred) == [2, 4]  # the object's strong basis first; no flat filler
+    assert bases.choose_bases(resp, None, 1, pred) == [2]
+    assert bases.choose_bases(resp, None, 2, np.zeros((8, 8), dtype=np.int64)) == [0, 2]  # one class: variance
+    resp[1:3, 1:3, 2] = 0.15  # 0.05 above the outside: does not mark the object
+    assert bases.choose_bases(resp, None, 3, pred) == [4]
 
 
 def test_shared_pca_scales_both_maps_alike() -> None:

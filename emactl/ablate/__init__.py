@@ -48,6 +48,8 @@ def run_ablation(
     tables and figures are rebuilt from the cell directories at the end, also after failures
     or an interruption.
     """
+    from ..tables import describe_paths
+    from ..progress import hms
     from .sweep import console
 
     sweep = plan_from(source, axes, seeds, out) if source is not None else plan_recipe(recipe, axes, seeds, out)
@@ -58,5 +60,5 @@ def run_ablation(
             console.print(note)
         outcome = run_sweep(sweep, jobs=jobs, device=device, progress=progress, threads=threads)
         results, paths = write_report(sweep, show=show)
-    console.print(f"wrote {sweep.dir}/results.{{csv,md}} and {len(paths) - 2} more file(s) in {outcome.seconds:.0f} s")
+    console.print(f"wrote {describe_paths(paths)} in {hms(outcome.seconds)}", markup=False)
     return AblationResult(sweep.dir, results, paths, outcome)

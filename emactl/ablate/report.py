@@ -9,8 +9,9 @@
   ``pivot_iters`` (train T rows × eval T columns), ``pivot_update_norm`` (bases update rows ×
   normalisation columns), and ``pivot_<axis>`` for every other swept axis. Axes that vary
   besides a pivot's own two are added as extra row keys, never averaged away.
-* ``miou_vs_eval_iters.png``: mIoU against eval T, one line per train T (one line when
-  ``--iters`` ties them); ``miou_<axis>.png``: a bar chart per value of every other swept axis.
+* ``figures/ablation_eval_iters.png``: mIoU against eval T, one line per train T (one line when
+  ``--iters`` ties them); ``figures/ablation_<axis>.png``: a bar chart per value of every other
+  swept axis. ``emactl visualize ablation`` draws the same files (:mod:`emactl.visualize.ablation`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import write_text
-from ..tables import print_table
+from ..tables import markdown, print_table, save_table
 from .sweep import CELLS_DIR, ERROR_FILE, TRAIN_FILE, Sweep, eval_file, read_json
 
 METRICS = ("mIoU", "aAcc", "mAcc", "fwIoU")
@@ -33,12 +34,6 @@ RESULT_COLUMNS = METRICS + ("train_time_s", "eval_time_s", "params")
 def file_stem(axis: str) -> str:
     """A file-name-safe form of an axis name: ``train.lr`` → ``train.lr``, ``a/b`` → ``a_b``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", axis).strip("._") or "axis"
-
-
-def _markdown(df: pd.DataFrame, **kwargs: Any) -> str:
-    """Markdown with missing values shown as ``–`` instead of ``nan``."""
-    shown = df.astype(object).where(df.notna(), None)
-    return shown.to_markdown(index=False, missingval="–", **kwargs) + "\n"
 
 
 def _for_screen(df: pd.DataFrame) -> pd.DataFrame:
@@ -213,50 +208,33 @@ def pivots(sweep: Sweep, summary: pd.DataFrame) -> dict[str, tuple[pd.DataFrame,
 def _save_pair(numeric: pd.DataFrame, text: pd.DataFrame, stem: Path) -> list[Path]:
     return [
         write_text(stem.with_suffix(".csv"), numeric.to_csv(index=False)),
-        write_text(stem.with_suffix(".md"), _markdown(text)),
+        write_text(stem.with_suffix(".md"), markdown(text)),
     ]
 
 
-def _save_table(df: pd.DataFrame, stem: Path) -> list[Path]:
-    return [
-        write_text(stem.with_suffix(".csv"), df.to_csv(index=False)),
-        write_text(stem.with_suffix(".md"), _markdown(df, floatfmt=".4g")),
-    ]
+def plots(sweep: Sweep) -> list[Path]:
+    """The sweep's figures, drawn as ``emactl visualize ablation SWEEP`` draws them, into
+    ``<sweep>/figures/``: one figure, one place."""
+    from ..errors import UserError
+    from ..visualize.ablation import draw_ablation
 
-
-def plots(sweep: Sweep, df: pd.DataFrame) -> list[Path]:
-    """``miou_vs_eval_iters.png`` when eval T is swept, else a bar chart per swept axis."""
-    from ..visualize.ablation import axis_figure, eval_iters_figure
-    from ..visualize.common import save
-
-    ok = df[df["mIoU"].notna()].copy()
-    if ok.empty:
+    try:
+        return draw_ablation(sweep.dir)
+    except UserError:  # nothing to compare (one value per axis, or no finished cell)
         return []
-    for column in ok.columns:
-        if str(ok[column].dtype) == "Int64":
-            ok[column] = ok[column].astype("float64")
-    axes = list(sweep.columns)
-    moving = [a for a in axes if len({_key(v) for v in ok[a]}) > 1]
-    title = sweep.dir.name
-    written = []
-    bar_axes = [a for a in sweep.axes.values if a != "eval_iters"]
-    if "eval_iters" in axes and ok["eval_iters"].notna().any():
-        part = ok[ok["eval_iters"].notna()]
-        shown = [a for a in moving if a not in ("train_iters", "eval_iters")]
-        if sweep.axes.iter_mode == "diagonal":
-            part = part.drop(columns=["train_iters"])
-            fig_title = f"{title} (train T = eval T)"
-        else:
-            fig_title = title
-        fig = eval_iters_figure(part, ["train_iters", "eval_iters", *shown], fig_title)
-        written.append(save(fig, sweep.dir / "miou_vs_eval_iters.png"))
-        bar_axes = [a for a in bar_axes if a != "train_iters"]
-    for axis in bar_axes:
-        if len({_key(v) for v in ok[axis]}) < 2:
-            continue
-        fig = axis_figure(ok, axis, moving, title)
-        written.append(save(fig, sweep.dir / f"miou_{file_stem(axis)}.png"))
-    return written
+
+
+def short_headers(text: pd.DataFrame, title: str) -> tuple[pd.DataFrame, str]:
+    """``eval_iters=1 … eval_iters=8`` as ``1 … 8`` when every value column names the same
+    single axis, so that a pivot fits the terminal; the title names that axis unless it says
+    what the columns are already."""
+    values = [c for c in text.columns if "=" in str(c)]
+    axes = {str(c).split("=", 1)[0] for c in values}
+    if not values or len(axes) != 1 or any("," in str(c) for c in values):
+        return text, title
+    axis = axes.pop()
+    renamed = text.rename(columns={c: str(c).split("=", 1)[1] for c in values})
+    return renamed, title if "(columns)" in title else f"{title} (columns: {axis})"
 
 
 def write_report(sweep: Sweep, show: bool = True) -> tuple[pd.DataFrame, list[Path]]:
@@ -265,21 +243,22 @@ def write_report(sweep: Sweep, show: bool = True) -> tuple[pd.DataFrame, list[Pa
     Returns the tidy results and the paths written.
     """
     df = collect(sweep)
-    paths = _save_table(df, sweep.dir / "results")
+    paths = save_table(df, sweep.dir / "results")
     if df.empty or df["mIoU"].notna().sum() == 0:
         return df, paths
     axes = list(sweep.columns)
     summary = summarize(df, axes)
-    paths += _save_table(summary, sweep.dir / "summary")
+    paths += save_table(summary, sweep.dir / "summary")
     tables = pivots(sweep, summary)
     for stem, (numeric, text, _title) in tables.items():
         paths += _save_pair(numeric, text, sweep.dir / stem)
-    paths += plots(sweep, df)
+    paths += plots(sweep)
     if show:
         shown = [c for c in df.columns if c not in ("fwIoU", "cell", "error")]
         print_table(_for_screen(df[shown]), title=f"{sweep.dir.name}: results")
         if int(summary["n"].max()) > 1:
             print_table(_for_screen(summary), title="mean ± std over seeds")
         for _stem, (_numeric, text, title) in tables.items():
-            print_table(text, title=title)
+            shown_text, shown_title = short_headers(text, title)
+            print_table(shown_text, title=shown_title)
     return df, paths

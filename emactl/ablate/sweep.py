@@ -40,13 +40,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 
-from ..config import apply_overrides, from_dict, read_yaml, to_dict
+from ..config import apply_overrides, from_dict, read_yaml, to_dict, with_overrides
 from ..engine.rundir import code_version
 from ..errors import UserError
 from ..io import LOCK_FILE, folder_lock, write_json
 from .axes import AXES, Axes, Cell, cell_label, expand, safe_label, table_columns
+from ..progress import hms
+from .progress import CellState, SweepMonitor, SweepProgress, cell_line, sweep_line
 
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"
@@ -119,8 +121,9 @@ def _slug(axes: Axes, seeds: Sequence[int]) -> str:
         parts.append(f"{name.rsplit('.', 1)[-1]}-{'-'.join(labels)}")
     if len(seeds) > 1:
         parts.append(f"seeds{len(seeds)}")
-    if axes.overrides:
-        parts.append("set-" + hashlib.sha1("\n".join(sorted(axes.overrides)).encode()).hexdigest()[:6])
+    for override in sorted(axes.overrides):  # plain --set KEY=V: readable, e.g. train.iters-60
+        key, _, value = override.partition("=")
+        parts.append(f"{safe_label(key.strip())}-{safe_label(value.strip())}")
     return "_".join(parts)
 
 
@@ -129,7 +132,8 @@ def _value_text(v: Any) -> str:
 
 
 def default_sweep_dir(stem: str, axes: Axes, seeds: Sequence[int]) -> Path:
-    """``sweeps/<recipe or run name>_<axis>-<values>...`` (long names are cut and hashed)."""
+    """``sweeps/<recipe or run name>_<axis>-<values>..._<key>-<value>`` for each plain ``--set``
+    (names over 120 characters are cut and end with a hash)."""
     name = f"{stem}_{_slug(axes, seeds)}".strip("_")
     if len(name) > 120:
         name = f"{name[:100]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
@@ -148,8 +152,7 @@ def plan_recipe(recipe: Path | None, axes: Axes, seeds: int = 1, out: Path | Non
     data = read_yaml(path)
     if not isinstance(data, dict):
         from_dict(data, source=str(path))
-    base = apply_overrides(data, axes.overrides)
-    resolved = from_dict(base, source=str(path))
+    resolved = with_overrides(data, axes.overrides, str(path))
     if not axes.values and seeds <= 1:
         raise UserError("nothing to sweep: give at least one axis, e.g. --iters 1,3,5 (see emactl ablate --help)")
     seed_list = _seeds(resolved.train.seed, seeds)
@@ -595,19 +598,38 @@ class SweepOutcome:
 
 
 def _progress(enabled: bool) -> Progress:
+    """One line for the sweep (bar over training iterations, ETA) and one per running cell."""
     return Progress(
-        TextColumn("[bold]cells"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=24),
+        TextColumn("{task.fields[detail]}"),
         console=Console(file=sys.stderr, soft_wrap=True),
         disable=not enabled,
         redirect_stdout=False,
         redirect_stderr=False,
     )
+
+
+def _iterations_done(sweep: Sweep, cell: Cell) -> int:
+    """Training iterations a cell has behind it: all when trained, else its newest checkpoint's."""
+    from ..engine.checkpoint import latest_checkpoint
+
+    d = sweep.cell_dir(cell)
+    if cell.source is not None or (d / TRAIN_FILE).is_file():
+        return _train_total(cell)
+    ckpt = latest_checkpoint(d)
+    return int(ckpt.stem.split("_")[-1]) if ckpt is not None else 0
+
+
+def _train_total(cell: Cell) -> int:
+    return 0 if cell.source is not None else int(cell.recipe.get("train", {}).get("iters") or 0)
+
+
+def sweep_progress(sweep: Sweep, jobs: int = 1, clock: Callable[[], float] = time.monotonic) -> SweepProgress:
+    """The progress and ETA bookkeeping of a sweep about to run (see :mod:`.progress`)."""
+    cells = {c.name: CellState(_train_total(c), start=_iterations_done(sweep, c), skipped=sweep.finished(c))
+             for c in sweep.cells}
+    return SweepProgress(cells, clock, jobs)
 
 
 def run_sweep(
@@ -644,33 +666,47 @@ def run_sweep(
     failed: dict[str, str] = {}
     stopped: int | None = None
     tasks = [_task(sweep, c, device) for c in pending]
-    running: list[str] = []
+    state = sweep_progress(sweep, jobs)
     bar = _progress(progress)
-    with bar, _sigterm_raises():
-        task_id = bar.add_task("cells", total=len(sweep.cells), completed=len(skipped), status="")
+    cell_bars: dict[str, Any] = {}
+    sweep_bar = bar.add_task("sweep", total=max(1, state.total()), completed=state.done(), detail="")
+
+    def refresh() -> None:
+        with monitor.lock:
+            bar.update(sweep_bar, total=max(1, state.total()), completed=state.done(), detail=sweep_line(state))
+            for name, task_id in cell_bars.items():
+                cell = state.cells[name]
+                bar.update(task_id, total=max(1, cell.total), completed=cell.done, detail=cell_line(cell))
+
+    monitor = SweepMonitor(state, {c.name: sweep.cell_dir(c) for c in sweep.cells}, refresh)
+    with bar, monitor, _sigterm_raises():
 
         def on_start(task: CellTask) -> None:
-            running.append(task.name)
-            bar.update(task_id, status=f"running {', '.join(running)}")
+            with monitor.lock:
+                state.start(task.name)
+                cell = state.cells[task.name]
+                cell_bars[task.name] = bar.add_task(f"  {task.name}", total=max(1, cell.total),
+                                                    completed=cell.done, detail=cell_line(cell))
+            refresh()
 
         def on_done(outcome: CellOutcome) -> None:
             nonlocal stopped
-            if outcome.name in running:
-                running.remove(outcome.name)
+            with monitor.lock:
+                state.finish(outcome.name, ok=outcome.status == "done")
+                if outcome.name in cell_bars:
+                    bar.remove_task(cell_bars.pop(outcome.name))
             log = Path(sweep.dir) / CELLS_DIR / outcome.name / LOG_FILE
             if outcome.status == "done":
                 done.append(outcome.name)
-                bar.advance(task_id)
-                bar.console.print(f"done {outcome.name} ({outcome.seconds:.0f} s)")
+                bar.console.print(f"done {outcome.name} ({hms(outcome.seconds)})")
             elif outcome.status == "failed":
                 failed[outcome.name] = outcome.error or "failed"
-                bar.advance(task_id)
                 bar.console.print(f"[red]failed[/] {outcome.name}: {outcome.error} (log: {log})")
             else:
                 stopped = stopped or outcome.signum
                 bar.console.print(f"stopped {outcome.name} by {signal.Signals(outcome.signum or 2).name}; "
                                   "run the same command again to resume")
-            bar.update(task_id, status=f"running {', '.join(running)}" if running else "")
+            refresh()
 
         if jobs == 1:
             import torch

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from ..errors import UserError
+from ..options import device_option, out_option, progress_option, set_option, threads_option
 
 LIST = "Comma-separated list, e.g. "
 HELP = {
@@ -26,31 +27,35 @@ HELP = {
     "out": "Sweep directory (default: sweeps/<name from the axes>).",
     "jobs": "Cells trained at once, in worker processes (the CPU cores are split between them).",
     "threads": "Torch threads per cell (default and maximum: cores // jobs).",
-    "device": "auto, cpu or cuda (overrides train.device).",
 }
+
+
+def _axis(option: str, key: str) -> Any:
+    return typer.Option(None, option, help=HELP[key], metavar="LIST", show_default=False)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("ablate")
     def ablate_command(
-        iters: Optional[str] = typer.Option(None, "--iters", help=HELP["iters"]),
-        train_iters: Optional[str] = typer.Option(None, "--train-iters", help=HELP["train_iters"]),
-        eval_iters: Optional[str] = typer.Option(None, "--eval-iters", help=HELP["eval_iters"]),
-        bases_update: Optional[str] = typer.Option(None, "--bases-update", help=HELP["bases_update"]),
-        norm: Optional[str] = typer.Option(None, "--norm", help=HELP["norm"]),
-        grad: Optional[str] = typer.Option(None, "--grad", help=HELP["grad"]),
-        heads: Optional[str] = typer.Option(None, "--heads", help=HELP["heads"]),
-        bases: Optional[str] = typer.Option(None, "--bases", help=HELP["bases"]),
-        momentum: Optional[str] = typer.Option(None, "--momentum", help=HELP["momentum"]),
-        set_: list[str] = typer.Option([], "--set", help=HELP["set"]),
-        recipe: Optional[Path] = typer.Option(None, "--recipe", help=HELP["recipe"]),
-        source: Optional[Path] = typer.Option(None, "--from", help=HELP["from"]),
-        seeds: int = typer.Option(1, "--seeds", help=HELP["seeds"]),
-        out: Optional[Path] = typer.Option(None, "--out", help=HELP["out"]),
-        jobs: int = typer.Option(1, "--jobs", "-j", help=HELP["jobs"]),
-        threads: Optional[int] = typer.Option(None, "--threads", help=HELP["threads"]),
-        device: Optional[str] = typer.Option(None, "--device", help=HELP["device"]),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+        iters: Optional[str] = _axis("--iters", "iters"),
+        train_iters: Optional[str] = _axis("--train-iters", "train_iters"),
+        eval_iters: Optional[str] = _axis("--eval-iters", "eval_iters"),
+        bases_update: Optional[str] = _axis("--bases-update", "bases_update"),
+        norm: Optional[str] = _axis("--norm", "norm"),
+        grad: Optional[str] = _axis("--grad", "grad"),
+        heads: Optional[str] = _axis("--heads", "heads"),
+        bases: Optional[str] = _axis("--bases", "bases"),
+        momentum: Optional[str] = _axis("--momentum", "momentum"),
+        set_: list[str] = set_option(HELP["set"]),
+        recipe: Optional[Path] = typer.Option(None, "--recipe", help=HELP["recipe"], metavar="RECIPE",
+                                              show_default=False),
+        source: Optional[Path] = typer.Option(None, "--from", help=HELP["from"], metavar="RUN", show_default=False),
+        seeds: int = typer.Option(1, "--seeds", help=HELP["seeds"], metavar="N"),
+        out: Optional[Path] = out_option(HELP["out"]),
+        jobs: int = typer.Option(1, "--jobs", "-j", help=HELP["jobs"], metavar="N"),
+        threads: Optional[int] = threads_option(HELP["threads"]),
+        device: Optional[str] = device_option(None, "the recipe's train.device"),
+        progress: bool = progress_option(),
     ) -> None:
         """Train and evaluate one run per cell of the axes' grid; write tidy tables, pivots and a plot.
 

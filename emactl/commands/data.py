@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from ..options import out_option, set_option
+
 data_app = typer.Typer(help="Prepare and check datasets.", no_args_is_help=True)
 prepare_app = typer.Typer(help="Convert downloaded datasets into the layouts emactl reads.",
                           no_args_is_help=True)
@@ -14,8 +16,8 @@ data_app.add_typer(prepare_app, name="prepare")
 
 @prepare_app.command("voc-aug")
 def prepare_voc_aug(
-    sbd: Path = typer.Option(..., "--sbd", help="SBD benchmark_RELEASE (or its dataset/ dir)."),
-    voc: Path = typer.Option(..., "--voc", help="VOCdevkit, VOC2012, or the dir holding them."),
+    sbd: Path = typer.Option(..., "--sbd", metavar="DIR", show_default=False, help="SBD benchmark_RELEASE (or its dataset/ dir)."),
+    voc: Path = typer.Option(..., "--voc", metavar="DIR", show_default=False, help="VOCdevkit, VOC2012, or the dir holding them."),
     force: bool = typer.Option(False, "--force", help="Rewrite labels that already exist."),
 ) -> None:
     """Build SegmentationClassAug/ and trainaug.txt (10,582 images) from SBD."""
@@ -96,11 +98,11 @@ def prepare_cocostuff(
 
 @data_app.command("check")
 def check(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a key: --set data.root=/data"),
-    split: list[str] = typer.Option([], "--split", help="Split to check (repeatable; default: "
+    recipe: Path = typer.Argument(..., help="Recipe YAML file.", metavar="RECIPE", show_default=False),
+    overrides: list[str] = set_option("Override a recipe key, e.g. data.root=/data (repeatable)."),
+    split: list[str] = typer.Option([], "--split", metavar="SPLIT", show_default=False, help="Split to check (repeatable; default: "
                                     "the recipe's train and val splits)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write CSV + Markdown tables here."),
+    out: Optional[Path] = out_option("Write CSV + Markdown tables here."),
 ) -> None:
     """Count images and labels, histogram the classes, list every bad or missing file.
 

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
+from ..options import device_option, out_option, progress_option, run_argument, set_option
 
 MODES = ("whole", "slide")
 
@@ -39,15 +40,18 @@ def eval_overrides(mode: str | None, scales: str | None, flip: bool | None) -> l
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_command(
-        run: Path = typer.Argument(..., help="Run directory (uses its newest checkpoint) or checkpoint file."),
-        iters: Optional[int] = typer.Option(None, "--iters", help="EM iterations of the EMA unit at test time."),
-        set_: list[str] = typer.Option([], "--set", help="Override a stored recipe key, e.g. eval.batch_size=4."),
-        mode: Optional[str] = typer.Option(None, "--mode", help="Inference mode: whole or slide."),
-        scales: Optional[str] = typer.Option(None, "--scales", help="Test scales, e.g. 0.75,1.0,1.25."),
+        run: Path = run_argument(),
+        iters: Optional[int] = typer.Option(None, "--iters", help="EM iterations T of the EMA unit at test time.",
+                                            metavar="T", show_default=False),
+        set_: list[str] = set_option("Override a stored recipe key, e.g. eval.batch_size=4 (repeatable)."),
+        mode: Optional[str] = typer.Option(None, "--mode", help="Inference mode: whole or slide.", metavar="MODE",
+                                           show_default=False),
+        scales: Optional[str] = typer.Option(None, "--scales", help="Test scales, e.g. 0.75,1.0,1.25.",
+                                             metavar="S,S,...", show_default=False),
         flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Add horizontally flipped views."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN_DIR/eval)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        out: Optional[Path] = out_option("Output folder (default: RUN/eval/<setting>, one per evaluation setting)."),
+        device: str = device_option(),
+        progress: bool = progress_option(),
     ) -> None:
         """Evaluate on the validation split: aAcc, mAcc, mIoU, fwIoU and per-class IoU tables."""
         from ..engine.evaluate import evaluate_run

@@ -5,18 +5,22 @@ from pathlib import Path
 
 import typer
 
+from ..options import device_option, progress_option, run_argument, set_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_command(
-        run: Path = typer.Argument(..., help="Run directory (uses its newest checkpoint) or checkpoint file."),
-        images: Path = typer.Argument(..., help="An image file or a folder of images."),
-        out: Path = typer.Option(..., "--out", help="Output folder for the masks."),
+        run: Path = run_argument(),
+        images: Path = typer.Argument(..., help="An image file or a folder of images.", metavar="IMAGES",
+                                      show_default=False),
+        out: Path = typer.Option(..., "--out", help="Output folder for the masks.", metavar="DIR", show_default=False),
         overlay: bool = typer.Option(False, "--overlay", help="Also write image/colour overlays."),
-        alpha: float = typer.Option(0.5, "--alpha", help="Overlay opacity of the class colours, in [0, 1]."),
-        set_: list[str] = typer.Option([], "--set", help="Override a stored recipe key, e.g. eval.flip=true."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        alpha: float = typer.Option(0.5, "--alpha", help="Overlay opacity of the class colours, in [0, 1].",
+                                    metavar="A"),
+        set_: list[str] = set_option("Override a stored recipe key, e.g. eval.flip=true (repeatable)."),
+        device: str = device_option(),
+        progress: bool = progress_option(),
     ) -> None:
         """Segment images with a trained run; masks use the stored recipe's eval settings."""
         from ..io import ensure_dir

@@ -6,33 +6,36 @@ from typing import Optional
 
 import typer
 
+from ..options import device_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("profile")
     def profile(
-        device: str = typer.Option("auto", help="cpu, cuda (or cuda:N), or auto: cuda when available."),
-        dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16 (fp16 needs cuda); bf16/fp16 run under autocast."),
-        out: Path = typer.Option(Path("profile_out"), help="Directory for the CSV/Markdown/JSON tables, notes.md and env.json."),
+        device: str = device_option(),
+        dtype: str = typer.Option("fp32", metavar="DTYPE", help="fp32, bf16 or fp16 (fp16 needs cuda); bf16/fp16 run under autocast."),
+        out: Path = typer.Option(Path("profile_out"), metavar="DIR", help="Directory for the CSV/Markdown/JSON tables, notes.md and env.json."),
         sections: str = typer.Option(
             "heads,networks,scaling,published,ema,unit,train",
+            metavar="LIST",
             help="Comma-separated sections to run, in order. unit: the whole EMA unit against the public code's, "
             "eval and training, at 1 and all threads. train: EMANet's training step in fp32 eager against "
             "bf16 autocast + channels_last (and torch.compile with --compile), and against DeepLabV3.",
         ),
-        channels: int = typer.Option(512, help="Channels C of the context modules (and of EMANet's head)."),
-        size: Optional[int] = typer.Option(None, help="Feature size H=W of heads (default 33) and ema (default 65)."),
-        bases: int = typer.Option(64, help="EM bases K."),
-        iters: int = typer.Option(3, help="EM iterations T."),
-        batch: Optional[int] = typer.Option(None, help="Batch size (defaults: heads 2, networks 2, train 2, scaling 1, ema 4)."),
-        backbone: str = typer.Option("resnet50", help="Backbone of the networks and train sections: resnet50 or resnet101."),
-        crop: int = typer.Option(97, help="Input crop (H=W) of the networks and train sections."),
-        sizes: str = typer.Option("33,49,65,81", help="Feature sizes H=W swept by the scaling section."),
+        channels: int = typer.Option(512, metavar="C", help="Channels C of the context modules (and of EMANet's head)."),
+        size: Optional[int] = typer.Option(None, metavar="N", show_default=False, help="Feature size H=W of heads (default 33) and ema (default 65)."),
+        bases: int = typer.Option(64, metavar="K", help="EM bases K."),
+        iters: int = typer.Option(3, metavar="T", help="EM iterations T."),
+        batch: Optional[int] = typer.Option(None, metavar="N", show_default=False, help="Batch size (defaults: heads 2, networks 2, train 2, scaling 1, ema 4)."),
+        backbone: str = typer.Option("resnet50", metavar="NAME", help="Backbone of the networks and train sections: resnet50 or resnet101."),
+        crop: int = typer.Option(97, metavar="PX", help="Input crop (H=W) of the networks and train sections."),
+        sizes: str = typer.Option("33,49,65,81", metavar="LIST", help="Feature sizes H=W swept by the scaling section."),
         heads: Optional[str] = typer.Option(
-            None, help="Context modules for heads/scaling (default: all six / ema,nonlocal,a2,conv3x3)."
+            None, metavar="LIST", show_default=False, help="Context modules for heads/scaling (default: all six / ema,nonlocal,a2,conv3x3)."
         ),
-        repeats: int = typer.Option(3, help="Timed rounds per measurement, after one warm-up call."),
+        repeats: int = typer.Option(3, metavar="N", help="Timed rounds per measurement, after one warm-up call."),
         threads: Optional[int] = typer.Option(
-            None, help="Torch CPU threads (default 1 on the CPU, steady on a shared machine; torch's choice on cuda)."
+            None, metavar="N", show_default=False, help="Torch CPU threads (default 1 on the CPU, steady on a shared machine; torch's choice on cuda)."
         ),
         published_memory: bool = typer.Option(
             False, help="Also measure inference memory at 513x513 with ResNet-101 (slow on a CPU)."
@@ -44,7 +47,7 @@ def register(app: typer.Typer) -> None:
             "minutes on a CPU).",
         ),
         compile_timeout: float = typer.Option(
-            300.0, help="Seconds allowed for torch.compile's compilation; past it the compiled variant is skipped."
+            300.0, metavar="SECONDS", help="Seconds allowed for torch.compile's compilation; past it the compiled variant is skipped."
         ),
     ) -> None:
         """Measure params, MACs/FLOPs, memory, latency and throughput of EMA and the alternatives."""
@@ -76,7 +79,7 @@ def register(app: typer.Typer) -> None:
         )
         validate(settings)
         ensure_dir(out, "--out")  # before minutes of measuring, not after
-        console = Console()
+        console = Console(log_path=False)  # progress lines say what runs, not where in emactl
         if not console.is_terminal:  # logs and pipes: keep wide tables whole
-            console = Console(width=220)
+            console = Console(width=220, log_path=False)
         run_profile(settings, console)

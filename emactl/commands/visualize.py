@@ -7,21 +7,22 @@ from typing import Optional
 
 import typer
 
+from ..options import device_option, run_argument
+
 RUN_HELP = "Run directory or checkpoint file (default: the latest run in runs/)."
-OUT_HELP = "Output folder (default: <run_dir>/figures)."
+OUT_HELP = "Output folder (default: RUN/figures)."
 IMAGES_HELP = "Image file or folder of images to draw instead of dataset samples (repeatable)."
 SPLIT_HELP = "Dataset split to take images from (default: the recipe's data.val_split)."
 COUNT_HELP = "How many dataset images to draw (the first ones of the split)."
 SET_HELP = "Recipe override KEY=VALUE, e.g. data.root=/data/VOCdevkit (repeatable)."
-DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 
-RunArg = typer.Argument(None, help=RUN_HELP, metavar="RUN_OR_CHECKPOINT", show_default=False)
+RunArg = run_argument(None, RUN_HELP)
 OutOpt = typer.Option(None, "--out", "-o", help=OUT_HELP, metavar="DIR", show_default=False)
 ImagesOpt = typer.Option(None, "--images", help=IMAGES_HELP, metavar="PATH", show_default=False)
 SplitOpt = typer.Option(None, "--split", help=SPLIT_HELP, metavar="SPLIT", show_default=False)
 CountOpt = typer.Option(4, "--count", "-n", help=COUNT_HELP, metavar="N")
 SetOpt = typer.Option(None, "--set", help=SET_HELP, metavar="KEY=VALUE", show_default=False)
-DeviceOpt = typer.Option("auto", "--device", help=DEVICE_HELP, metavar="DEVICE")
+DeviceOpt = device_option()
 
 viz = typer.Typer(
     help="Draw figures: EMA bases and reconstructions, predictions, confusion matrix, curves, ablations.",
@@ -40,9 +41,9 @@ def bases(
     images: Optional[list[Path]] = ImagesOpt,
     bases: Optional[str] = typer.Option(None, "--bases", help="Comma-separated basis indices, e.g. 0,5,12.",
                                         metavar="I,J,...", show_default=False),
-    top: Optional[int] = typer.Option(None, "--top", help="Without --bases: show the N bases whose "
-                                      "responsibilities vary most over the image (default 4).", metavar="N",
-                                      show_default=False),
+    top: Optional[int] = typer.Option(None, "--top", help="Without --bases: show up to N bases, those that "
+                                      "mark a predicted class, one per class (default 4).",
+                                      metavar="N", show_default=False),
     out: Optional[Path] = OutOpt,
     split: Optional[str] = SplitOpt,
     count: int = CountOpt,
@@ -90,15 +91,17 @@ def predictions(
 
 @viz.command("confusion")
 def confusion(
-    run: Optional[Path] = typer.Argument(None, help="Run directory, checkpoint or confusion.csv "
-                                         "(default: the latest run in runs/).", metavar="RUN_OR_CSV",
-                                         show_default=False),
+    run: Optional[Path] = run_argument(None, "Run directory, checkpoint or confusion.csv (default: the latest run "
+                                       "in runs/)."),
+    evaluation: Optional[str] = typer.Option(
+        None, "--eval", help="Which evaluation: a setting folder under RUN/eval/ (default: the training's own).",
+        metavar="SETTING", show_default=False),
     out: Optional[Path] = OutOpt,
 ) -> None:
-    """Heatmap of the row-normalised confusion matrix in <run>/eval/confusion.csv."""
+    """Heatmap of the row-normalised confusion matrix in RUN/eval/ (or RUN/eval/SETTING/) confusion.csv."""
     from ..visualize.confusion import draw_confusion
 
-    _echo(draw_confusion(run, out))
+    _echo(draw_confusion(run, out, evaluation))
 
 
 @viz.command("curves")
@@ -112,8 +115,8 @@ def curves(run: Optional[Path] = RunArg, out: Optional[Path] = OutOpt) -> None:
 @viz.command("ablation")
 def ablation(
     sweep: Path = typer.Argument(..., help="Sweep directory (holding results.csv) or the CSV itself.",
-                                 metavar="SWEEP_DIR_OR_CSV", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: <sweep_dir>/figures).",
+                                 metavar="SWEEP", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: SWEEP/figures).",
                                        metavar="DIR", show_default=False),
 ) -> None:
     """mIoU against eval T per train T, and a bar chart of mIoU for every other swept axis."""

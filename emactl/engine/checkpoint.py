@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Recipe, apply_overrides, from_dict, to_dict
+from ..config import Recipe, to_dict, with_overrides
 from ..errors import UserError
 from ..io import load_torch, save_torch
 from ..nn.emanet import build_model
@@ -177,9 +177,8 @@ def load_model(path: str | os.PathLike, overrides: list[str] | None = None, map_
     else:
         ckpt_path = resolve_checkpoint(path)
         ckpt = load_checkpoint(ckpt_path)
-    data = apply_overrides(ckpt["recipe"], overrides or [])
-    data.setdefault("model", {})["pretrained"] = None
-    recipe = from_dict(data, source=f"{ckpt_path} (stored recipe)")
+    recipe = with_overrides(ckpt["recipe"], [*(overrides or []), "model.pretrained=null"],
+                            f"{ckpt_path} (stored recipe)")
     model = build_model(recipe.model, recipe.data.num_classes)
     load_state(model, ckpt["model"], str(ckpt_path))
     model.to(map_location)

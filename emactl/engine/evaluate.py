@@ -28,7 +28,7 @@ from ..data.loading import batches
 from ..errors import UserError
 from ..io import ensure_dir, folder_lock, write_text
 from ..nn.emanet import ema_units, set_eval_iters
-from ..tables import print_table, save_table
+from ..tables import describe_paths, print_table, save_table
 from .checkpoint import CKPT_DIR, LoadedRun, load_model, resolve_checkpoint
 from .inference import predict_logits, window_params
 from .metrics import ConfusionMeter, compute_metrics
@@ -169,20 +169,99 @@ def evaluate(
     return EvalResult(confusion, summary, per_class, {"images": len(dataset)})
 
 
+METRIC_COLUMNS = ("aAcc", "mAcc", "mIoU", "fwIoU")
+# The columns of every summary.csv, whether `emactl train` or `emactl eval` wrote it.
+SUMMARY_COLUMNS = METRIC_COLUMNS + ("setting", "split", "mode", "scales", "flip", "crop_size", "stride", "em_iters",
+                                    "iteration", "checkpoint", "images")
+
+
+def _number(v: float) -> str:
+    return f"{v:g}"
+
+
+def setting_name(meta: dict[str, Any]) -> str:
+    """A folder name for one evaluation setting: ``val_whole_s1_T3_it1000``.
+
+    Split, inference mode (with the window for ``slide``), scales, flip, EM iterations T and
+    the checkpoint's iteration: everything that changes the numbers, so two settings never
+    share a folder.
+    """
+    parts = [str(meta.get("split") or "val")]
+    mode = str(meta.get("mode") or "whole")
+    if mode == "slide" and meta.get("crop_size") is not None:
+        mode += f"{meta['crop_size']}x{meta.get('stride')}"
+    parts.append(mode)
+    scales = meta.get("scales") or [1.0]
+    parts.append("s" + "-".join(_number(float(x)) for x in scales))
+    if meta.get("flip"):
+        parts.append("flip")
+    if meta.get("em_iters") is not None:
+        parts.append(f"T{meta['em_iters']}")
+    if meta.get("iteration") is not None:
+        parts.append(f"it{meta['iteration']}")
+    return "_".join(parts)
+
+
+def describe_setting(meta: dict[str, Any]) -> str:
+    """The setting in words for titles: ``whole image, scales 0.75/1/1.25 + flip, T=3, iteration 1000``."""
+    text = "sliding window" if meta.get("mode") == "slide" else "whole image"
+    scales = [float(x) for x in str(meta.get("scales") or "1").split(",") if str(x).strip()]
+    text += ", single scale" if scales == [1.0] else ", scales " + "/".join(_number(x) for x in scales)
+    if str(meta.get("flip")).lower() in ("true", "1"):
+        text += " + flip"
+    if meta.get("em_iters") is not None and not pd.isna(meta.get("em_iters")):
+        text += f", T={int(meta['em_iters'])}"
+    if meta.get("iteration") is not None and not pd.isna(meta.get("iteration")):
+        text += f", iteration {int(meta['iteration'])}"
+    return text
+
+
+def in_run(checkpoint: Path, run_dir: Path) -> Path:
+    """``checkpoint`` relative to ``run_dir`` when it lies inside (a run can move), else as given."""
+    try:
+        return checkpoint.resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return checkpoint
+
+
+def eval_meta(
+    cfg: EvalConfig, split: str, model: nn.Module, iteration: int | None, checkpoint: str | os.PathLike | None
+) -> dict[str, Any]:
+    """What an evaluation ran: the ``meta`` of :class:`EvalResult`, ``setting`` included
+    (``checkpoint`` as given: callers pass it relative to the run directory, see :func:`in_run`)."""
+    units = ema_units(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+    meta: dict[str, Any] = {
+        "split": split,
+        "mode": cfg.mode,
+        "scales": list(cfg.scales),
+        "flip": cfg.flip,
+        "crop_size": cfg.crop_size if cfg.mode == "slide" else None,
+        "stride": cfg.stride if cfg.mode == "slide" else None,
+        "em_iters": units[0].eval_iters if units else None,
+        "iteration": iteration,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+    }
+    meta["setting"] = setting_name(meta)
+    return meta
+
+
 def summary_frame(result: EvalResult) -> pd.DataFrame:
-    """One row: the four summary metrics, then the ``meta`` entries (lists joined by commas)."""
+    """One row with the :data:`SUMMARY_COLUMNS` (lists joined by commas; missing entries empty)."""
     row: dict[str, Any] = dict(result.summary)
     for key, value in result.meta.items():
         row[key] = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
-    return pd.DataFrame([row])
+    extra = [k for k in row if k not in SUMMARY_COLUMNS]
+    return pd.DataFrame([row], columns=[*SUMMARY_COLUMNS, *extra])
 
 
-def print_eval(result: EvalResult, title: str | None = None) -> None:
+def print_eval(result: EvalResult, title: str | None = None, con: Console | None = None) -> None:
     """Print the summary (one metric or setting per row, so it fits a terminal) and per-class tables."""
     row = summary_frame(result).iloc[0]
-    shown = pd.DataFrame({"": list(row.index), "value": pd.Series(list(row.values), dtype=object)})
-    print_table(shown, title=title)
-    print_table(result.per_class, title="per class")
+    keep = [k for k in row.index if k in METRIC_COLUMNS or (row[k] is not None and not pd.isna(row[k]))]
+    values = [f"{float(row[k]):.2f} %" if k in METRIC_COLUMNS else row[k] for k in keep]
+    shown = pd.DataFrame({"": keep, "value": pd.Series(values, dtype=object)})
+    print_table(shown, title=title, con=con)
+    print_table(result.per_class, title="per class (IoU and Acc in %)", con=con)
 
 
 def write_eval(result: EvalResult, out_dir: Path, class_names: Sequence[str]) -> list[Path]:
@@ -287,7 +366,7 @@ def _evaluate_run(
             if out_dir is None:
                 stack.enter_context(folder_lock(
                     run_dir_of(path), "emactl eval", "wait for it to finish, or pass --out DIR"))
-        return _evaluate_into(path, overrides, iters, target, device, progress)
+        return _evaluate_into(path, overrides, iters, target, device, progress, per_setting=out_dir is None)
 
 
 def _evaluate_into(
@@ -297,6 +376,7 @@ def _evaluate_into(
     target: Path,
     device: str,
     progress: bool,
+    per_setting: bool = False,
 ) -> EvalResult:
     from ..data import build_dataset
 
@@ -320,25 +400,15 @@ def _evaluate_into(
         progress=progress,
         workers=recipe.data.workers,
     )
-    units = ema_units(run.model)
-    result.meta.update(
-        checkpoint=str(run.checkpoint),
-        iteration=run.iteration,
-        split=recipe.data.val_split,
-        mode=cfg.mode,
-        scales=list(cfg.scales),
-        flip=cfg.flip,
-        em_iters=units[0].eval_iters if units else None,
-    )
-    if cfg.mode == "slide":
-        result.meta.update(crop_size=cfg.crop_size, stride=cfg.stride)
+    result.meta.update(eval_meta(cfg, recipe.data.val_split, run.model, run.iteration,
+                                 in_run(Path(run.checkpoint), run_dir_of(path))))
 
     if _rank_world()[0] == 0:
+        if per_setting:  # emactl eval: one folder per setting, beside training's own eval/
+            target = target / result.meta["setting"]
         names = [str(n) for n in result.per_class["class"]]
-        write_eval(result, target, names)
-        write_text(target / "recipe.yaml", dump_yaml(recipe))
-        print_eval(result, title=f"{recipe.name} — {Path(run.checkpoint).name}")
-        Console(stderr=True).print(
-            f"wrote {target}/{{summary,per_class}}.{{csv,md}}, confusion.csv", markup=False, highlight=False
-        )
+        paths = write_eval(result, target, names)
+        paths.append(write_text(target / "recipe.yaml", dump_yaml(recipe)))
+        print_eval(result, title=f"{recipe.name}: {describe_setting(summary_frame(result).iloc[0].to_dict())}")
+        Console(stderr=True, soft_wrap=True).print(f"wrote {describe_paths(paths)}", markup=False, highlight=False)
     return result

@@ -64,7 +64,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -74,7 +74,8 @@ from ..data.loading import next_batch, stop_workers
 from ..errors import UserError
 from ..io import ensure_dir, folder_lock
 from ..nn.emanet import build_model, ema_units
-from ..tables import print_table
+from ..progress import MeanRateETA, hms
+from ..tables import describe_paths
 from . import distributed as D
 from .checkpoint import (
     CKPT_DIR,
@@ -766,7 +767,11 @@ class _Trainer:
         finally:
             self.loader.close()
             logger.close()
-        return TrainResult(self.run_dir, self.iteration, time.perf_counter() - start, metrics, stopped_by)
+        seconds = time.perf_counter() - start
+        if main and metrics is not None:
+            _console.print(f"total time {hms(seconds)}; the training steps took {hms(self.elapsed)} "
+                           "(summed over resumes)", highlight=False)
+        return TrainResult(self.run_dir, self.iteration, seconds, metrics, stopped_by)
 
     def _loop(self, signals: StopSignals, logger: MetricsLogger) -> int | None:
         cfg, main = self.cfg, self.main
@@ -775,13 +780,15 @@ class _Trainer:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
-            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            MeanRateETA(),
         )
         progress = Progress(*columns, console=_console, disable=not self.show_progress)
         window_start, window_iters = time.perf_counter(), 0
-        ips = 0.0
+        ips: float | None = None  # shown once the first log_every window is measured
         with progress:
-            task = progress.add_task("train", total=cfg.iters, completed=self.iteration, loss="–", lr="–", ips="–")
+            task = progress.add_task("train", total=cfg.iters, completed=self.iteration, loss="–", lr="–", ips="–",
+                                     first=self.iteration)
             while self.iteration < cfg.iters:
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
@@ -810,7 +817,8 @@ class _Trainer:
                     )
                     self.window = [0.0, 0]
                     window_start, window_iters = now, 0
-                progress.update(task, completed=it, loss=f"{loss:.4f}", lr=_fmt_lr(lr), ips=f"{ips:.1f}")
+                progress.update(task, completed=it, loss=f"{loss:.4f}", lr=_fmt_lr(lr),
+                                ips="–" if ips is None else f"{ips:.1f}")
                 if cfg.val_every and it % cfg.val_every == 0 and it < cfg.iters:
                     try:
                         result = self.validate(progress=False)
@@ -861,18 +869,20 @@ class _Trainer:
         logger.log({"kind": "val", "iter": self.iteration, **{k: float(v) for k, v in summary.items()}})
 
     def _final(self, logger: MetricsLogger) -> dict[str, float]:
-        from .evaluate import summary_frame, write_eval
+        from .evaluate import describe_setting, eval_meta, print_eval, summary_frame, write_eval
 
         result = self.validate(progress=self.show_progress)
-        result.meta.update(iteration=self.iteration, split=self.recipe.data.val_split, mode=self.eval_cfg.mode)
+        ckpt = checkpoint_path(self.run_dir, self.iteration)
+        result.meta.update(eval_meta(self.eval_cfg, self.recipe.data.val_split, self.model, self.iteration,
+                                     ckpt.relative_to(self.run_dir) if ckpt.is_file() else None))
         self._log_val(logger, result.summary)
         if self.main:
             out = self.run_dir / "eval"
             names = [str(n) for n in result.per_class["class"]]
-            write_eval(result, out, names)
-            print_table(summary_frame(result), title=f"{self.recipe.name} — iteration {self.iteration}")
-            print_table(result.per_class, title="per class")
-            _console.print(f"wrote {out}/{{summary,per_class}}.{{csv,md}}, confusion.csv")
+            paths = write_eval(result, out, names)
+            setting = describe_setting(summary_frame(result).iloc[0].to_dict())
+            print_eval(result, title=f"{self.recipe.name}: {setting}")
+            _console.print(f"wrote {describe_paths(paths)}", markup=False, highlight=False)
         return {k: float(v) for k, v in result.summary.items()}
 
 

@@ -2,8 +2,7 @@
 
 Source of :data:`PUBLISHED`: Li et al., "Expectation-Maximization Attention Networks for
 Semantic Segmentation", ICCV 2019 (arXiv:1907.13426), the comparison table for ResNet-101 at
-output stride 8 with 513×513 inputs on VOC val, as copied into DESIGN.md ("Published
-figures"). The extra columns are over the backbone; the backbone row is absolute. Its units
+output stride 8 with 513×513 inputs on VOC val. The extra columns are over the backbone; the backbone row is absolute. Its units
 are the paper's "G" and "M", read here as 10⁹ and 10⁶ (FLOPs, bytes, parameters).
 
 What we count, without computing anything (meta tensors):
@@ -40,7 +39,7 @@ CROP, OUTPUT_STRIDE, NUM_CLASSES = 513, 8, 21
 
 SOURCE = (
     "Li et al., Expectation-Maximization Attention Networks for Semantic Segmentation, ICCV 2019 "
-    "(arXiv:1907.13426): ResNet-101, output stride 8, 513x513, VOC val (DESIGN.md, Published figures)"
+    "(arXiv:1907.13426), its cost comparison table: ResNet-101, output stride 8, 513x513, VOC val"
 )
 
 

@@ -6,7 +6,9 @@ The table has one row per cell: axis columns (``train_iters``, ``eval_iters``,
 take more than one value.
 
 * When ``eval_iters`` varies: mIoU against the number of EM iterations at test time, one
-  line per training T (``train_iters``) — the paper's T ablation.
+  line per training T (``train_iters``) — the paper's T ablation; one line through all the
+  points when train T = eval T in every row (``ablate --iters``). The y axis spans at least
+  2 mIoU points (about the demo's seed-to-seed spread) and ±2 std when there are seeds.
 * Every other varying axis: a bar chart of mIoU per value.
 
 A point or bar is the mean over the cells with that value, i.e. averaged over the other axes
@@ -130,27 +132,33 @@ def eval_iters_figure(df: pd.DataFrame, axes: Sequence[str], title: str) -> Figu
         label = "mIoU" if train_t is None else f"train T = {_label(train_t)}"
         yerr = part["std"].to_numpy() if part["std"].notna().any() else None
         ax.errorbar(part["eval_iters"], part["mean"], yerr=yerr, marker="o", capsize=4, lw=2, label=label)
-    _min_span(ax, MIN_SPAN)
+    spread = float(np.nanmax(stats["std"].to_numpy(dtype=np.float64))) if stats["std"].notna().any() else 0.0
+    span = _min_span(ax, max(MIN_SPAN, 4.0 * spread))
     ax.set_xlabel("EM iterations at test time (eval T)")
     ax.set_ylabel(f"{METRIC} (%)")
     ax.set_xticks(sorted({float(v) for v in stats["eval_iters"].dropna()}))
     ax.xaxis.set_major_formatter(lambda v, _pos: _label(v))
     ax.grid(True, alpha=0.3)
     ax.legend(title="training" if lines else None, fontsize="small")
-    text = f"{title}: {METRIC} vs eval T\n{_error_note(stats)}" + _averaged_note(axes, ["train_iters", "eval_iters"])
+    text = (f"{title}: {METRIC} vs eval T\n{_error_note(stats)}; y axis spans ≥ {span:g} points"
+            + _averaged_note(axes, ["train_iters", "eval_iters"]))
     ax.set_title(wrap_title(text, LINE_SIZE[0]), fontsize="medium")
     return fig
 
 
-MIN_SPAN = 2.0  # mIoU points: hundredths of a point must not look like a trend
+# mIoU points the y axis spans at least: the seed-to-seed spread of the shapes demo is about
+# ±0.8, so differences of hundredths must not look like a trend; with several seeds, ±2 std.
+MIN_SPAN = 2.0
 
 
-def _min_span(ax: Axes, span: float) -> None:
-    """Widen the y axis to at least ``span`` around the data, so noise-sized gaps look small."""
+def _min_span(ax: Axes, span: float) -> float:
+    """Widen the y axis to at least ``span`` around the data; return the span it now has."""
     lo, hi = ax.get_ylim()
     if hi - lo < span:
         mid = (lo + hi) / 2
         ax.set_ylim(mid - span / 2, mid + span / 2)
+        return span
+    return round(hi - lo, 2)
 
 
 def _bar_limits(ax: Axes, means: np.ndarray, stds: np.ndarray) -> bool:
@@ -186,8 +194,20 @@ def axis_figure(df: pd.DataFrame, axis: str, axes: Sequence[str], title: str) ->
     return fig
 
 
+def diagonal(df: pd.DataFrame) -> bool:
+    """True for an ``ablate --iters`` sweep: train T = eval T in every row."""
+    if "train_iters" not in df.columns or "eval_iters" not in df.columns:
+        return False
+    train_t = pd.to_numeric(df["train_iters"], errors="coerce")
+    eval_t = pd.to_numeric(df["eval_iters"], errors="coerce")
+    return bool(train_t.notna().all() and (train_t == eval_t).all())
+
+
 def draw_ablation(path: str | os.PathLike, out: str | os.PathLike | None = None) -> list[Path]:
-    """Write ``ablation_eval_iters.png`` (when eval T varies) and ``ablation_<axis>.png``."""
+    """Write ``ablation_eval_iters.png`` (when eval T varies) and ``ablation_<axis>.png``.
+
+    ``emactl ablate`` draws its figures with this same function into ``<sweep>/figures/``.
+    """
     csv, sweep_dir = find_results(path)
     df = read_results(csv)
     axes = varying_axes(df)
@@ -198,7 +218,12 @@ def draw_ablation(path: str | os.PathLike, out: str | os.PathLike | None = None)
     written = []
     bar_axes = list(axes)
     if "eval_iters" in axes:
-        written.append(save(eval_iters_figure(df, axes, title), out_dir / "ablation_eval_iters.png"))
+        if diagonal(df):  # one line through T = 1, 3, 5 rather than one dot per training T
+            line = eval_iters_figure(df.drop(columns=["train_iters"]), [a for a in axes if a != "train_iters"],
+                                     f"{title} (train T = eval T)")
+        else:
+            line = eval_iters_figure(df, axes, title)
+        written.append(save(line, out_dir / "ablation_eval_iters.png"))
         bar_axes = [a for a in axes if a not in ("train_iters", "eval_iters")]
     for axis in bar_axes:
         written.append(save(axis_figure(df, axis, axes, title), out_dir / f"ablation_{safe_name(axis)}.png"))

@@ -6,9 +6,10 @@ basis k in the last E step — reshaped to the feature map, upsampled bilinearly
 and drawn with a perceptual colormap on one scale (0 to the largest value shown) with a
 colorbar, so the maps compare directly.
 
-Without explicit bases, the ``top`` bases with the highest spatial variance of their
-responsibilities are shown: those are the ones that separate regions of the image, while a
-basis with a flat map carries no spatial information.
+Without explicit bases, up to ``top`` bases are picked by the structure they show: the bases
+whose responsibility is clearly higher inside one predicted class than outside it, one per
+class, strongest first (see :func:`choose_bases`). Picking by spatial variance showed bases
+that share the background and look nearly flat.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -53,10 +55,25 @@ def parse_bases(text: str) -> list[int]:
     return values
 
 
-def choose_bases(resp: Tensor, bases: Sequence[int] | None, top: int) -> list[int]:
-    """The given basis indices (checked against K), else the ``top`` by spatial variance.
+MIN_CONTRAST = 0.1  # a basis marks a class when its responsibility is this much higher inside
 
-    ``resp`` is (h, w, K).
+
+def classes_at(pred: np.ndarray, size: tuple[int, int]) -> Tensor:
+    """The (H, W) class map sampled at the centres of an (h, w) feature grid."""
+    rows = ((np.arange(size[0]) + 0.5) * pred.shape[0] / size[0]).astype(np.int64)
+    cols = ((np.arange(size[1]) + 0.5) * pred.shape[1] / size[1]).astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(pred[np.ix_(rows, cols)]))
+
+
+def choose_bases(resp: Tensor, bases: Sequence[int] | None, top: int, pred: np.ndarray | None = None) -> list[int]:
+    """The given basis indices (checked against K), else ``top`` bases that show structure.
+
+    ``resp`` is (h, w, K). With the prediction ``pred`` (H, W): up to ``top`` (class, basis)
+    pairs whose mean responsibility inside the class exceeds the mean outside by the most, at
+    least :data:`MIN_CONTRAST`, each class and each basis once, strongest first — the bases that
+    mark a region. Fewer than ``top`` when fewer bases do: a trained model typically gives the
+    objects a few bases and lets the others share the background, and those look flat. Without
+    such pairs (no prediction, one class), the ``top`` bases of largest spatial variance.
     """
     k = resp.shape[-1]
     if bases:
@@ -66,8 +83,26 @@ def choose_bases(resp: Tensor, bases: Sequence[int] | None, top: int) -> list[in
         return list(bases)
     if top < 1:
         raise UserError(f"--top: must be >= 1, got {top}")
-    variance = resp.reshape(-1, k).var(dim=0)
-    return variance.argsort(descending=True)[: min(top, k)].tolist()
+    top = min(top, k)
+    flat = resp.reshape(-1, k).float()
+    chosen: list[int] = []
+    if pred is not None:
+        classes = classes_at(pred, tuple(resp.shape[:2])).reshape(-1)
+        masks = [classes == c for c in torch.unique(classes)]
+        masks = [m for m in masks if not bool(m.all())]
+        if masks:  # contrast[c, k]: mean responsibility of basis k inside class c minus outside
+            contrast = torch.stack([flat[m].mean(0) - flat[~m].mean(0) for m in masks])
+            while len(chosen) < top:
+                best = int(contrast.argmax())
+                c, b = divmod(best, k)
+                if not contrast[c, b] >= MIN_CONTRAST:
+                    break
+                chosen.append(b)
+                contrast[c, :] = -math.inf
+                contrast[:, b] = -math.inf
+    if chosen:
+        return chosen
+    return [int(b) for b in flat.var(dim=0).argsort(descending=True, stable=True)][:top]
 
 
 def layout(n_bases: int, has_label: bool) -> tuple[int, int]:
@@ -155,8 +190,8 @@ def draw_bases(
     names = unique_names(s.name for s in image_set.samples)
     for sample, name in zip(image_set.samples, names):
         rec = forward_record(run, unit, sample.image, dev)
-        chosen = choose_bases(rec.resp, bases, top if top is not None else DEFAULT_TOP)
-        how = "chosen bases" if bases else "top bases by spatial variance"
+        chosen = choose_bases(rec.resp, bases, top if top is not None else DEFAULT_TOP, rec.pred)
+        how = "chosen bases" if bases else "the bases that best mark a predicted class each"
         title = f"{sample.name} — {run.recipe.name}, iteration {run.iteration} ({how})"
         fig = bases_figure(sample.image, sample.label, rec, chosen, image_set, title)
         written.append(save(fig, out_dir / f"bases_{name}.png"))

@@ -1,7 +1,8 @@
 """``visualize confusion``: the row-normalised confusion matrix of an evaluation as a heatmap.
 
-Reads ``<run>/eval/confusion.csv`` (written by ``emactl eval``: class names as header and
-index, rows = ground truth, columns = prediction). Each row is divided by its total, so a cell
+Reads ``<run>/eval/confusion.csv`` (the training's evaluation) or
+``<run>/eval/<setting>/confusion.csv`` (one per ``emactl eval`` setting): class names as header
+and index, rows = ground truth, columns = prediction. Each row is divided by its total, so a cell
 is the fraction of that class's pixels predicted as the column's class and the diagonal is the
 per-class accuracy. Classes without ground-truth pixels have an empty (grey) row.
 """
@@ -30,16 +31,26 @@ def figure_size(num_classes: int) -> tuple[float, float]:
     return side + 1.5, side
 
 
-def find_confusion(path: str | os.PathLike | None) -> tuple[Path, Path]:
-    """``(confusion.csv, run_dir)`` for a run directory, checkpoint or the CSV itself."""
+def find_confusion(path: str | os.PathLike | None, setting: str | None = None) -> tuple[Path, Path]:
+    """``(confusion.csv, run_dir)`` for a run directory, checkpoint or the CSV itself.
+
+    A run holds the training's own evaluation in ``eval/`` and one folder per ``emactl eval``
+    setting in ``eval/<setting>/``; ``setting`` picks one of those.
+    """
     path = resolve_run(path)
     if path.is_file() and path.suffix == ".csv":
-        run_dir = path.parent.parent if path.parent.name == EVAL_DIR else path.parent
+        parents = [path.parent, path.parent.parent]
+        run_dir = next((p.parent for p in parents if p.name == EVAL_DIR), path.parent)
         return path, run_dir
     run_dir = run_dir_of(path)
-    csv = run_dir / EVAL_DIR / CONFUSION_FILE
+    evals = run_dir / EVAL_DIR
+    known = sorted(p.parent.name for p in evals.glob(f"*/{CONFUSION_FILE}"))
+    if setting is None and not (evals / CONFUSION_FILE).is_file() and len(known) == 1:
+        setting = known[0]  # no training evaluation, one `emactl eval`: that one
+    csv = (evals / setting if setting else evals) / CONFUSION_FILE
     if not csv.is_file():
-        raise UserError(f"{run_dir}: no {EVAL_DIR}/{CONFUSION_FILE}; run `emactl eval {run_dir}` first")
+        listed = f"evaluations here: --eval {', '.join(known)}" if known else f"run `emactl eval {run_dir}` first"
+        raise UserError(f"{'--eval ' + setting if setting else run_dir}: no {csv}; {listed}")
     return csv, run_dir
 
 
@@ -60,18 +71,19 @@ def read_confusion(csv: Path) -> pd.DataFrame:
     return pd.DataFrame(values, index=[str(i) for i in df.index], columns=[str(c) for c in df.columns])
 
 
-def _summary_note(run_dir: Path) -> str:
-    """``mIoU 71.2, iteration 30000`` from ``eval/summary.csv`` when it is there."""
-    path = run_dir / EVAL_DIR / "summary.csv"
+def _summary_note(csv: Path) -> str:
+    """``mIoU 71.20 %, whole image, scales 0.75/1/1.25 + flip, T=3, iteration 30000`` from the
+    ``summary.csv`` beside the confusion matrix, when it is there."""
+    from ..engine.evaluate import describe_setting
+
     try:
-        row = pd.read_csv(path).iloc[0]
+        row = pd.read_csv(csv.parent / "summary.csv").iloc[0]
     except (OSError, IndexError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return ""
     parts = []
     if "mIoU" in row and pd.notna(row["mIoU"]):
-        parts.append(f"mIoU {float(row['mIoU']):.1f}")
-    if "iteration" in row and pd.notna(row["iteration"]):
-        parts.append(f"iteration {int(row['iteration'])}")
+        parts.append(f"mIoU {float(row['mIoU']):.2f} %")
+    parts.append(describe_setting(row.to_dict()))
     return ", ".join(parts)
 
 
@@ -112,10 +124,12 @@ def _pixels(n: float) -> str:
     return f"{int(n)} px"
 
 
-def draw_confusion(path: str | os.PathLike | None = None, out: str | os.PathLike | None = None) -> list[Path]:
-    """Write ``confusion.png``; return its path."""
-    csv, run_dir = find_confusion(path)
+def draw_confusion(path: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+                   setting: str | None = None) -> list[Path]:
+    """Write ``confusion.png`` (``confusion_<setting>.png`` for an ``emactl eval`` setting); return its path."""
+    csv, run_dir = find_confusion(path, setting)
     counts = read_confusion(csv)
-    note = _summary_note(run_dir)
+    note = _summary_note(csv)
     title = f"confusion matrix, rows normalised — {run_dir.resolve().name}" + (f" ({note})" if note else "")
-    return [save(confusion_figure(counts, title), output_dir(out, run_dir) / "confusion.png")]
+    name = "confusion.png" if csv.parent.name == EVAL_DIR or csv.parent == run_dir else f"confusion_{csv.parent.name}.png"
+    return [save(confusion_figure(counts, title), output_dir(out, run_dir) / name)]

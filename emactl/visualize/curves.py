@@ -2,7 +2,8 @@
 
 Panels: the training loss (the logged values and, with enough points, an exponential moving
 average that shows the trend through the batch noise), the learning rate, and — when the run
-validated during training — val mIoU with its best point marked.
+validated during training — val mIoU with its best point marked (with only the final
+evaluation, its value goes into the title instead).
 """
 from __future__ import annotations
 
@@ -56,7 +57,12 @@ def curves_figure(records: list[dict[str, Any]], title: str) -> Figure:
     its, loss = series(records, "train", "loss")
     lr_its, lr = series(records, "train", "lr")
     val_its, miou = series(records, "val", "mIoU")
-    has_val = len(val_its) > 0
+    # One point is the final evaluation of a recipe that never validates mid-run (val_every: 0):
+    # a panel with one dot on a ±50-iteration axis says nothing, the title gives the number.
+    has_val = len(val_its) > 1
+    if len(val_its) == 1:
+        title += (f"\nval mIoU {miou[0]:.2f} % at the end (iteration {val_its[0]}); no validation during training "
+                  "(train.val_every: 0), so no validation panel")
     fig = new_figure(*figure_size(has_val))
     axes = fig.subplots(1, 3 if has_val else 2)
 

@@ -55,7 +55,8 @@ def predictions_figure(image: np.ndarray, label: np.ndarray | None, pred: np.nda
         show_image(axes[3], errors, f"errors in red ({rate:.1f}% of labelled px)")
         i = 3
     classes = present_classes(label, pred, num_classes=len(images.class_names))
-    class_legend(axes[i + 1], classes, images.class_names, palette, title="classes present")
+    ignored = bool(has_label and (label == ignore).any())
+    class_legend(axes[i + 1], classes, images.class_names, palette, ignore=ignored, title="classes present")
     suptitle(fig, title)
     return fig
 

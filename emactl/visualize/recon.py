@@ -93,7 +93,7 @@ def recon_figure(image: np.ndarray, rec: Recorded, title: str) -> Figure:
                     label=f"{name}: 99% of energy in {energy_rank(rel)} components")
     ax.axvline(k, color="0.5", lw=1, ls=":", label=f"K = {k} bases (the rank limit of X̃)")
     ax.set_xlabel("index i (largest first)")
-    ax.set_ylabel("σᵢ / σ₁  (log scale)")
+    ax.set_ylabel(f"σᵢ / σ₁  (log scale; below {SPECTRUM_FLOOR:.0e} not drawn)")
     ax.set_title("singular values of the C×N feature matrices", fontsize="medium")
     ax.set_ylim(SPECTRUM_FLOOR / 2, 2)
     ax.grid(True, which="major", alpha=0.3)
