@@ -39,10 +39,10 @@ FORCE_HELP = "Rewrite labels that already exist (default: skip them)."
 
 @prepare_app.command("cityscapes")
 def prepare_cityscapes(
-    root: Path = typer.Option(..., "--root", help="Directory holding gtFine/ (and leftImg8bit/)."),
-    source: str = typer.Option("auto", "--source", help="Read gtFine polygons (JSON), label ids "
+    root: Path = typer.Option(..., "--root", metavar="DIR", show_default=False, help="Directory holding gtFine/ (and leftImg8bit/)."),
+    source: str = typer.Option("auto", "--source", metavar="FORMAT", help="Read gtFine polygons (JSON), label ids "
                                "(PNG) or auto: polygons where present. polygons | label-ids | auto"),
-    workers: int = typer.Option(4, "--workers", min=1, help=WORKERS_HELP),
+    workers: int = typer.Option(4, "--workers", min=1, metavar="N", help=WORKERS_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Write gtFine/*/*_gtFine_labelTrainIds.png (19 classes, 255 ignored)."""
@@ -57,12 +57,12 @@ def prepare_cityscapes(
 
 @prepare_app.command("context")
 def prepare_context(
-    context: Optional[Path] = typer.Option(None, "--context", help="Where PASCAL Context's "
+    context: Optional[Path] = typer.Option(None, "--context", metavar="DIR", show_default=False, help="Where PASCAL Context's "
                                            "trainval.tar.gz was extracted (trainval/*.mat)."),
-    detail: Optional[Path] = typer.Option(None, "--detail", help="Or the Detail API's "
+    detail: Optional[Path] = typer.Option(None, "--detail", metavar="JSON", show_default=False, help="Or the Detail API's "
                                           "trainval_merged.json."),
-    voc: Path = typer.Option(..., "--voc", help="VOCdevkit, VOC2010, or the dir holding them."),
-    workers: int = typer.Option(4, "--workers", min=1, help=WORKERS_HELP),
+    voc: Path = typer.Option(..., "--voc", metavar="DIR", show_default=False, help="VOCdevkit, VOC2010, or the dir holding them."),
+    workers: int = typer.Option(4, "--workers", min=1, metavar="N", help=WORKERS_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Write VOC2010/SegmentationClassContext/*.png (0 = background, 1..59) and the
@@ -81,9 +81,9 @@ def prepare_context(
 
 @prepare_app.command("cocostuff")
 def prepare_cocostuff(
-    root: Path = typer.Option(..., "--root", help="Directory holding images/ and annotations/ "
+    root: Path = typer.Option(..., "--root", metavar="DIR", show_default=False, help="Directory holding images/ and annotations/ "
                               "(stuffthingmaps_trainval2017.zip unzipped into annotations/)."),
-    workers: int = typer.Option(4, "--workers", min=1, help=WORKERS_HELP),
+    workers: int = typer.Option(4, "--workers", min=1, metavar="N", help=WORKERS_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Write annotations/{train2017,val2017}/*_labelTrainIds.png (171 classes, 255 ignored)."""

@@ -5,15 +5,17 @@ from pathlib import Path
 
 import typer
 
+from ..options import set_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command("import")
     def import_command(
         source: str = typer.Argument(..., metavar="SOURCE", help="Which code wrote the checkpoint: original or mmseg."),
         checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="The checkpoint file (.pth)."),
-        name: str = typer.Option(..., "--name", help="Run name: the run directory is OUT/NAME."),
-        out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run directory."),
-        set_: list[str] = typer.Option([], "--set", help="Override a recipe key of the import, e.g. data.root=/data/VOCdevkit."),
+        name: str = typer.Option(..., "--name", help="Run name: the run directory is OUT/NAME.", metavar="NAME"),
+        out: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the run directory.", metavar="DIR"),
+        set_: list[str] = set_option("Override a recipe key of the import, e.g. data.root=/data/VOCdevkit."),
     ) -> None:
         """Import published EMANet weights as a run that eval, predict, visualize and ablate --from accept.
 
