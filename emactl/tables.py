@@ -30,14 +30,23 @@ def is_percent(column: object) -> bool:
     return bool(PERCENT.match(str(column)))
 
 
+SCIENTIFIC = -1  # column_decimals' answer for a column of tiny values (errors, say): 1.23e-06
+
+
 def column_decimals(values: Iterable[Any], column: object = "") -> int:
-    """Decimals for a column of floats: 2 for percentages, else four significant digits of the largest."""
+    """Decimals for a column of floats: 2 for percentages; 0 for whole numbers (a count with a
+    missing value is a float column); :data:`SCIENTIFIC` when every value is below 1e-3; else
+    four significant digits of the largest."""
     if is_percent(column):
         return 2
     finite = [abs(float(v)) for v in values if isinstance(v, float) and math.isfinite(v)]
     top = max(finite, default=0.0)
     if top == 0.0:
         return 2
+    if all(v == int(v) for v in finite):
+        return 0
+    if top < 1e-3:
+        return SCIENTIFIC
     digits = math.floor(math.log10(top)) + 1
     return max(0, min(MAX_DECIMALS, 4 - digits))
 
@@ -62,7 +71,7 @@ def _fmt(v: object, decimals: int) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, float):
-        return f"{v:.{decimals}f}"
+        return f"{v:.2e}" if decimals == SCIENTIFIC else f"{v:.{decimals}f}"
     return str(v)
 
 

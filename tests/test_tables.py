@@ -41,3 +41,12 @@ def test_a_wide_table_is_split_into_groups_that_fit_100_columns():
 def test_describe_paths_names_every_file():
     text = describe_paths(["s/results.csv", "s/results.md", "s/figures/ablation_eval_iters.png"])
     assert text == "s/: results.{csv,md}, figures/ablation_eval_iters.png"
+
+
+def test_whole_numbers_and_tiny_errors_keep_their_meaning():
+    """A count with a missing value is a float column: shown without decimals; errors below
+    1e-3 in scientific notation, not rounded to 0.0000."""
+    df = pd.DataFrame({"threads": [1.0, 2.0, None], "rel. error": [6.5e-06, None, 1.1e-05]})
+    text = formatted(df)
+    assert list(text["threads"]) == ["1", "2", "–"]
+    assert list(text["rel. error"]) == ["6.50e-06", "–", "1.10e-05"]
