@@ -119,30 +119,18 @@ def test_fast_cpu_methods_bf16(method, amp):
 
 
 def test_pick_method():
-    from emactl.nn.em_cpu import onednn_on_x86, pick_method
+    from emactl.nn.em_cpu import TUNED, pick_method, signature
 
     x, mu = torch.empty(4, 512, 4225), torch.empty(4, 512, 64)
-    fp32_auto = "conv" if onednn_on_x86() else "blocked"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            assert pick_method(x, mu) == "bmm"  # one thread: the plain products are as fast
-    finally:
-        torch.set_num_threads(2)
-    try:
-        _check_pick_method(x, mu, fp32_auto)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_pick_method(x: torch.Tensor, mu: torch.Tensor, fp32_auto: str) -> None:
-    from emactl.nn.em_cpu import pick_method
-
     with torch.no_grad():
-        assert pick_method(x, mu) == fp32_auto
-        assert pick_method(x.transpose(1, 2).contiguous().transpose(1, 2), mu) == "blocked"  # channels-last features
-        assert pick_method(x.double(), mu.double()) == "blocked"
+        assert pick_method(x, mu) == "tune"  # large fp32 products: measured on first sight
+        TUNED[signature(x, mu, 3, False)] = "blocked"
+        try:
+            assert pick_method(x, mu) == "blocked"
+            assert pick_method(x, mu, iters=2) == "tune"  # another signature
+        finally:
+            TUNED.pop(signature(x, mu, 3, False))
+        assert pick_method(x.double(), mu.double()) == "tune"
         assert pick_method(x.to(BF16), mu.to(BF16)) == "bmm"  # bf16 products already run through oneDNN
         assert pick_method(x.to(BF16), mu.to(BF16), "blocked") == "blocked"  # asked for
         assert pick_method(x, mu, "bmm") == "bmm"
@@ -156,6 +144,36 @@ def _check_pick_method(x: torch.Tensor, mu: torch.Tensor, fp32_auto: str) -> Non
     assert pick_method(x, mu) == "bmm"  # autograd needs the batched products
     with pytest.raises(ValueError, match="unknown method"):
         em_attention(features(), init_bases(24, 6), method="fast")
+
+
+def test_tune_methods_keeps_the_fastest_and_the_last_result():
+    from emactl.nn.em_cpu import tune_methods
+
+    now, calls = [0.0], []
+    cost = {"bmm": 3.0, "blocked": 1.0, "conv": 2.0}
+
+    def run(method: str) -> str:
+        calls.append(method)
+        now[0] += cost[method] + (5.0 if len(calls) == 1 else 0.0)  # a slow first call (warm-up)
+        return method
+
+    fastest, result = tune_methods(("bmm", "blocked", "conv"), run, clock=lambda: now[0])
+    assert fastest == "blocked" and result == "conv"
+    assert calls == ["bmm", "bmm", "blocked", "blocked", "conv", "conv"]
+
+
+def test_auto_tunes_once_per_signature_and_matches_the_reference(monkeypatch):
+    from emactl.nn import em_cpu
+
+    monkeypatch.setattr(em_cpu, "LARGE", 1)
+    monkeypatch.setattr(em_cpu, "TUNED", {})
+    x, mu0 = features(), init_bases(24, 6)
+    with torch.no_grad():
+        first = em_attention(x, mu0, 3)
+        assert len(em_cpu.TUNED) == 1 and set(em_cpu.TUNED.values()) <= set(em_cpu.candidates(x))
+        second = em_attention(x, mu0, 3)
+    check(first, reference(x, mu0), FP32_TOL)
+    check(second, reference(x, mu0), FP32_TOL)
 
 
 def test_em_attention_per_image_bases_match_reference():

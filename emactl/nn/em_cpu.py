@@ -14,11 +14,14 @@ slower than it needs to be, and each method here removes one:
 * ``blocked``: the plain order reads all of ``x`` twice per iteration; :func:`blocked_iterations`
   reads it once, block of pixels by block.
 
-``auto`` applies them to large products only, of at least :data:`LARGE` multiply-adds per sample
-(C·N·K; the paper's 512·65²·64 is 138 M): below that their per-call overheads cost more than
-they save (at 512·33²·64, conv and bmm tied; at the shapes demo's 64·16²·16, conv took 5× as
-long); and only with two threads or more, since on one thread sgemm and oneDNN tie and the
-plain products were measured as fast or faster (``emactl profile --sections ema --threads 1``). There it takes ``conv`` for contiguous fp32 features on an x86 CPU with oneDNN,
+``auto`` considers them for large products only, of at least :data:`LARGE` multiply-adds per
+sample (C·N·K; the paper's 512·65²·64 is 138 M): below that their per-call overheads cost more
+than they save (at 512·33²·64, conv and bmm tied; at the shapes demo's 64·16²·16, conv took 5×
+as long). Which one wins depends on the processor and the thread count: with two threads, conv
+ran 1.4–1.6× faster than bmm on one 2-core EPYC and 10 % slower than it on another, and on one
+thread they tie. So ``auto`` measures: the first call of a signature (shapes, dtype, iterations,
+threads) runs each candidate twice on its own inputs and keeps the fastest for later calls
+(:func:`tune_methods`); the last run's result is returned, so no call is wasted. There it takes ``conv`` for contiguous fp32 features on an x86 CPU with oneDNN,
 ``blocked`` for other fp32 or fp64 CPU features, and leaves everything else (bf16, whose products
 already go through oneDNN; GPUs; autograd; torch.compile) to the batched products. Only the summation
 order changes, so results agree with the plain order to rounding (the tests hold them to 1e-5).
@@ -26,13 +29,16 @@ order changes, so results agree with the plain order to rounding (the tests hold
 from __future__ import annotations
 
 import functools
+import math
 import platform
+import time
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ema import finish_m_step
+from .ema import finish_m_step, plain_iterations
 
 BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half a core's L2 here
 LARGE = 1 << 26  # multiply-adds per sample and product (C·N·K) from which auto leaves bmm
@@ -44,9 +50,40 @@ def onednn_on_x86() -> bool:
     return torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
-def pick_method(x: Tensor, mu: Tensor, method: str = "auto") -> str:
+TUNED: dict[tuple, str] = {}  # the fastest method measured for each signature (see tune_methods)
+
+
+def signature(x: Tensor, mu: Tensor, iters: int, folded: bool) -> tuple:
+    """What the speed of the methods depends on: shapes, strides, dtype, iterations, threads."""
+    return (tuple(x.shape), x.stride(), x.dtype, tuple(mu.shape), iters, folded, torch.get_num_threads())
+
+
+def candidates(x: Tensor) -> tuple[str, ...]:
+    """The methods ``auto`` chooses among for large fp32/fp64 products on the CPU."""
+    fast = ("conv",) if x.dtype == torch.float32 and onednn_on_x86() and x[0].is_contiguous() else ()
+    return ("bmm", "blocked", *fast)
+
+
+def tune_methods(methods: Sequence[str], run: Callable[[str], Any], clock: Callable[[], float] = time.perf_counter,
+                 repeats: int = 2) -> tuple[str, Any]:
+    """Run each method ``repeats`` times and return the fastest (best of its runs) with the
+    result of the last run: the tuning costs no wasted call."""
+    best: dict[str, float] = {}
+    result = None
+    for method in methods:
+        best[method] = math.inf
+        for _ in range(repeats):
+            start = clock()
+            result = run(method)
+            best[method] = min(best[method], clock() - start)
+    return min(best, key=best.get), result
+
+
+def pick_method(x: Tensor, mu: Tensor, method: str = "auto", iters: int = 3, folded: bool = False) -> str:
     """The method that will run iterations on ``x``: ``bmm`` wherever the fast ones do not apply
-    (autograd, torch.compile, another device, mixed dtypes, inputs autocast would cast)."""
+    (autograd, torch.compile, another device, mixed dtypes, inputs autocast would cast); for
+    large fp32/fp64 products under ``auto``, the one measured fastest for this signature, or
+    ``tune`` when none has been measured yet."""
     if method == "bmm" or x.device.type != "cpu" or x.dtype != mu.dtype:
         return "bmm"
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -55,13 +92,9 @@ def pick_method(x: Tensor, mu: Tensor, method: str = "auto") -> str:
         return "bmm"  # fp32 inputs under bf16 autocast: leave the precision to autocast
     if method != "auto":
         return method
-    if x.shape[1] * x.shape[2] * mu.shape[2] < LARGE or torch.get_num_threads() < 2:
+    if x.shape[1] * x.shape[2] * mu.shape[2] < LARGE or x.dtype not in (torch.float32, torch.float64):
         return "bmm"
-    if x.dtype == torch.float32 and onednn_on_x86() and x[0].is_contiguous():
-        return "conv"
-    if x.dtype in (torch.float32, torch.float64):
-        return "blocked"
-    return "bmm"
+    return TUNED.get(signature(x, mu, iters, folded), "tune")
 
 
 def run_fast(
@@ -71,16 +104,26 @@ def run_fast(
     """(last responsibilities (B, K, N), final bases (B, C, K)) by a fast method, or ``None``
     where :func:`pick_method` leaves the iterations to the batched products. ``weight`` and
     ``bias`` fold a 1×1 convolution in, as in :func:`emactl.nn.ema.em_attention`."""
-    chosen = pick_method(x, mu, method)
+    chosen = pick_method(x, mu, method, iters, weight is not None)
     if weight is not None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         chosen = "bmm"
-    with torch.autocast("cpu", enabled=False):
-        if chosen == "conv":
+    if chosen == "bmm":
+        return None
+
+    def run(m: str) -> tuple[Tensor, Tensor]:
+        if m == "conv":
             return conv_iterations(x, mu, iters, temperature, norm, weight, bias)
-        if chosen == "blocked":
+        if m == "blocked":
             size = block or max(128, BLOCK_BYTES // (x.shape[1] * x.element_size()) // 64 * 64)
             return blocked_iterations(x, mu, iters, temperature, norm, size, weight, bias)
-    return None
+        return plain_iterations(x, mu, iters, temperature, norm, weight, bias)
+
+    with torch.autocast("cpu", enabled=False):
+        if chosen != "tune":
+            return run(chosen)
+        fastest, result = tune_methods(candidates(x), run)
+        TUNED[signature(x, mu, iters, weight is not None)] = fastest
+        return result
 
 
 def _folded(mu: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -172,9 +172,16 @@ def _iterate(
         fast = run_fast(x, mu, iters, temperature, norm, method, block, *proj)
         if fast is not None:
             return fast
+    return plain_iterations(x, mu, iters, temperature, norm, *proj)
+
+
+def plain_iterations(
+    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, weight: Tensor | None = None, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``iters`` EM iterations as written: the batched products of :func:`e_step` and :func:`m_step`."""
     for _ in range(iters):
-        z = e_step(x, mu, temperature, *proj)
-        mu = m_step(x, z, norm, *proj)
+        z = e_step(x, mu, temperature, weight, bias)
+        mu = m_step(x, z, norm, weight, bias)
     return z, mu
 
 
