@@ -11,7 +11,6 @@ float64 run of the same unit, for both.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from typing import Callable
 
 import pandas as pd
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from ..nn.ema import EMAU
 from .reference import reference_em_attention
-from .timing import Timing, measure_many
+from .timing import Timing, autocast, measure_many
 
 UNITS = ("emactl", "emactl unfolded", "reference")
 
@@ -81,15 +80,11 @@ def make_units(channels: int, bases: int, iters: int, device: torch.device, seed
     return {"emactl": unit, "emactl unfolded": unfolded, "reference": ReferenceEMAU.like(unit)}
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
 def eval_call(unit: nn.Module, x: Tensor, device: torch.device, dtype: torch.dtype) -> Callable[[], Tensor]:
     unit.eval()
 
     def run() -> Tensor:
-        with torch.no_grad(), _autocast(device, dtype):
+        with torch.no_grad(), autocast(device, dtype):
             return unit(x)
 
     return run
@@ -105,7 +100,7 @@ def train_call(unit: nn.Module, x: Tensor, weight: Tensor, device: torch.device,
         for p in params:
             p.grad = None
         inputs.grad = None
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             out = unit(inputs)
             loss = (out.float() * weight).sum()
         if isinstance(unit, ReferenceEMAU):
