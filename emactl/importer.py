@@ -52,7 +52,8 @@ from .engine.checkpoint import checkpoint_path, save_checkpoint
 from .engine.rundir import capture_env, write_env, write_recipe
 from .errors import UserError
 from .io import load_torch, write_json
-from .nn.backbone import DEPTHS, strict_load
+from .nn.backbone import DEPTHS
+from .nn.weights import strict_load
 from .nn.emanet import build_model
 
 SOURCES = ("original", "mmseg")

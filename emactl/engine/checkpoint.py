@@ -21,6 +21,7 @@ from torch import nn
 from ..config import Recipe, to_dict, with_overrides
 from ..errors import UserError
 from ..io import load_torch, save_torch
+from ..nn.weights import strict_load
 from ..nn.emanet import build_model
 
 CKPT_DIR = "checkpoints"
@@ -142,19 +143,8 @@ def load_newest(run_dir: str | os.PathLike, set_aside: bool = False) -> tuple[Pa
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict`` that explains an incompatible checkpoint in one line."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        example = (missing or unexpected or wrong)[0]
-        shapes = f" ({tuple(state[example].shape)} vs {tuple(own[example].shape)})" if example in wrong else ""
-        raise UserError(
-            f"{source}: incompatible checkpoint: {len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(wrong)} mismatched tensors, e.g. {example!r}{shapes}; "
-            "the recipe's model settings must match the ones it was trained with"
-        )
-    model.load_state_dict(state)
+    strict_load(model, state, f"{source}: incompatible checkpoint",
+                "the recipe's model settings must match the ones it was trained with")
 
 
 @dataclass

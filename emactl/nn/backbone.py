@@ -38,6 +38,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from ..errors import UserError
 from ..io import load_torch
 from ..registry import Registry
+from .weights import strict_load
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 
@@ -286,32 +287,6 @@ def map_imagenet_keys(state: dict[str, Tensor], stem_kind: str) -> dict[str, Ten
                     k = new + k[len(old):]
         mapped[k] = v
     return mapped
-
-
-def fill_batch_counters(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Add BatchNorm ``num_batches_tracked`` counters that files from older PyTorch lack."""
-    state = dict(state)
-    for k, v in own.items():
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = torch.zeros_like(v)
-    return state
-
-
-def strict_load(module: nn.Module, state: dict[str, Tensor], where: str, hint: str) -> None:
-    """Load ``state`` strictly; a mismatch is one line naming missing, unexpected and misshapen keys."""
-    own = module.state_dict()
-    state = fill_batch_counters(state, own)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        shapes = f" ({tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})" if wrong else ""
-        raise UserError(
-            f"{where}: {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:2]}), {len(wrong)} of wrong shape (e.g. {wrong[:2]}{shapes}); {hint}"
-        )
-    with torch.no_grad():
-        module.load_state_dict(state, strict=True)
 
 
 def load_pretrained(backbone: Backbone, source: str, arch: str) -> None:
