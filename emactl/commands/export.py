@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option(..., "--format", help="onnx, torchscript or exported (torch.export).", metavar="FORMAT",
                                 show_default=False),
         out: Path = typer.Option(..., "--out", help="The file to write.", metavar="FILE", show_default=False),
-        size: tuple[int, int] = typer.Option(None, "--size", help="Fixed input height and width (default: the "
-                                             "training crop, as an example).", metavar="H W", show_default=False),
+        size: tuple[int, int] = typer.Option(None, "--size", help="Fixed input height and width, two numbers: --size 512 1024 "
+                                             "(default: the training crop).", metavar="SIZE", show_default=False),
         dynamic: bool = typer.Option(False, "--dynamic", help="Accept any batch, height and width."),
         set_: list[str] = set_option("Override a stored recipe key, e.g. eval.iters=2 (repeatable)."),
         device: str = device_option("cpu"),
