@@ -184,7 +184,8 @@ def _dummy(size: tuple[int, int], batch: int) -> Tensor:
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0))
 
 
-def _onnx(net: ExportNet, example: Tensor, path: Path, dynamic: bool, meta: dict[str, str]) -> None:
+def write_onnx(net: nn.Module, example: Tensor, path: Path, dynamic: bool, meta: dict[str, str]) -> None:
+    """Trace ``net`` on ``example`` into an ONNX file at ``path`` (atomically), with metadata ``meta``."""
     onnx, _ = require_onnx()
     axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
     with atomic_path(path) as tmp, torch.no_grad():
@@ -342,7 +343,7 @@ def export_run(run_path: str | os.PathLike, fmt: str, out: str | os.PathLike, si
         # here, where the graph is checked against eager PyTorch instead
         warnings.simplefilter("ignore")
         if fmt == "onnx":
-            _onnx(net, example, out, dynamic, metadata(recipe, cfg, em_iters))
+            write_onnx(net, example, out, dynamic, metadata(recipe, cfg, em_iters))
         elif fmt == "torchscript":
             _torchscript(net, example, out)
         else:

@@ -268,3 +268,30 @@ def test_a_missing_extra_names_it(runs, tmp_path, capsys, monkeypatch, missing):
     line = one_line_error(code, err)
     assert 'pip install -e ".[export]"' in line
     assert not (tmp_path / "m.onnx").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# emactl profile --sections export.
+
+
+def test_profile_export_section_times_both_runtimes(tmp_path, capsys):
+    code, out, _ = cli(["profile", "--device", "cpu", "--sections", "export", "--backbone", "tiny", "--crop", "33",
+                        "--channels", "16", "--bases", "4", "--repeats", "1", "--threads", "1", "--out",
+                        str(tmp_path)], capsys)
+    assert code == 0, out
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "export.csv")
+    assert table["runtime"].tolist() == ["eager PyTorch", "onnxruntime"]
+    assert (table["threads"] == 1).all() and (table["latency ms"] > 0).all()
+    assert table["mask agreement %"][1] >= 99.9 and table["max rel. logit error"][1] <= 1e-4
+
+
+def test_profile_export_is_opt_in_and_refuses_what_it_cannot_compare(tmp_path, capsys):
+    from emactl.profile.settings import DEFAULT_SECTIONS, SECTIONS, ProfileSettings
+
+    assert "export" in SECTIONS and "export" not in DEFAULT_SECTIONS
+    assert ProfileSettings().sections == DEFAULT_SECTIONS
+    code, _, err = cli(["profile", "--device", "cpu", "--dtype", "bf16", "--sections", "export", "--out",
+                        str(tmp_path)], capsys)
+    assert "fp32" in one_line_error(code, err)
