@@ -34,7 +34,7 @@ from emactl.nn.emanet import build_model
 from emactl.nn.heads import CONTEXTS
 from emactl.predict import normalise, predict_images
 
-from test_importer import original  # noqa: F401  (a module fixture: a tiny original-code checkpoint)
+from test_importer import original  # noqa: F401  (a module fixture: a small original-code checkpoint)
 
 HEADS = tuple(CONTEXTS.names())
 
@@ -198,6 +198,14 @@ def test_predict_on_onnx_replays_flip(runs, tmp_path):
     reference = predict_logits(run.model, normalise(image, run.recipe), cfg, 7)
     mask, err = compare(ours, reference)
     assert mask >= 0.999 and err <= 1e-4
+
+
+def test_predict_on_onnx_replays_sliding_windows(runs, tmp_path):
+    """Windows of 17 = 2·8 + 1 pixels over a view padded to 8k + 1: the graph's own padding is
+    then a no-op, so emactl predict on the .onnx file matches it on the run."""
+    overrides = ["eval.mode=slide", "eval.crop_size=17", "eval.stride=11"]
+    agreement = export_run(runs["ema"], "onnx", tmp_path / "slide.onnx", dynamic=True, overrides=overrides)
+    assert agreement is not None and agreement.ok and min(agreement.size) > 17
 
 
 # --------------------------------------------------------------------------------------------
