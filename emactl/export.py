@@ -151,19 +151,15 @@ def export_network(model: nn.Module, pad_multiple: int | None) -> ExportNet:
     return ExportNet(net, pad_multiple).eval()
 
 
-def class_names(recipe: Recipe) -> list[str]:
-    """The run's class names without building the dataset."""
-    from .visualize.samples import _class_names
-
-    return _class_names(recipe)
-
-
 def metadata(recipe: Recipe, cfg: EvalConfig, em_iters: int | None) -> dict[str, str]:
+    """The ONNX metadata properties (see the module docstring), every value JSON."""
+    from .visualize.samples import recipe_class_names
+
     data = recipe.data
     return {
         "mean": json.dumps([float(v) for v in data.mean]),
         "std": json.dumps([float(v) for v in data.std]),
-        "classes": json.dumps(class_names(recipe)),
+        "classes": json.dumps(recipe_class_names(recipe)),
         "em_iters": json.dumps(em_iters),
         "pad_multiple": json.dumps(cfg.pad_multiple),
         "align_corners": json.dumps(bool(recipe.model.align_corners)),
@@ -185,18 +181,20 @@ def _dummy(size: tuple[int, int], batch: int) -> Tensor:
 
 
 def write_onnx(net: nn.Module, example: Tensor, path: Path, dynamic: bool, meta: dict[str, str]) -> None:
-    """Trace ``net`` on ``example`` into an ONNX file at ``path`` (atomically), with metadata ``meta``."""
+    """Trace ``net`` on ``example`` into an ONNX file at ``path``, with metadata ``meta``.
+
+    The legacy (TorchScript-based) exporter: the dynamo one needs onnxscript, another package."""
     onnx, _ = require_onnx()
     axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
-    with atomic_path(path) as tmp, torch.no_grad():
-        torch.onnx.export(net, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+    with torch.no_grad():
+        torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=["logits"],
                           dynamic_axes=axes if dynamic else None, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
-        proto = onnx.load(str(tmp))
-        for key, value in meta.items():
-            prop = proto.metadata_props.add()
-            prop.key, prop.value = key, value
-        onnx.save(proto, str(tmp))
+    proto = onnx.load(str(path))
+    for key, value in meta.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(proto, str(path))
 
 
 def _torchscript(net: ExportNet, example: Tensor, path: Path) -> None:
@@ -228,6 +226,11 @@ class Agreement:
     @property
     def ok(self) -> bool:
         return self.mask >= MASK_AGREEMENT and self.logits <= LOGIT_TOLERANCE
+
+    def describe(self) -> str:
+        h, w = self.size
+        return (f"onnxruntime vs emactl predict on a {h}x{w} sample: masks agree on {100 * self.mask:.3f}% of pixels, "
+                f"max relative logit error {self.logits:.2e}")
 
 
 def sample_image(size: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -337,18 +340,23 @@ def export_run(run_path: str | os.PathLike, fmt: str, out: str | os.PathLike, si
     em_iters = units[0].eval_iters if units else None
     net = export_network(run.model, cfg.pad_multiple).to(dev)
     example = _dummy(shape, 2 if dynamic else 1).to(dev)  # torch.export keeps a batch of 1 fixed
-    out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # tracing warns about every Python int it records (the padding, the crop): expected
         # here, where the graph is checked against eager PyTorch instead
         warnings.simplefilter("ignore")
-        if fmt == "onnx":
-            write_onnx(net, example, out, dynamic, metadata(recipe, cfg, em_iters))
-        elif fmt == "torchscript":
+        if fmt == "torchscript":
             _torchscript(net, example, out)
-        else:
+            return None
+        if fmt == "exported":
             _exported(net, example, out, dynamic)
-    if fmt != "onnx" or not check:
-        return None
-    # a dynamic export is checked at a size it was not traced at
-    return check_onnx(out, run, cfg, dev, shape if size is not None else (shape[0] + 3, shape[1] + 7))
+            return None
+        with atomic_path(out) as tmp:
+            write_onnx(net, example, tmp, dynamic, metadata(recipe, cfg, em_iters))
+            if not check:
+                return None
+            # a dynamic export is checked at a size it was not traced at
+            agreement = check_onnx(tmp, run, cfg, dev, shape if size is not None else (shape[0] + 3, shape[1] + 7))
+            if not agreement.ok:  # the file is not written
+                raise UserError(f"{out}: not written: {agreement.describe()}; need >= {100 * MASK_AGREEMENT:g}% "
+                                f"and <= {LOGIT_TOLERANCE:g}")
+    return agreement

@@ -98,7 +98,9 @@ def _outputs(images: list[Path], out_dir: Path, overlay: bool) -> list[tuple[Pat
     return plan
 
 
-def _load(path: str | os.PathLike, overrides: list[str], device: str) -> tuple[Any, Recipe, EvalConfig, torch.device]:
+def load_predictor(
+    path: str | os.PathLike, overrides: list[str], device: str
+) -> tuple[Any, Recipe, EvalConfig, torch.device]:
     """``(model, recipe, eval settings, device)`` of a run, a checkpoint or an exported ``.onnx``
     file (run by onnxruntime on the CPU, with the recipe stored in its metadata)."""
     if Path(path).suffix.lower() != ".onnx":
@@ -134,7 +136,7 @@ def predict_images(
     images = list_images(inputs)
     out_dir = Path(out_dir)
     plan = _outputs(images, out_dir, overlay)
-    model, recipe, cfg, dev = _load(run_path, overrides or [], device)
+    model, recipe, cfg, dev = load_predictor(run_path, overrides or [], device)
     if recipe.data.num_classes > 256:
         raise UserError(f"data.num_classes={recipe.data.num_classes}: a palette PNG holds at most 256 classes")
     palette = dataset_palette(recipe)

@@ -190,9 +190,9 @@ def test_predict_on_onnx_replays_flip(runs, tmp_path):
     export_run(runs["conv3x3"], "onnx", path, dynamic=True, overrides=["eval.flip=true"], check=False)
     image = sample_image((30, 35), seed=5)
     run, cfg, _ = load_for_eval(runs["conv3x3"], ["eval.flip=true"], device="cpu")
-    from emactl.predict import _load
+    from emactl.predict import load_predictor
 
-    session, recipe, onnx_cfg, _ = _load(path, [], "cpu")
+    session, recipe, onnx_cfg, _ = load_predictor(path, [], "cpu")
     assert onnx_cfg.flip and onnx_cfg.pad_multiple is None
     ours = predict_logits(session, normalise(image, recipe), onnx_cfg, 7)
     reference = predict_logits(run.model, normalise(image, run.recipe), cfg, 7)
@@ -303,3 +303,14 @@ def test_profile_export_is_opt_in_and_refuses_what_it_cannot_compare(tmp_path, c
     code, _, err = cli(["profile", "--device", "cpu", "--dtype", "bf16", "--sections", "export", "--out",
                         str(tmp_path)], capsys)
     assert "fp32" in one_line_error(code, err)
+
+
+def test_an_onnx_file_that_disagrees_is_not_written(runs, tmp_path, capsys, monkeypatch):
+    import emactl.export
+
+    monkeypatch.setattr(emactl.export, "LOGIT_TOLERANCE", 0.0)  # no float32 graph is exact
+    path = tmp_path / "m.onnx"
+    code, _, err = cli(["export", str(runs["fcn"]), "--format", "onnx", "--out", str(path), "--size", "20", "24"], capsys)
+    line = one_line_error(code, err)
+    assert "not written" in line and "masks agree on" in line and "relative logit error" in line
+    assert list(tmp_path.iterdir()) == []
