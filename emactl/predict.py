@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -57,13 +58,19 @@ def blend(image: np.ndarray, label: np.ndarray, palette: np.ndarray, alpha: floa
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def predict_label(
-    model: nn.Module, image: np.ndarray, recipe: Recipe, cfg: EvalConfig, device: torch.device
-) -> np.ndarray:
-    """The (H, W) int64 class map of one (H, W, 3) uint8 RGB image."""
+def normalise(image: np.ndarray, recipe: Recipe) -> torch.Tensor:
+    """One (H, W, 3) uint8 RGB image as the (1, 3, H, W) float tensor the network takes."""
     transform = build_transforms(recipe.data, train=False)
     tensor, _ = transform(image, np.zeros(image.shape[:2], dtype=np.int64))
-    logits = predict_logits(model, tensor[None].to(device), cfg, recipe.data.num_classes)
+    return tensor[None]
+
+
+def predict_label(
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, recipe: Recipe, cfg: EvalConfig,
+    device: torch.device,
+) -> np.ndarray:
+    """The (H, W) int64 class map of one (H, W, 3) uint8 RGB image."""
+    logits = predict_logits(model, normalise(image, recipe).to(device), cfg, recipe.data.num_classes)
     return logits.argmax(dim=1)[0].cpu().numpy().astype(np.int64)
 
 
@@ -91,6 +98,23 @@ def _outputs(images: list[Path], out_dir: Path, overlay: bool) -> list[tuple[Pat
     return plan
 
 
+def load_predictor(
+    path: str | os.PathLike, overrides: list[str], device: str
+) -> tuple[Any, Recipe, EvalConfig, torch.device]:
+    """``(model, recipe, eval settings, device)`` of a run, a checkpoint or an exported ``.onnx``
+    file (run by onnxruntime on the CPU, with the recipe stored in its metadata)."""
+    if Path(path).suffix.lower() != ".onnx":
+        run, cfg, dev = load_for_eval(path, overrides, device=device)
+        return run.model, run.recipe, cfg, dev
+    from .config import with_overrides
+    from .engine.evaluate import resolve_eval_config
+    from .export import OnnxModel, onnx_eval_config
+
+    session = OnnxModel(path)
+    recipe = with_overrides(session.recipe_dict(), overrides, str(path))
+    return session, recipe, onnx_eval_config(resolve_eval_config(recipe)), torch.device("cpu")
+
+
 def predict_images(
     run_path: str | os.PathLike,
     inputs: str | os.PathLike,
@@ -101,7 +125,8 @@ def predict_images(
     device: str = "auto",
     progress: bool = True,
 ) -> list[Path]:
-    """Segment ``inputs`` (an image or a folder) with a run or checkpoint; return the written files.
+    """Segment ``inputs`` (an image or a folder) with a run, a checkpoint or an exported ONNX
+    file; return the written files.
 
     A corrupt image stops the run with a UserError naming it; files written before it stay
     valid (every write is atomic).
@@ -111,8 +136,7 @@ def predict_images(
     images = list_images(inputs)
     out_dir = Path(out_dir)
     plan = _outputs(images, out_dir, overlay)
-    run, cfg, dev = load_for_eval(run_path, overrides or [], device=device)
-    recipe = run.recipe
+    model, recipe, cfg, dev = load_predictor(run_path, overrides or [], device)
     if recipe.data.num_classes > 256:
         raise UserError(f"data.num_classes={recipe.data.num_classes}: a palette PNG holds at most 256 classes")
     palette = dataset_palette(recipe)
@@ -122,7 +146,7 @@ def predict_images(
         task = bar.add_task("predict", total=len(plan))
         for image_path, mask_path, overlay_path in plan:
             image = read_image(image_path)
-            label = predict_label(run.model, image, recipe, cfg, dev)
+            label = predict_label(model, image, recipe, cfg, dev)
             save_palette_png(mask_path, label, palette)
             written.append(mask_path)
             if overlay_path is not None:

@@ -11,7 +11,8 @@ from ..options import device_option, progress_option, run_argument, set_option
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_command(
-        run: Path = run_argument(),
+        run: Path = run_argument(help="Run directory (its newest checkpoint is used), checkpoint file, or an .onnx "
+                                  "file from emactl export (run by onnxruntime)."),
         images: Path = typer.Argument(..., help="An image file or a folder of images.", metavar="IMAGES",
                                       show_default=False),
         out: Path = typer.Option(..., "--out", help="Output folder for the masks.", metavar="DIR", show_default=False),

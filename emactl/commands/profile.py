@@ -20,15 +20,16 @@ def register(app: typer.Typer) -> None:
             metavar="LIST",
             help="Comma-separated sections to run, in order. unit: the whole EMA unit against the public code's, "
             "eval and training, at 1 and all threads. train: EMANet's training step in fp32 eager against "
-            "bf16 autocast + channels_last (and torch.compile with --compile), and against DeepLabV3.",
+            "bf16 autocast + channels_last (and torch.compile with --compile), and against DeepLabV3. export (not by "
+            "default; needs the export extra): the network exported to ONNX under onnxruntime against eager PyTorch.",
         ),
         channels: int = typer.Option(512, metavar="C", help="Channels C of the context modules (and of EMANet's head)."),
         size: Optional[int] = typer.Option(None, metavar="N", show_default=False, help="Feature size H=W of heads (default 33) and ema (default 65)."),
         bases: int = typer.Option(64, metavar="K", help="EM bases K."),
         iters: int = typer.Option(3, metavar="T", help="EM iterations T."),
-        batch: Optional[int] = typer.Option(None, metavar="N", show_default=False, help="Batch size (defaults: heads 2, networks 2, train 2, scaling 1, ema 4)."),
-        backbone: str = typer.Option("resnet50", metavar="NAME", help="Backbone of the networks and train sections: resnet50 or resnet101."),
-        crop: int = typer.Option(97, metavar="PX", help="Input crop (H=W) of the networks and train sections."),
+        batch: Optional[int] = typer.Option(None, metavar="N", show_default=False, help="Batch size (defaults: heads 2, networks 2, train 2, scaling 1, ema 4, export 1)."),
+        backbone: str = typer.Option("resnet50", metavar="NAME", help="Backbone of the networks and train sections (resnet50 or resnet101) and of export (any)."),
+        crop: int = typer.Option(97, metavar="PX", help="Input crop (H=W) of the networks, train and export sections."),
         sizes: str = typer.Option("33,49,65,81", metavar="LIST", help="Feature sizes H=W swept by the scaling section."),
         heads: Optional[str] = typer.Option(
             None, metavar="LIST", show_default=False, help="Context modules for heads/scaling (default: all six / ema,nonlocal,a2,conv3x3)."

@@ -185,6 +185,18 @@ def plain_iterations(
     return z, mu
 
 
+def exporting() -> bool:
+    """Whether the forward is being traced for export (``torch.jit.trace``, ``torch.onnx.export``,
+    ``torch.export``): the unit then records one plain graph, with no
+    measured CPU method, no reused buffer, no CUDA graph and no shape-dependent folding."""
+    compiler = torch.compiler
+    return (
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or bool(getattr(compiler, "is_exporting", lambda: False)())
+    )
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -291,8 +303,9 @@ class EMAU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x
         b, c, h, w = x.shape
-        graphed = self._use_graph(x)
-        if self.folds(h * w) and not graphed:  # conv1 lives in the products: its output never exists
+        traced = exporting()
+        graphed = not traced and self._use_graph(x)
+        if not traced and self.folds(h * w) and not graphed:  # conv1 lives in the products: its output never exists
             feats = x.reshape(b, c, h * w)
             if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):  # cast once, not per product
                 feats = feats.to(torch.get_autocast_dtype(x.device.type))
@@ -306,8 +319,9 @@ class EMAU(nn.Module):
         if graphed:
             out = self._graphed(feats, mu0, self.current_iters)
         else:
-            buffer = self._recon_buffer(b, c, h * w, feats)
-            out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer, **proj)
+            buffer = None if traced else self._recon_buffer(b, c, h * w, feats)
+            out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer,
+                               method="bmm" if traced else "auto", **proj)
         if updating:
             self.update_bases(out.bases)
         if self.record:

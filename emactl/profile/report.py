@@ -24,6 +24,7 @@ from ..io import write_json, write_text
 from ..tables import print_table, save_table
 from .counting import ELEMENTS_NOTE, MACS_NOTE
 from .emattention import DTYPE_NAMES, SQUARE, benchmark_dtypes, profile_em_attention, profile_em_ops
+from .export import profile_export
 from .heads import profile_heads
 from .memory import SAVED_NOTE, measured_note
 from .networks import NETWORKS, network_ratios, profile_networks
@@ -32,6 +33,7 @@ from .scaling import profile_scaling
 from .settings import (
     EMA_BATCH,
     EMA_SIZE,
+    EXPORT_BATCH,
     HEADS,
     HEADS_BATCH,
     HEADS_SIZE,
@@ -305,6 +307,23 @@ def run_train(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
+def run_export(s: ProfileSettings, console: Console) -> SectionResult:
+    batch = s.section_batch(EXPORT_BATCH)
+    df = profile_export(s.backbone, s.crop, batch, s.channels, s.bases, s.iters, NUM_CLASSES, s.repeats, console)
+    title = f"Exported EMANet: {s.backbone}, crop {s.crop}, batch {batch}, K={s.bases}, T={s.iters}, fp32, cpu"
+    return SectionResult(
+        {"export": (title, df)},
+        [
+            "eager PyTorch: emactl's model in eval mode under inference_mode (what emactl predict runs); onnxruntime: "
+            "the same network exported as emactl export does (BN folded, EM iterations fixed), CPUExecutionProvider, "
+            "intra-op threads = torch's threads",
+            "same input batch for both; mask agreement and max relative logit error of onnxruntime against eager",
+            TIMING_NOTE,
+            _threads_note(s),
+        ],
+    )
+
+
 RUNNERS: dict[str, Callable[[ProfileSettings, Console], SectionResult]] = {
     "heads": run_heads,
     "networks": run_networks,
@@ -313,6 +332,7 @@ RUNNERS: dict[str, Callable[[ProfileSettings, Console], SectionResult]] = {
     "ema": run_ema,
     "unit": run_unit,
     "train": run_train,
+    "export": run_export,
 }
 
 

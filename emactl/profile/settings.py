@@ -15,7 +15,9 @@ from ..errors import UserError
 from ..nn.backbone import BACKBONES
 from .timing import DTYPES
 
-SECTIONS = ("heads", "networks", "scaling", "published", "ema", "unit", "train")
+SECTIONS = ("heads", "networks", "scaling", "published", "ema", "unit", "train", "export")
+# export needs the optional onnx/onnxruntime extra and a CPU: it runs only when asked for
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "export")
 HEADS = ("ema", "nonlocal", "a2", "conv3x3", "aspp", "psp")
 SCALING_HEADS = ("ema", "nonlocal", "a2", "conv3x3")
 NETWORK_BACKBONES = ("resnet50", "resnet101")  # torchvision ships DeepLabV3/FCN for these
@@ -24,6 +26,7 @@ NETWORK_BACKBONES = ("resnet50", "resnet101")  # torchvision ships DeepLabV3/FCN
 HEADS_SIZE, HEADS_BATCH = 33, 2
 EMA_SIZE, EMA_BATCH = 65, 4
 NETWORKS_BATCH = 2
+EXPORT_BATCH = 1  # one image, as a deployment segments it
 TRAIN_BATCH = NETWORKS_BATCH  # the train section times the networks section's setting
 SCALING_BATCH = 1
 NUM_CLASSES = 21  # PASCAL VOC
@@ -36,7 +39,7 @@ class ProfileSettings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: str = "fp32"
     out: Path = Path("profile_out")
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
     channels: int = 512
     bases: int = 64
     iters: int = 3
@@ -142,6 +145,8 @@ def validate(s: ProfileSettings) -> None:
             f"--batch 1: the {'/'.join(sorted(training))} section times training steps, and training-mode "
             "BatchNorm after the 1x1 pooling branches (ASPP, PSP) needs a batch of at least 2"
         )
+    if "export" in s.sections:
+        _validate_export(s)
     networks = [name for name in ("networks", "train") if name in s.sections]
     if networks:
         if s.backbone not in BACKBONES:
@@ -153,3 +158,18 @@ def validate(s: ProfileSettings) -> None:
             )
         if s.crop < 32:
             raise UserError(f"--crop: must be >= 32 for a ResNet at output stride 8, got {s.crop}")
+
+
+def _validate_export(s: ProfileSettings) -> None:
+    """The export section compares with onnxruntime's CPU provider, in fp32, on any backbone."""
+    from ..export import require_onnx
+
+    require_onnx()
+    if s.device.type != "cpu":
+        raise UserError("--sections export: onnxruntime runs on the CPU here; use --device cpu")
+    if s.dtype != "fp32":
+        raise UserError(f"--sections export: the exported network is fp32; got --dtype {s.dtype}")
+    if s.backbone not in BACKBONES:
+        raise UserError(f"--backbone: unknown backbone {s.backbone!r}; choose one of {', '.join(BACKBONES.names())}")
+    if s.crop < 8:
+        raise UserError(f"--crop: must be >= 8 for the export section, got {s.crop}")

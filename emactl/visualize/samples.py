@@ -86,7 +86,7 @@ def require_ema(run: LoadedRun, command: str) -> EMAU:
     return units[0]
 
 
-def _class_names(recipe: Recipe) -> list[str]:
+def recipe_class_names(recipe: Recipe) -> list[str]:
     """Class names without building the dataset (its files may be absent with ``--images``)."""
     k = recipe.data.num_classes
     if recipe.data.class_names is not None:
@@ -114,7 +114,7 @@ def load_images(recipe: Recipe, images: Sequence[str | os.PathLike] | None, spli
         from ..predict import dataset_palette
 
         samples = [Sample(read_image(p), None, p.stem) for p in _list_images(images)]
-        return ImageSet(samples, _class_names(recipe), dataset_palette(recipe), recipe.data.ignore_index)
+        return ImageSet(samples, recipe_class_names(recipe), dataset_palette(recipe), recipe.data.ignore_index)
     split = split or recipe.data.val_split
     dataset = build_dataset(recipe.data, split, train=False)
     if len(dataset) == 0:
