@@ -209,3 +209,37 @@ def test_kill_9_of_the_driver_while_cells_are_queued_submits_nothing_twice(fake_
     state.write_text("RUNNING")
     code, stdout, _ = cli(["ablate", "--status", str(out)], capsys)
     assert stdout.strip().endswith("2 running") and "it 0" in stdout
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the job's process")
+def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """SIGUSR2 (SLURM's warning before preemption or the time limit) in the middle of training:
+    submitit calls CellJob.checkpoint() and requeues the job, which resumes the cell."""
+    monkeypatch.setenv(EXECUTOR_ENV, "local")
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "iters": 300, "ckpt_every": 20}}))
+    out = tmp_path / "sweep"
+    base = ["ablate", "--recipe", str(recipe), "--iters", "1", "--out", str(out), "--launcher", "slurm", *QUIET]
+    code, _, err = cli([*base, "--no-wait"], capsys)
+    assert code == 0, err
+    cell = out / "cells" / "T1_seed0"
+    controller = int(json.loads((cell / JOB_FILE).read_text())["job_id"])
+    from emactl.ablate.progress import last_train_record
+
+    while (last_train_record(cell) or {}).get("iter", 0) < 2:
+        time.sleep(0.1)
+    (task,) = _children(controller)
+    os.kill(task, signal.SIGUSR2)
+    code, _, err = cli(base, capsys)  # waits for the (requeued) job, then builds the table
+    assert code == 0, err
+    assert "not submitted again" in err and submissions(out) == 1
+    logs = "".join(p.read_text() for p in (out / JOBS_DIR).glob("*_log.*"))
+    assert "Calling checkpoint method" in logs and "Requeued job" in logs
+    assert pd.read_csv(out / "results.csv")["mIoU"].notna().all()

@@ -73,7 +73,7 @@ def run_ablation(
             console.print("note: --from evaluates a trained run, here; --launcher slurm submits training cells only")
         else:
             poll = 1.0 if os.environ.get(EXECUTOR_ENV) == "local" else 30.0
-            runner = SlurmLauncher(sweep.dir / JOBS_DIR, settings, wait=wait, poll_s=poll,
+            runner = SlurmLauncher(sweep.dir / JOBS_DIR, settings, threads, wait=wait, poll_s=poll,
                                    say=lambda text: console.print(text, markup=False))
     check_sweep(sweep)
     with sweep_lock(sweep.dir):

@@ -111,10 +111,15 @@ class CellJob:
 
     task: Any
     gpus: int = 1
+    threads: int | None = None
 
     def __call__(self) -> str:
         from .sweep import LOG_FILE, TRAIN_FILE, run_cell
 
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         cell_dir = Path(self.task.dir)
         if self.gpus > 1 and self.task.source is None and not (cell_dir / TRAIN_FILE).is_file():
             recipe_file = cell_dir / "ablate_recipe.yaml"
@@ -208,10 +213,14 @@ def _now() -> str:
 
 @dataclass
 class SlurmLauncher:
-    """One SLURM job per cell; waits for them (``wait``) or returns once they are all submitted."""
+    """One SLURM job per cell; waits for them (``wait``) or returns once they are all submitted.
+
+    ``threads``: torch threads in each job (default: torch's choice, one per CPU of the job).
+    """
 
     folder: Path
     settings: LauncherConfig
+    threads: int | None = None
     wait: bool = True
     poll_s: float = 10.0
     say: Callable[[str], None] = print
@@ -220,7 +229,7 @@ class SlurmLauncher:
 
     def _submit(self, executor: Any, task: Any) -> dict[str, Any]:
         executor.update_parameters(job_name=f"emactl-{task.name}")
-        job = executor.submit(CellJob(task, self.settings.gpus_per_cell))
+        job = executor.submit(CellJob(task, self.settings.gpus_per_cell, self.threads))
         record = {"job_id": str(job.job_id), "executor": "local" if os.environ.get(EXECUTOR_ENV) == "local" else "slurm",
                   "folder": str(self.folder), "submitted": _now()}
         write_json(Path(task.dir) / JOB_FILE, record)

@@ -26,7 +26,7 @@ HELP = {
     "seeds": "Repeat every cell with train.seed + 0..N-1 and report mean ± std.",
     "out": "Sweep directory (default: sweeps/<name from the axes>).",
     "jobs": "Cells trained at once, in worker processes (the CPU cores are split between them).",
-    "threads": "Torch threads per cell (default and maximum: cores // jobs).",
+    "threads": "Torch threads per cell (default and maximum: cores // jobs; in a SLURM job: torch's choice).",
     "launcher": "Where training cells run: local (processes here, --jobs) or slurm (one SLURM job per cell, "
                 "through submitit; default: the recipe's launcher.kind, else local).",
     "partition": "SLURM partition of the cells' jobs (default: the recipe's launcher.partition).",
