@@ -178,8 +178,10 @@ def test_sbatch_gets_the_slurm_parameters_and_nothing_is_submitted_twice(fake_sl
     assert "queued" in stdout and "job 1000" in stdout and stdout.strip().endswith("2 queued")
 
     state.write_text("FAILED")
+    (out / "cells" / "T1_seed0" / "ablate.log").write_text("loading\nRuntimeError: CUDA out of memory\n\n")
     code, stdout, _ = cli(["ablate", "--status", str(out)], capsys)
     assert stdout.strip().endswith("2 failed")
+    assert "T1_seed0  failed       RuntimeError: CUDA out of memory" in stdout
     code, _, err = cli(base, capsys)  # failed: submitted again
     assert code == 0, err
     assert len(list(log.glob("call*.sh"))) == 4
@@ -207,8 +209,10 @@ def test_kill_9_of_the_driver_while_cells_are_queued_submits_nothing_twice(fake_
     assert code == 0, err
     assert len(list(log.glob("call*.sh"))) == 2
     state.write_text("RUNNING")
+    (out / "cells" / "T2_seed0" / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iter": 1}) + "\n")
     code, stdout, _ = cli(["ablate", "--status", str(out)], capsys)
-    assert stdout.strip().endswith("2 running") and "it 0" in stdout
+    assert stdout.strip().endswith("2 running")
+    assert "T1_seed0  running      job 1000 · it 0/2" in stdout and "job 1001 · it 1/2" in stdout
 
 
 def _children(pid: int) -> list[int]:

@@ -238,25 +238,22 @@ class SlurmLauncher:
         return record
 
     def run(self, tasks: list[Any], on_start: OnStart, on_done: OnDone) -> int | None:
-        from .sweep import CellOutcome
+        from .sweep import CellOutcome, Interrupted
 
         executor = make_executor(self.folder, self.settings)
         live: dict[str, tuple[Any, dict[str, Any]]] = {}
-        for task in tasks:
-            Path(task.dir).mkdir(parents=True, exist_ok=True)
-            record = read_job(Path(task.dir))
-            state = job_state(record) if record is not None else None
-            if record is not None and state in ACTIVE:
-                self.say(f"{task.name}: job {record['job_id']} is {state.lower()}; not submitted again")
-            else:
-                record = self._submit(executor, task)
-            live[task.name] = (task, record)
-            on_start(task)
-        if not self.wait:
-            self.queued = list(live)
-            return None
         try:
-            while live:
+            for task in tasks:
+                Path(task.dir).mkdir(parents=True, exist_ok=True)
+                record = read_job(Path(task.dir))
+                state = job_state(record) if record is not None else None
+                if record is not None and state in ACTIVE:
+                    self.say(f"{task.name}: job {record['job_id']} is {str(state).lower()}; not submitted again")
+                else:
+                    record = self._submit(executor, task)
+                live[task.name] = (task, record)
+                on_start(task)
+            while live and self.wait:
                 for name, (task, record) in list(live.items()):
                     if job_state(record) in ACTIVE:
                         continue
@@ -264,10 +261,11 @@ class SlurmLauncher:
                     on_done(self._outcome(task, record, CellOutcome))
                 if live:
                     time.sleep(self.poll_s)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted) as e:
             self.queued = list(live)
-            self.say(f"stopped waiting; {len(live)} job(s) go on; `emactl ablate --status DIR` shows them")
-            return int(signal.SIGINT)
+            self.say(f"stopped waiting; {len(live)} submitted job(s) go on; `emactl ablate --status DIR` shows them")
+            return e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+        self.queued = list(live)
         return None
 
     def _outcome(self, task: Any, record: dict[str, Any], outcome: Any) -> Any:
@@ -296,18 +294,20 @@ def cell_status(cell_dir: Path, eval_iters: list[int | None] | None, total: int 
     """``(state, detail)`` of one cell: done, queued, running (iteration), failed (last log line),
     stopped (iteration of its newest checkpoint) or not started."""
     from .progress import last_train_record
-    from .sweep import ERROR_FILE, LOG_FILE, TRAIN_FILE, eval_file
+    from .sweep import ERROR_FILE, LOG_FILE, TRAIN_FILE, cell_finished
 
     trained = (cell_dir / TRAIN_FILE).is_file()
-    evals = [eval_file(cell_dir, t) for t in eval_iters] if eval_iters is not None else list(
-        cell_dir.glob("ablate_eval*.json"))
-    if trained and evals and all(p.is_file() for p in evals):
+    if eval_iters is not None:
+        done = cell_finished(cell_dir, eval_iters)
+    else:  # a sweep.json from before cell_eval_iters was recorded
+        done = trained and any(cell_dir.glob("ablate_eval*.json"))
+    if done:
         return "done", ""
     record = read_job(cell_dir)
     state = job_state(record) if record is not None else None
     job = f"job {record['job_id']}" if record is not None else ""
     record_it = last_train_record(cell_dir)
-    it = f"it {int(record_it['iter'])}" + (f"/{total}" if total else "") if record_it is not None else "it 0"
+    it = f"it {int(record_it['iter']) if record_it is not None else 0}" + (f"/{total}" if total else "")
     if state in QUEUED:
         return "queued", f"{job} {state.lower()}"
     if state in RUNNING:

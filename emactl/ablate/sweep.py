@@ -16,6 +16,7 @@ eval files present), resumes interrupted trainings from their newest checkpoint
 (``train(..., resume=True)``) and evaluates whatever is missing. A directory that holds a
 different sweep is never written into.
 
+Where the cells run is :mod:`.launcher`'s business (here, or SLURM jobs through submitit).
 With ``jobs > 1`` each pending cell runs in its own spawned process with
 ``torch.set_num_threads(max(1, cores // jobs))`` threads (or fewer, ``--threads``), so jobs ×
 threads never exceeds the cores. The workers sit in their own process group: a Ctrl-C reaches only the main process,
@@ -69,6 +70,11 @@ def eval_file(cell_dir: Path, eval_iters: int | None) -> Path:
     return cell_dir / ("ablate_eval.json" if eval_iters is None else f"ablate_eval_T{eval_iters}.json")
 
 
+def cell_finished(cell_dir: Path, eval_iters: Sequence[int | None]) -> bool:
+    """Trained, and evaluated at every eval T."""
+    return (cell_dir / TRAIN_FILE).is_file() and all(eval_file(cell_dir, t).is_file() for t in eval_iters)
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from ``path``, or None when it is missing or unreadable."""
     try:
@@ -99,8 +105,7 @@ class Sweep:
         return self.dir / CELLS_DIR / cell.name
 
     def finished(self, cell: Cell) -> bool:
-        d = self.cell_dir(cell)
-        return (d / TRAIN_FILE).is_file() and all(eval_file(d, t).is_file() for t in cell.eval_iters)
+        return cell_finished(self.cell_dir(cell), cell.eval_iters)
 
 
 def default_recipe() -> Path:
@@ -331,9 +336,7 @@ class CellTask:
     device: str | None = None
 
     def finished(self) -> bool:
-        """Trained and evaluated at every eval T (as :meth:`Sweep.finished`)."""
-        d = Path(self.dir)
-        return (d / TRAIN_FILE).is_file() and all(eval_file(d, t).is_file() for t in self.eval_iters)
+        return cell_finished(Path(self.dir), self.eval_iters)
 
 
 @dataclass
