@@ -120,9 +120,12 @@ def test_unknown_launcher_key_and_bad_values_are_refused(tmp_path, capsys):
     recipe.write_text(yaml.safe_dump({**TINY, "launcher": {"partitoin": "gpu"}}))
     line = one_line_error(*cli(["ablate", "--recipe", str(recipe), "--iters", "1,2", "--no-progress"], capsys)[::2])
     assert "launcher.partitoin" in line
-    for extra, needle in ((["--launcher", "pbs"], "--launcher"), (["--slurm-time", "0"], "--slurm-time")):
+    for extra, needle in ((["--launcher", "pbs"], "--launcher"), (["--slurm-time", "0"], "--slurm-time"),
+                          (["--status", str(tmp_path)], "--status DIR only shows a sweep")):
         line = one_line_error(*cli(["ablate", "--iters", "1,2", *extra, "--no-progress"], capsys)[::2])
         assert needle in line
+    line = one_line_error(*cli(["ablate", "--status", str(tmp_path / "none")], capsys)[::2])
+    assert "not an ablation sweep directory" in line
 
 
 # --------------------------------------------------------------------------------------------

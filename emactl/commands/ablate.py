@@ -85,6 +85,11 @@ def register(app: typer.Typer) -> None:
         from ..ablate import parse_axes, run_ablation
 
         if status is not None:
+            given = [o for o, v in (("--recipe", recipe), ("--from", source), ("--out", out), ("--launcher", launcher))
+                     if v is not None]
+            if given or any(v is not None for v in (iters, train_iters, eval_iters, bases_update, norm, grad, heads,
+                                                    bases, momentum)) or set_:
+                raise UserError(f"--status DIR only shows a sweep; drop {', '.join(given) or 'the axes'}")
             _show_status(status)
             return
         if launcher is not None and launcher not in ("local", "slurm"):
