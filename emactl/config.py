@@ -156,6 +156,23 @@ class EvalConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Where ``emactl ablate`` runs its train-side cells (``train`` and ``eval`` ignore it).
+
+    ``local``: processes on this machine (``--jobs``); ``slurm``: one SLURM job per cell
+    through submitit, on ``partition`` with ``gpus_per_cell`` GPUs (more than one: ``torchrun``
+    inside the job), ``time_min`` minutes and ``account``. It is not part of a sweep's identity:
+    the same sweep may be resumed on another partition or locally.
+    """
+
+    kind: Literal["local", "slurm"] = "local"
+    partition: str | None = None
+    gpus_per_cell: int = 1
+    time_min: int = 1440
+    account: str | None = None
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     out_dir: str = "runs"
@@ -163,6 +180,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 def choices(cls: type, name: str) -> tuple[Any, ...]:
@@ -320,7 +338,10 @@ def validate(r: Recipe, source: str = "recipe") -> None:
         eval__iters=r.eval.iters,
         eval__batch_size=r.eval.batch_size,
         eval__pad_multiple=r.eval.pad_multiple,
+        launcher__time_min=r.launcher.time_min,
     )
+    if r.launcher.gpus_per_cell < 0:
+        raise UserError(f"{source}: launcher.gpus_per_cell: must be >= 0, got {r.launcher.gpus_per_cell}")
     if not 0.0 <= e.momentum <= 1.0:
         raise UserError(f"{source}: model.ema.momentum: must be in [0, 1], got {e.momentum}")
     if e.bases_update == "backprop" and e.grad != "full":

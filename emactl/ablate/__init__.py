@@ -2,13 +2,17 @@
 as one resumable sweep.
 
 * :mod:`.axes` parses the comma-separated axis options and expands them into cells;
-* :mod:`.sweep` owns the sweep directory and runs the cells (resume, parallel workers);
+* :mod:`.sweep` owns the sweep directory and runs the cells (resume, progress);
+* :mod:`.launcher` runs them here (parallel workers) or as SLURM jobs through submitit;
 * :mod:`.report` rebuilds the tidy table, the pivots and the plots from the cells.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -40,6 +44,8 @@ def run_ablation(
     progress: bool = True,
     show: bool = True,
     threads: int | None = None,
+    launcher: dict[str, Any] | None = None,
+    wait: bool = True,
 ) -> AblationResult:
     """Plan, run (or resume) and report a sweep.
 
@@ -47,18 +53,34 @@ def run_ablation(
     directory or checkpoint) instead evaluates that run at the eval-side values only. The
     tables and figures are rebuilt from the cell directories at the end, also after failures
     or an interruption.
+
+    ``launcher`` overrides keys of the recipe's ``launcher:`` section (``kind``, ``partition``,
+    ``gpus_per_cell``, ``time_min``, ``account``); with ``kind`` slurm the train-side cells are
+    SLURM jobs, waited for unless ``wait`` is false.
     """
     from ..tables import describe_paths
     from ..progress import hms
     from .sweep import console
 
+    from .launcher import EXECUTOR_ENV, JOBS_DIR, SlurmLauncher, import_submitit
+
     sweep = plan_from(source, axes, seeds, out) if source is not None else plan_recipe(recipe, axes, seeds, out)
+    settings = dataclasses.replace(sweep.launcher, **{k: v for k, v in (launcher or {}).items() if v is not None})
+    runner = None
+    if settings.kind == "slurm":
+        import_submitit()
+        if source is not None:
+            console.print("note: --from evaluates a trained run, here; --launcher slurm submits training cells only")
+        else:
+            poll = 1.0 if os.environ.get(EXECUTOR_ENV) == "local" else 30.0
+            runner = SlurmLauncher(sweep.dir / JOBS_DIR, settings, threads, wait=wait, poll_s=poll,
+                                   say=lambda text: console.print(text, markup=False))
     check_sweep(sweep)
     with sweep_lock(sweep.dir):
         open_sweep(sweep)
         for note in sweep.notes:
             console.print(note)
-        outcome = run_sweep(sweep, jobs=jobs, device=device, progress=progress, threads=threads)
+        outcome = run_sweep(sweep, jobs=jobs, device=device, progress=progress, threads=threads, launcher=runner)
         results, paths = write_report(sweep, show=show)
     console.print(f"wrote {describe_paths(paths)} in {hms(outcome.seconds)}", markup=False)
     return AblationResult(sweep.dir, results, paths, outcome)

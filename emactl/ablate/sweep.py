@@ -16,6 +16,7 @@ eval files present), resumes interrupted trainings from their newest checkpoint
 (``train(..., resume=True)``) and evaluates whatever is missing. A directory that holds a
 different sweep is never written into.
 
+Where the cells run is :mod:`.launcher`'s business (here, or SLURM jobs through submitit).
 With ``jobs > 1`` each pending cell runs in its own spawned process with
 ``torch.set_num_threads(max(1, cores // jobs))`` threads (or fewer, ``--threads``), so jobs ×
 threads never exceeds the cores. The workers sit in their own process group: a Ctrl-C reaches only the main process,
@@ -42,13 +43,14 @@ from typing import Any, Callable, Iterator, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
-from ..config import apply_overrides, from_dict, read_yaml, to_dict, with_overrides
+from ..config import LauncherConfig, apply_overrides, from_dict, read_yaml, to_dict, with_overrides
 from ..engine.rundir import code_version
 from ..errors import UserError
 from ..io import LOCK_FILE, folder_lock, write_json
 from .axes import AXES, Axes, Cell, cell_label, expand, safe_label, table_columns
 from ..progress import hms
 from .progress import CellState, SweepMonitor, SweepProgress, cell_line, sweep_line
+from .launcher import Launcher, LocalLauncher
 
 SWEEP_FILE = "sweep.json"
 CELLS_DIR = "cells"
@@ -66,6 +68,11 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 def eval_file(cell_dir: Path, eval_iters: int | None) -> Path:
     """Where the evaluation of a cell at eval T ``eval_iters`` is stored."""
     return cell_dir / ("ablate_eval.json" if eval_iters is None else f"ablate_eval_T{eval_iters}.json")
+
+
+def cell_finished(cell_dir: Path, eval_iters: Sequence[int | None]) -> bool:
+    """Trained, and evaluated at every eval T."""
+    return (cell_dir / TRAIN_FILE).is_file() and all(eval_file(cell_dir, t).is_file() for t in eval_iters)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -92,13 +99,13 @@ class Sweep:
     columns: list[str]
     notes: list[str] = field(default_factory=list)
     eval_overrides: list[str] = field(default_factory=list)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.dir / CELLS_DIR / cell.name
 
     def finished(self, cell: Cell) -> bool:
-        d = self.cell_dir(cell)
-        return (d / TRAIN_FILE).is_file() and all(eval_file(d, t).is_file() for t in cell.eval_iters)
+        return cell_finished(self.cell_dir(cell), cell.eval_iters)
 
 
 def default_recipe() -> Path:
@@ -156,6 +163,7 @@ def plan_recipe(recipe: Path | None, axes: Axes, seeds: int = 1, out: Path | Non
     if not axes.values and seeds <= 1:
         raise UserError("nothing to sweep: give at least one axis, e.g. --iters 1,3,5 (see emactl ablate --help)")
     seed_list = _seeds(resolved.train.seed, seeds)
+    launcher, resolved.launcher = resolved.launcher, LauncherConfig()  # where cells run is not what they are
     cells, notes = expand(to_dict(resolved), axes, seed_list, source=str(path))
     spec = {
         "source": "recipe",
@@ -166,7 +174,7 @@ def plan_recipe(recipe: Path | None, axes: Axes, seeds: int = 1, out: Path | Non
         "recipe_path": str(path),
     }
     where = out if out is not None else default_sweep_dir(resolved.name, axes, seed_list)
-    return Sweep(Path(where), spec, axes, cells, table_columns(axes, cells), notes)
+    return Sweep(Path(where), spec, axes, cells, table_columns(axes, cells), notes, launcher=launcher)
 
 
 def plan_from(source: Path, axes: Axes, seeds: int = 1, out: Path | None = None) -> Sweep:
@@ -192,6 +200,7 @@ def plan_from(source: Path, axes: Axes, seeds: int = 1, out: Path | None = None)
     stored = load_checkpoint(ckpt)["recipe"]
     data = apply_overrides(stored, axes.overrides)
     data.setdefault("model", {})["pretrained"] = None
+    data.pop("launcher", None)
     recipe = from_dict(data, source=f"{ckpt} (stored recipe)")
     if recipe.model.head != "ema":
         raise UserError(f"--from {source}: model.head={recipe.model.head!r} has no EMA unit; --eval-iters needs one")
@@ -297,6 +306,7 @@ def open_sweep(sweep: Sweep) -> None:
         versions.append(code)
     spec = dict(sweep.spec)
     spec["cells"] = [c.name for c in sweep.cells]
+    spec["cell_eval_iters"] = {c.name: list(c.eval_iters) for c in sweep.cells}
     spec["code_versions"] = versions
     write_json(sweep.dir / SWEEP_FILE, spec)
 
@@ -324,6 +334,9 @@ class CellTask:
     source: str | None = None
     eval_overrides: list[str] = field(default_factory=list)
     device: str | None = None
+
+    def finished(self) -> bool:
+        return cell_finished(Path(self.dir), self.eval_iters)
 
 
 @dataclass
@@ -532,7 +545,7 @@ def _outcome_of(task: CellTask, code: int | None, seconds: float) -> CellOutcome
     return CellOutcome(task.name, "failed", error=str(error), seconds=seconds)
 
 
-def _run_parallel(
+def run_parallel(
     tasks: list[CellTask],
     jobs: int,
     threads: int,
@@ -595,6 +608,7 @@ class SweepOutcome:
     failed: dict[str, str]
     stopped_by: int | None
     seconds: float
+    queued: list[str] = field(default_factory=list)  # submitted to SLURM, not waited for
 
 
 def _progress(enabled: bool) -> Progress:
@@ -633,12 +647,14 @@ def sweep_progress(sweep: Sweep, jobs: int = 1, clock: Callable[[], float] = tim
 
 
 def run_sweep(
-    sweep: Sweep, jobs: int = 1, device: str | None = None, progress: bool = True, threads: int | None = None
+    sweep: Sweep, jobs: int = 1, device: str | None = None, progress: bool = True, threads: int | None = None,
+    launcher: Launcher | None = None,
 ) -> SweepOutcome:
     """Run every unfinished cell of an opened sweep (see :func:`open_sweep`).
 
-    ``threads`` is the torch threads per cell, at most (and by default) ``cores // jobs``.
-    One job runs in this process; more run in spawned worker processes.
+    ``launcher`` runs the cells (default: :class:`~.launcher.LocalLauncher`). Locally,
+    ``threads`` is the torch threads per cell, at most (and by default) ``cores // jobs``;
+    one job runs in this process, more in spawned worker processes.
     """
     if jobs < 1:
         raise UserError(f"--jobs: must be >= 1, got {jobs}")
@@ -660,7 +676,8 @@ def run_sweep(
     per_cell = min(threads, limit) if threads is not None else limit
     console.print(
         f"sweep {sweep.dir}: {len(sweep.cells)} cell(s), {len(skipped)} finished, {len(pending)} to run"
-        + (f" in {jobs} worker processes" if jobs > 1 else "") + f" × {per_cell} torch thread(s)"
+        + (" as SLURM jobs" if launcher is not None else
+           (f" in {jobs} worker processes" if jobs > 1 else "") + f" × {per_cell} torch thread(s)")
     )
     done: list[str] = []
     failed: dict[str, str] = {}
@@ -708,22 +725,7 @@ def run_sweep(
                                   "run the same command again to resume")
             refresh()
 
-        if jobs == 1:
-            import torch
-
-            own_threads = torch.get_num_threads()
-            torch.set_num_threads(per_cell)
-            try:
-                for task in tasks:
-                    on_start(task)
-                    outcome = run_cell(task)
-                    on_done(outcome)
-                    if outcome.status == "stopped":
-                        break
-            except (KeyboardInterrupt, Interrupted) as e:
-                stopped = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
-            finally:
-                torch.set_num_threads(own_threads)
-        else:
-            stopped = _run_parallel(tasks, jobs, per_cell, on_done, on_start) or stopped
-    return SweepOutcome(skipped, done, failed, stopped, time.perf_counter() - start)
+        runner = launcher if launcher is not None else LocalLauncher(jobs, per_cell)
+        stopped = runner.run(tasks, on_start, on_done) or stopped
+    queued = list(getattr(runner, "queued", []))
+    return SweepOutcome(skipped, done, failed, stopped, time.perf_counter() - start, queued)

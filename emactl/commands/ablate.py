@@ -26,7 +26,15 @@ HELP = {
     "seeds": "Repeat every cell with train.seed + 0..N-1 and report mean ± std.",
     "out": "Sweep directory (default: sweeps/<name from the axes>).",
     "jobs": "Cells trained at once, in worker processes (the CPU cores are split between them).",
-    "threads": "Torch threads per cell (default and maximum: cores // jobs).",
+    "threads": "Torch threads per cell (default and maximum: cores // jobs; in a SLURM job: torch's choice).",
+    "launcher": "Where training cells run: local (processes here, --jobs) or slurm (one SLURM job per cell, "
+                "through submitit; default: the recipe's launcher.kind, else local).",
+    "partition": "SLURM partition of the cells' jobs (default: the recipe's launcher.partition).",
+    "gpus": "GPUs per cell's job; more than one trains with torchrun inside the job (default: 1).",
+    "time": "Time limit of each cell's job, in minutes (default: 1440).",
+    "account": "SLURM account charged for the cells' jobs.",
+    "wait": "With --launcher slurm: wait for the jobs and write the tables (--no-wait: submit and return).",
+    "status": "Show each cell of the sweep in DIR (done, queued, running at iteration N, failed) and exit.",
 }
 
 
@@ -56,6 +64,19 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = threads_option(HELP["threads"]),
         device: Optional[str] = device_option(None, "the recipe's train.device"),
         progress: bool = progress_option(),
+        launcher: Optional[str] = typer.Option(None, "--launcher", help=HELP["launcher"], metavar="LAUNCHER",
+                                               show_default=False),
+        slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help=HELP["partition"],
+                                                      metavar="NAME", show_default=False),
+        slurm_gpus: Optional[int] = typer.Option(None, "--slurm-gpus-per-cell", help=HELP["gpus"], metavar="N",
+                                                 show_default=False),
+        slurm_time: Optional[int] = typer.Option(None, "--slurm-time", help=HELP["time"], metavar="MINUTES",
+                                                 show_default=False),
+        slurm_account: Optional[str] = typer.Option(None, "--slurm-account", help=HELP["account"],
+                                                    metavar="NAME", show_default=False),
+        wait: bool = typer.Option(True, "--wait/--no-wait", help=HELP["wait"]),
+        status: Optional[Path] = typer.Option(None, "--status", help=HELP["status"], metavar="DIR",
+                                              show_default=False),
     ) -> None:
         """Train and evaluate one run per cell of the axes' grid; write tidy tables, pivots and a plot.
 
@@ -63,6 +84,19 @@ def register(app: typer.Typer) -> None:
         """
         from ..ablate import parse_axes, run_ablation
 
+        if status is not None:
+            given = [o for o, v in (("--recipe", recipe), ("--from", source), ("--out", out), ("--launcher", launcher))
+                     if v is not None]
+            if given or any(v is not None for v in (iters, train_iters, eval_iters, bases_update, norm, grad, heads,
+                                                    bases, momentum)) or set_:
+                raise UserError(f"--status DIR only shows a sweep; drop {', '.join(given) or 'the axes'}")
+            _show_status(status)
+            return
+        if launcher is not None and launcher not in ("local", "slurm"):
+            raise UserError(f"--launcher: got {launcher!r}; choose one of: local, slurm")
+        for option, number, least in (("--slurm-gpus-per-cell", slurm_gpus, 0), ("--slurm-time", slurm_time, 1)):
+            if number is not None and number < least:
+                raise UserError(f"{option}: must be >= {least}, got {number}")
         if recipe is not None and source is not None:
             raise UserError(
                 "--recipe and --from exclude each other: train cells from a recipe, or evaluate a trained run"
@@ -75,8 +109,13 @@ def register(app: typer.Typer) -> None:
             grad=grad, heads=heads, bases=bases, momentum=momentum, sets=set_,
         )
         result = run_ablation(axes, recipe=recipe, source=source, seeds=seeds, out=out, jobs=jobs, device=device,
-                              progress=progress, threads=threads)
+                              progress=progress, threads=threads, wait=wait,
+                              launcher={"kind": launcher, "partition": slurm_partition, "gpus_per_cell": slurm_gpus,
+                                        "time_min": slurm_time, "account": slurm_account})
         outcome = result.outcome
+        if outcome.queued:
+            typer.echo(f"{len(outcome.queued)} cell(s) queued or running as SLURM jobs; `emactl ablate --status "
+                       f"{result.sweep_dir}` shows them; run the same command again for the full tables", err=True)
         if outcome.stopped_by is not None:
             raise typer.Exit(128 + outcome.stopped_by)
         if outcome.failed:
@@ -86,3 +125,17 @@ def register(app: typer.Typer) -> None:
                 f"{len(outcome.failed)} of {total} cells failed (first: {name}: {error}); "
                 f"see {result.sweep_dir}/cells/{name}/ablate.log and run again to retry"
             )
+
+
+def _show_status(sweep_dir: Path) -> None:
+    """Print one line per cell: name, state, detail."""
+    from ..ablate.launcher import sweep_status
+
+    rows = sweep_status(sweep_dir)
+    width = max((len(name) for name, _, _ in rows), default=4)
+    for name, state, detail in rows:
+        typer.echo(f"{name:<{width}}  {state:<11}  {detail}".rstrip())
+    counts: dict[str, int] = {}
+    for _, state, _ in rows:
+        counts[state] = counts.get(state, 0) + 1
+    typer.echo(", ".join(f"{n} {state}" for state, n in counts.items()) or "no cells")
