@@ -16,6 +16,8 @@ from emactl.config import to_dict
 from emactl.engine.checkpoint import checkpoint_path, latest_checkpoint
 from emactl.engine.rundir import code_version
 
+from cli_run import cli, one_line_error
+
 TINY = {
     "name": "tiny",
     "data": {"name": "shapes", "num_classes": 7, "workers": 0, "crop_size": 32, "flip": False,
@@ -32,18 +34,6 @@ METRIC_COLUMNS = ["mIoU", "aAcc", "mAcc", "train_time_s", "eval_time_s", "params
 QUIET = ["--no-progress", "--threads", "1"]
 
 
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
-def one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error"), err
-    return lines[0]
 
 
 def base_recipe() -> dict:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from emactl.cli import main
 from emactl.config import EvalConfig, from_dict, to_dict
 from emactl.engine.checkpoint import checkpoint_path, save_checkpoint
 from emactl.engine.evaluate import evaluate, load_for_eval
@@ -17,6 +16,8 @@ from emactl.engine.metrics import compute_metrics
 from emactl.nn.emanet import build_model, ema_units, set_eval_iters
 
 from gloo import run_gloo_workers
+
+from cli_run import cli, one_line_error
 
 RECIPE = {
     "name": "tiny",
@@ -37,18 +38,6 @@ def run_dir(tmp_path_factory) -> Path:
     return root
 
 
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
-def one_line_error(code: int, err: str) -> str:
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error"), err
-    return lines[0]
 
 
 def test_eval_run_dir_writes_and_prints_tables(run_dir, capsys):

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from emactl.cli import main
 from emactl.config import from_dict, to_dict
 from emactl.engine.checkpoint import checkpoint_path, save_checkpoint
 from emactl.engine.evaluate import load_for_eval
@@ -33,6 +32,8 @@ from emactl.nn.ema import EMAU
 from emactl.nn.emanet import build_model
 from emactl.nn.heads import CONTEXTS
 from emactl.predict import normalise, predict_images
+
+from cli_run import cli, one_line_error
 
 from test_importer import original  # noqa: F401  (a module fixture: a small original-code checkpoint)
 
@@ -75,18 +76,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {head: make_run(base / head, head) for head in HEADS}
 
 
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
-def one_line_error(code: int, err: str) -> str:
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error"), err
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emactl.cli import main
 from emactl.config import from_dict, to_dict
 from emactl.engine.checkpoint import checkpoint_path, save_checkpoint
 from emactl.nn.emanet import build_model
 from emactl.predict import blend
+
+from cli_run import cli, one_line_error
 
 NUM_CLASSES = 7
 RECIPE = {
@@ -43,18 +44,6 @@ def images(tmp_path) -> Path:
     return folder
 
 
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
-def one_line_error(code: int, err: str) -> str:
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error"), err
-    return lines[0]
 
 
 def test_predict_writes_palette_masks_and_overlays(run_dir, images, tmp_path, capsys):
