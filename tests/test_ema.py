@@ -516,3 +516,72 @@ def test_emau_folds_only_where_it_saves_work():
     assert unit.eval().folds(9) and not unit.train().folds(9)
     unit.fold = False
     assert not unit.folds(10_000)
+
+
+# ---------------------------------------------------------------------------------------------
+# The softmax over the bases and the whole unit against plain float64 computations.
+
+
+def test_softmax_bases_matches_float64_closer_than_an_ulp_budget():
+    """fp32 responsibilities within 6e-7 (relative to the largest) of float64 at the paper's K
+    and a tenth of its pixels; torch.softmax over this non-last dimension measured 7.9e-7."""
+    from emactl.nn.ema import softmax_bases
+
+    logits = torch.randn(4, 64, 4225, generator=torch.Generator().manual_seed(0)) * 5
+    want = torch.exp(logits.double() - logits.double().amax(1, keepdim=True))
+    want = want / want.sum(1, keepdim=True)
+    got = softmax_bases(logits.clone())
+    assert max_abs(got, want) / float(want.abs().max()) <= 6e-7
+    out = torch.empty_like(logits)
+    assert softmax_bases(logits, out=out) is out and torch.equal(out, got)
+    half = softmax_bases(logits.bfloat16())  # reduced precision: torch.softmax
+    assert half.dtype == torch.bfloat16
+    assert max_abs(half, torch.softmax(logits.bfloat16().double(), 1)) <= 4e-3  # bf16 output rounding
+
+
+def test_softmax_bases_gradient_is_softmax_gradient():
+    from emactl.nn.ema import softmax_bases
+
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(softmax_bases, (logits,))
+    probe = torch.randn(2, 5, 7, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((softmax_bases(logits) * probe).sum(), logits)
+    (theirs,) = torch.autograd.grad((torch.softmax(logits, 1) * probe).sum(), logits)
+    assert rel_err(ours, theirs) <= 1e-12
+
+
+def plain_unit(unit: EMAU, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """The EMA unit written out in float64: conv1, the Python-float EM, ReLU, conv2, BN, + x, ReLU."""
+    b, c, h, w = x.shape
+    x = x.double()
+    feats = F.conv2d(x, unit.conv1.weight.double(), unit.conv1.bias.double()).view(b, c, h * w)
+    recon, _, _ = reference_em(feats, unit.mu.double(), unit.iters, unit.temperature, unit.norm)
+    y = F.conv2d(recon.view(b, c, h, w).relu(), unit.conv2.weight.double())
+    if training:
+        mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = unit.bn.running_mean.double(), unit.bn.running_var.double()
+    y = (y - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + unit.bn.eps)
+    y = y * unit.bn.weight.double().view(1, -1, 1, 1) + unit.bn.bias.double().view(1, -1, 1, 1)
+    return (y + x).relu()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_emau_fp32_matches_plain_float64_unit(training):
+    """The unit as it runs on the CPU (conv1 folded into the products, conv2 as a batched
+    product, BN folded into conv2 in eval) against the unit written out in float64."""
+    torch.manual_seed(11)
+    unit = EMAU(6, 3, iters=3)
+    with torch.no_grad():
+        unit.bn.running_mean.uniform_(-0.5, 0.5)
+        unit.bn.running_var.uniform_(0.5, 2.0)
+        unit.bn.weight.uniform_(0.5, 1.5)
+        unit.bn.bias.uniform_(-0.5, 0.5)
+    unit.train(training)
+    x = torch.randn(2, 6, 5, 6).relu()
+    assert unit.folds(30)
+    want = plain_unit(unit, x, training)
+    with torch.no_grad():
+        got = unit(x.clone())
+    assert rel_err(got, want) <= 1e-5
+    assert max_abs(got, want) <= 1e-5 * float(want.abs().max())

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ema import finish_m_step, plain_iterations
+from .ema import finish_m_step, plain_iterations, softmax_bases
 
 BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half a core's L2 here
 LARGE = 1 << 26  # multiply-adds per sample and product (C·N·K) from which auto leaves bmm
@@ -164,7 +164,7 @@ def conv_iterations(
             logits = F.conv2d(image, nu.t().contiguous().view(k, c, 1, 1), shift).view(k, n)
             if temperature != 1.0:
                 logits.mul_(temperature)
-            zs = torch.softmax(logits, 0, out=z[s])
+            zs = softmax_bases(logits, out=z[s])
             xz = F.conv2d(zs.t().unsqueeze(0).unsqueeze(2), filters)[0, :, 0, :]
             mu_s = finish_m_step(xz.unsqueeze(0), zs.unsqueeze(0), norm, weight, bias)[0]
         bases[s] = mu_s
@@ -193,7 +193,7 @@ def blocked_iterations(
             logits = torch.bmm(nu_t, xb) if shift is None else torch.baddbmm(shift.unsqueeze(2), nu_t, xb)
             if temperature != 1.0:
                 logits.mul_(temperature)
-            torch.softmax(logits, 1, out=zb)
+            softmax_bases(logits, out=zb)
             if start == 0:
                 torch.bmm(xb, zb.transpose(1, 2), out=total)
             else:

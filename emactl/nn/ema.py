@@ -73,7 +73,26 @@ def e_step(x: Tensor, mu: Tensor, temperature: float, weight: Tensor | None = No
         logits = torch.bmm(nu_t, x) if shift is None else torch.baddbmm(shift, nu_t, x)
     if temperature != 1.0:
         logits = logits * temperature
-    return torch.softmax(logits, dim=1)
+    return softmax_bases(logits)
+
+
+def softmax_bases(logits: Tensor, out: Tensor | None = None) -> Tensor:
+    """Softmax over the bases, the second-to-last dimension of (..., K, N) logits.
+
+    torch.softmax over a dimension that is not the last runs a kernel whose fp32 results lie
+    about twice as far from float64 as ``exp(l − max) / Σ exp(l − max)`` written out, so fp32
+    and fp64 use the written-out form (in place, into ``logits`` or ``out``, when no gradient
+    is needed). Reduced precision keeps torch.softmax, which accumulates in fp32 internally.
+    """
+    if logits.dtype not in (torch.float32, torch.float64):
+        return torch.softmax(logits, -2) if out is None else torch.softmax(logits, -2, out=out)
+    peak = logits.amax(-2, keepdim=True)
+    if torch.is_grad_enabled() and logits.requires_grad:  # out of place: autograd saves exp's output
+        z = torch.exp(logits - peak)
+        return z / z.sum(-2, keepdim=True)
+    z = logits.sub_(peak) if out is None else torch.sub(logits, peak, out=out)
+    z.exp_()
+    return z.div_(z.sum(-2, keepdim=True))
 
 
 def m_step(x: Tensor, z: Tensor, norm: str, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -326,22 +345,35 @@ class EMAU(nn.Module):
             self.update_bases(out.bases)
         if self.record:
             self.last = EMAOutput(*(t.detach().clone() for t in out))
-        y = out.recon.reshape(b, c, h, w)
         # in place without autograd only: conv2 saves its input, and the buffer is overwritten next call
-        y = F.relu(y) if torch.is_grad_enabled() else torch.relu_(y)
-        y = self._conv2_bn(y)
-        if y.dtype == identity.dtype:  # y is the BN's fresh output, which nothing saves
-            return torch.relu_(y.add_(identity))
-        return F.relu(y + identity)
+        y = F.relu(out.recon) if torch.is_grad_enabled() else torch.relu_(out.recon)
+        y = self._conv2_bn(y, h, w)
+        # y (or the sum, under autocast) is a fresh tensor that nothing saves: add and ReLU in place
+        return torch.relu_(y.add_(identity) if y.dtype == identity.dtype else identity + y)
 
-    def _conv2_bn(self, y: Tensor) -> Tensor:
-        """conv2 then BN; in eval without autograd, one convolution with the BN folded in."""
-        bn = self.bn
-        if self.training or torch.is_grad_enabled() or not bn.track_running_stats or bn.running_var is None:
-            return bn(self.conv2(y))
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = self.conv2.weight * scale.view(-1, 1, 1, 1)
-        return F.conv2d(y, weight, bn.bias - bn.running_mean * scale)
+    def _conv2_bn(self, y: Tensor, h: int, w: int) -> Tensor:
+        """conv2 then BN on the (B, C, N) reconstruction; in eval without autograd, one product
+        with the BN folded in.
+
+        On the CPU the 1×1 convolution runs as one batched matrix product: the same
+        multiply-adds as ``conv2d``, but its kernels run closer to the machine's rate, most of
+        all in bf16 (see docs/BENCHMARKS.md); the output keeps the (B, C, H, W) contiguous
+        layout of the convolution.
+        """
+        bn, (b, c, n) = self.bn, y.shape
+        matmul = y.device.type == "cpu" and not exporting()
+        folded = not (self.training or torch.is_grad_enabled() or not bn.track_running_stats or bn.running_var is None)
+        weight, shift = self.conv2.weight.view(c, c), None
+        if folded:
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weight, shift = weight * scale.view(-1, 1), bn.bias - bn.running_mean * scale
+        if matmul:
+            weight = weight.expand(b, c, c)
+            v = torch.bmm(weight, y) if shift is None else torch.baddbmm(shift.view(1, c, 1), weight, y)
+            v = v.view(b, c, h, w)
+        else:
+            v = F.conv2d(y.view(b, c, h, w), weight.view(c, c, 1, 1), shift)
+        return v if folded else bn(v)
 
     def folds(self, pixels: int) -> bool:
         """Whether a forward over ``pixels`` folds conv1 into the products: where that saves

@@ -90,8 +90,9 @@ def eval_call(unit: nn.Module, x: Tensor, device: torch.device, dtype: torch.dty
     return run
 
 
-def train_call(unit: nn.Module, x: Tensor, weight: Tensor, device: torch.device, dtype: torch.dtype) -> Callable[[], Tensor]:
-    """Forward, a weighted-sum loss, backward and the bases update, as one training step runs them."""
+def train_call(unit: nn.Module, x: Tensor, grad: Tensor, device: torch.device, dtype: torch.dtype) -> Callable[[], Tensor]:
+    """Forward, backward from the output gradient ``grad`` and the bases update, as the unit runs
+    inside a training step (the layers after it hand it that gradient; no loss is timed)."""
     unit.train()
     inputs = x.detach().clone().requires_grad_()
     params = [p for p in unit.parameters() if p.requires_grad]
@@ -102,10 +103,9 @@ def train_call(unit: nn.Module, x: Tensor, weight: Tensor, device: torch.device,
         inputs.grad = None
         with autocast(device, dtype):
             out = unit(inputs)
-            loss = (out.float() * weight).sum()
         if isinstance(unit, ReferenceEMAU):
             unit.update_bases()
-        loss.backward()
+        out.backward(grad)
         return out
 
     return run
@@ -144,7 +144,7 @@ def profile_unit(
 
     torch.manual_seed(1)
     x = torch.randn(batch, channels, size, size, device=device).relu()  # after the head's conv + BN + ReLU
-    weight = torch.randn(batch, channels, size, size, device=device)
+    grad = torch.randn(batch, channels, size, size, device=device)
     previous = torch.get_num_threads()
     rows, summary = [], []
     try:
@@ -156,7 +156,7 @@ def profile_unit(
             for (mode, dtype), group in units.items():
                 for name, unit in group.items():
                     fns[(name, DTYPE_NAMES[dtype], mode)] = (
-                        eval_call(unit, x, device, dtype) if mode == "eval" else train_call(unit, x, weight, device, dtype)
+                        eval_call(unit, x, device, dtype) if mode == "eval" else train_call(unit, x, grad, device, dtype)
                     )
             timings = measure_many(fns, device, rounds=repeats)
             for (name, d, mode), t in timings.items():
