@@ -83,7 +83,7 @@ def _choice_parser(values: Sequence[str] | Callable[[], Sequence[str]]) -> Calla
 
 
 def _head_names() -> list[str]:
-    from ..nn.heads import CONTEXTS  # torch: not at import time, which `emactl --help` pays for
+    from ..nn.heads import CONTEXTS  # imports torch: not when the CLI starts and imports this module
 
     return CONTEXTS.names()
 
