@@ -23,6 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from .errors import UserError
+from .nn.choices import BASES_UPDATES, GRAD_MODES, NORMS
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -30,19 +31,21 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 @dataclass
 class EMAConfig:
-    """The EMA unit. ``momentum`` is the weight on the *old* bases (0.9 as in the paper)."""
+    """The EMA unit. ``momentum`` is the weight on the *old* bases (0.9 as in the paper).
+
+    Every field is a keyword argument of :class:`emactl.nn.ema.EMAU` of the same name; the
+    choices come from :mod:`emactl.nn.choices`."""
 
     bases: int = 64
     iters: int = 3
     eval_iters: int | None = None
     temperature: float = 1.0
-    norm: Literal["l2", "layernorm", "none"] = "l2"
-    grad: Literal["none", "last", "full"] = "none"
-    bases_update: Literal["moving_average", "normed_moving_average", "backprop", "none"] = "moving_average"
+    norm: Literal[NORMS] = "l2"
+    grad: Literal[GRAD_MODES] = "none"
+    bases_update: Literal[BASES_UPDATES] = "moving_average"
     momentum: float = 0.9
     renorm: bool = True
     zero_init: bool = False
-    cuda_graph: bool = False  # replay the EM iterations from CUDA graphs on a GPU when no gradient flows
     fold: bool = True  # fold the unit's first 1x1 conv into the EM products (same result, less work)
 
 

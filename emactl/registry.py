@@ -1,7 +1,7 @@
 """Name → factory registries, so recipes can pick models, heads, backbones and datasets."""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 from .errors import UserError
 
@@ -34,6 +34,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def __iter__(self) -> Iterator[str]:
+        """The names in registration order (:meth:`names` sorts them)."""
+        return iter(self._items)
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

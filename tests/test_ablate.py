@@ -15,6 +15,7 @@ from emactl.cli import main
 from emactl.config import to_dict
 from emactl.engine.checkpoint import checkpoint_path, latest_checkpoint
 from emactl.engine.rundir import code_version
+from emactl.nn.choices import BASES_UPDATES, GRAD_MODES, NORMS
 
 from cli_run import cli, one_line_error
 
@@ -133,6 +134,20 @@ def test_heads_without_ema_collapse_the_ema_axes():
     cells, _ = expand(base_recipe(), parse_axes(iters="1,3", heads="ema,fcn"), [0])
     assert [c.name for c in cells] == ["T1_head-ema_seed0", "head-fcn_seed0", "T3_head-ema_seed0"]
     assert cells[1].eval_iters == [None] and cells[1].values["train_iters"] is None
+
+
+def test_ema_axes_follow_the_registry_not_the_name(monkeypatch):
+    """Whether the EMA axes apply is the registry's answer (has_ema_unit), not ``head == "ema"``."""
+    import emactl.nn.heads as heads
+
+    monkeypatch.setattr(heads, "has_ema_unit", lambda head: head == "fcn")
+    cells, _ = expand(base_recipe(), parse_axes(iters="1,3", heads="ema,fcn"), [0])
+    assert [c.name for c in cells] == ["head-ema_seed0", "T1_head-fcn_seed0", "T3_head-fcn_seed0"]
+
+
+def test_choice_axes_take_the_units_choices():
+    axes = parse_axes(norm=",".join(NORMS), grad=",".join(GRAD_MODES), bases_update=",".join(BASES_UPDATES))
+    assert [axes.values[c] for c in ("norm", "grad", "bases_update")] == [list(NORMS), list(GRAD_MODES), list(BASES_UPDATES)]
 
 
 @pytest.mark.parametrize(

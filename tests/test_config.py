@@ -14,6 +14,7 @@ from emactl.config import (
     EMAConfig,
     Recipe,
     apply_overrides,
+    choices,
     dump_yaml,
     from_dict,
     load_recipe,
@@ -21,6 +22,9 @@ from emactl.config import (
     to_dict,
 )
 from emactl.errors import UserError
+from emactl.nn.choices import BASES_UPDATES, GRAD_MODES, NORMS
+
+from cli_run import cli, one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -152,6 +156,22 @@ def test_override_into_a_value_is_an_error(tmp_path):
         load_recipe(p, ["name.x=1"])
 
 
+def test_ema_choices_come_from_nn_choices():
+    """One definition: the recipe's Literal fields are built from the tuples the unit checks."""
+    assert choices(EMAConfig, "norm") == NORMS
+    assert choices(EMAConfig, "grad") == GRAD_MODES
+    assert choices(EMAConfig, "bases_update") == BASES_UPDATES
+
+
+def test_removed_cuda_graph_key_is_a_one_line_exit_2(tmp_path, capsys):
+    """model.ema.cuda_graph went with nn/cudagraph.py (#15): a recipe or --set that still sets it
+    gets the ordinary unknown-key error."""
+    recipe = _write(tmp_path, "model:\n  ema:\n    cuda_graph: true\n")
+    for argv in (["train", str(recipe)], ["train", str(ROOT / "recipes" / "shapes.yaml"), "--set", "model.ema.cuda_graph=true"]):
+        code, _, err = cli(argv, capsys)
+        assert "unknown key 'model.ema.cuda_graph'" in one_line_error(code, err)
+
+
 def test_override_unknown_key_is_an_error():
     with pytest.raises(UserError, match=r"model\.ema\.itres"):
         load_recipe(None, ["model.ema.itres=5"])
@@ -175,6 +195,7 @@ def test_override_unknown_key_is_an_error():
         ("model:\n  ema: 3\n", ["model.ema", "mapping"]),
         ("model:\n  ema:\n    norm: l3\n", ["model.ema.norm", "'l3'", "l2", "layernorm", "none"]),
         ("model:\n  ema:\n    grad: some\n", ["model.ema.grad", "none", "last", "full"]),
+        ("model:\n  ema:\n    cuda_graph: true\n", ["unknown key 'model.ema.cuda_graph'"]),  # removed in #15
         ("model:\n  output_stride: 4\n", ["model.output_stride", "8", "16", "32"]),
         ("model:\n  ema:\n    iters: 0\n", ["model.ema.iters", "> 0"]),
         ("model:\n  ema:\n    bases: -4\n", ["model.ema.bases", "> 0"]),

@@ -413,26 +413,9 @@ def test_emau_eval_with_and_without_grad_agree(grad):
 
 
 # --------------------------------------------------------------------------------------------
-# CUDA: em_attention on the GPU and its CUDA-graph replay (skipped without a GPU).
+# CUDA: em_attention on the GPU (skipped without a GPU).
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def test_emau_cuda_graph_is_a_no_op_on_the_cpu():
-    unit = make_unit(cuda_graph=True).eval()
-    plain = copy.deepcopy(unit)
-    plain.cuda_graph = False
-    x = unit_input()
-    with torch.no_grad():
-        assert torch.equal(unit(x), plain(x))
-    assert unit._graphed is None
-
-
-def test_graphed_em_attention_refuses_cpu_input():
-    from emactl.nn.cudagraph import GraphedEMAttention
-
-    with pytest.raises(ValueError, match="CUDA"):
-        GraphedEMAttention()(features(), init_bases(24, 4), 3)
 
 
 @cuda
@@ -445,47 +428,3 @@ def test_em_attention_cuda_fp32_and_bf16_match_reference(norm, lam):
     check(em_attention(xc, muc, 3, lam, norm, out=out), ref, FP32_TOL)
     if (norm, lam) == ("l2", 1.0):  # the bf16 bound holds for the default only, as on the CPU (above)
         check(em_attention(xc.to(BF16), muc.to(BF16), 3, lam, norm), ref, BF16_TOL)
-
-
-@cuda
-@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
-def test_graphed_em_attention_matches_eager_on_new_inputs(amp):
-    """Replays read the new inputs (no stale result), and a graph is captured on the second
-    sight of a signature; bf16 under autocast within 1e-2 of the float64 reference."""
-    from emactl.nn.cudagraph import GraphedEMAttention
-
-    graphed = GraphedEMAttention(max_graphs=2)
-    mu0 = init_bases(64, 8).cuda()
-    with torch.no_grad(), torch.autocast("cuda", dtype=BF16, enabled=amp):
-        for seed in range(4):
-            x = features(b=2, c=64, n=300, seed=seed)
-            outs = [t.clone() for t in graphed(x.cuda(), mu0, 3)]
-            assert len(graphed) == (0 if seed == 0 else 1)
-            check(outs, reference(x, mu0.cpu(), 3), BF16_TOL if amp else FP32_TOL)
-        for n in (100, 200, 100, 200, 250, 250):  # three signatures, two graphs kept
-            graphed(features(b=2, c=64, n=n).cuda(), mu0, 3)
-    assert len(graphed) == 2
-
-
-@cuda
-@pytest.mark.parametrize("grad", ["none", "full"])
-def test_emau_cuda_graph_matches_eager(grad):
-    """Eval (graphed for every grad mode) and training with grad=none (graphed, the bases'
-    moving average included); grad=full trains eagerly since gradients cross the EM."""
-    unit = make_unit(grad=grad).cuda()
-    graphed = copy.deepcopy(unit)
-    graphed.cuda_graph = True
-    for seed in range(3):
-        x = unit_input(seed=seed).cuda()
-        unit.eval(), graphed.eval()
-        with torch.no_grad():
-            assert rel(graphed(x), unit(x)) <= FP32_TOL
-        unit.train(), graphed.train()
-        w = torch.randn(2, C, 5, 6, device="cuda")
-        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-        (unit(a) * w).sum().backward()
-        (graphed(b) * w).sum().backward()
-        assert rel(b.grad, a.grad) <= FP32_TOL
-        assert rel(graphed.mu, unit.mu) <= FP32_TOL
-    assert graphed._graphed is not None and len(graphed._graphed) >= 1
-    assert copy.deepcopy(graphed)._graphed is None or len(copy.deepcopy(graphed)._graphed) == 0

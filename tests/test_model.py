@@ -1,6 +1,11 @@
 """EMANet model: output shapes for each backbone/stride/head, and ImageNet weight loading."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -8,8 +13,11 @@ import torchvision
 from emactl.config import EMAConfig, ModelConfig
 from emactl.errors import UserError
 from emactl.nn.backbone import build_backbone
+from emactl.nn.ema import EMAU
 from emactl.nn.emanet import build_model, ema_units, set_eval_iters
-from emactl.nn.heads import CONTEXTS
+from emactl.nn.heads import CONTEXTS, context_names, has_ema_unit
+from emactl.profile.settings import HEADS as PROFILE_HEADS
+from emactl.profile.settings import SCALING_HEADS
 
 HEADS = ["ema", "nonlocal", "a2", "aspp", "psp", "fcn", "conv3x3"]
 
@@ -22,6 +30,44 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 def test_every_head_is_registered():
     assert set(HEADS) <= set(CONTEXTS.names())
+
+
+def test_heads_say_whether_they_have_an_ema_unit():
+    """ablate asks the registry, not the name (#15): only ``ema`` is an EMA unit today."""
+    assert [h for h in HEADS if has_ema_unit(h)] == ["ema"]
+    with pytest.raises(UserError, match="model.head: unknown head 'nope'"):
+        has_ema_unit("nope")
+
+
+def test_profile_head_lists_come_from_the_registry():
+    """Every registered head with a module to measure, in registration order (the identity
+    ``fcn`` has nothing to time); the scaling section: attention against the 3×3 conv."""
+    assert PROFILE_HEADS == ("ema", "nonlocal", "a2", "conv3x3", "aspp", "psp")
+    assert SCALING_HEADS == ("ema", "nonlocal", "a2", "conv3x3")
+    assert set(context_names(("attention", "conv", "pyramid", "identity"))) == set(CONTEXTS.names())
+
+
+def test_ema_config_fields_are_the_unit_arguments():
+    """The builder passes model.ema to EMAU field by field: a new field needs a new argument."""
+    fields = [f.name for f in dataclasses.fields(EMAConfig)]
+    assert fields == list(inspect.signature(EMAU).parameters)[1:]
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_bn_momentum_reaches_every_batchnorm(aux):
+    """Layers are built with PyTorch's default momentum; the builder sets model.bn_momentum on
+    every BatchNorm, the backbone's, the context's and the aux head's included."""
+    model = build_model(tiny_cfg(bn_momentum=3e-4, aux=aux, concat_input=True), 3)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) > 10 and all(m.momentum == 3e-4 for m in norms)
+
+
+def test_nn_reads_without_the_recipe():
+    """Only the builder (nn/emanet.py) imports emactl.config; the layers take plain arguments."""
+    code = ("import sys, emactl.nn.heads, emactl.nn.ema, emactl.nn.backbone, emactl.nn.choices; "
+            "assert 'emactl.config' not in sys.modules, 'emactl.config imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("head", HEADS)

@@ -30,8 +30,9 @@ from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
-from ..config import EMAConfig, apply_overrides, choices, from_dict
+from ..config import apply_overrides, from_dict
 from ..errors import UserError
+from ..nn.choices import BASES_UPDATES, GRAD_MODES, NORMS
 
 IterMode = Literal["diagonal", "grid", "none"]
 
@@ -67,10 +68,13 @@ def _momentum_value(option: str, text: str) -> float:
     return value
 
 
-def _choice_parser(values: Callable[[], Sequence[str]]) -> Callable[[str, str], str]:
+def _choice_parser(values: Sequence[str] | Callable[[], Sequence[str]]) -> Callable[[str, str], str]:
+    """A parser accepting one of ``values``: a sequence, or a function that lists them when a
+    value is parsed (the head registry, which imports torch)."""
+
     def parse(option: str, text: str) -> str:
         value = text.strip()
-        allowed = list(values())
+        allowed = list(values() if callable(values) else values)
         if value not in allowed:
             raise UserError(f"{option}: got {value!r}; choose from {', '.join(allowed)}")
         return value
@@ -79,9 +83,15 @@ def _choice_parser(values: Callable[[], Sequence[str]]) -> Callable[[str, str], 
 
 
 def _head_names() -> list[str]:
-    from ..nn.heads import CONTEXTS
+    from ..nn.heads import CONTEXTS  # imports torch: not when the CLI starts and imports this module
 
     return CONTEXTS.names()
+
+
+def _has_ema_unit(head: str) -> bool:
+    from ..nn.heads import has_ema_unit  # torch, as above
+
+    return has_ema_unit(head)
 
 
 def _num(v: Any) -> str:
@@ -94,11 +104,11 @@ AXES: dict[str, AxisSpec] = {
         AxisSpec("train_iters", "--train-iters", "model.ema.iters", True, _int_value, lambda v: f"T{v}"),
         AxisSpec("eval_iters", "--eval-iters", None, True, _int_value, lambda v: f"evalT{v}"),
         AxisSpec("bases_update", "--bases-update", "model.ema.bases_update", True,
-                 _choice_parser(lambda: choices(EMAConfig, "bases_update")), lambda v: f"update-{v}"),
+                 _choice_parser(BASES_UPDATES), lambda v: f"update-{v}"),
         AxisSpec("norm", "--norm", "model.ema.norm", True,
-                 _choice_parser(lambda: choices(EMAConfig, "norm")), lambda v: f"norm-{v}"),
+                 _choice_parser(NORMS), lambda v: f"norm-{v}"),
         AxisSpec("grad", "--grad", "model.ema.grad", True,
-                 _choice_parser(lambda: choices(EMAConfig, "grad")), lambda v: f"grad-{v}"),
+                 _choice_parser(GRAD_MODES), lambda v: f"grad-{v}"),
         AxisSpec("head", "--heads", "model.head", False, _choice_parser(_head_names), lambda v: f"head-{v}"),
         AxisSpec("bases", "--bases", "model.ema.bases", True, _int_value, lambda v: f"K{v}"),
         AxisSpec("momentum", "--momentum", "model.ema.momentum", True, _momentum_value, lambda v: f"m{_num(v)}"),
@@ -340,7 +350,7 @@ def expand(
         if "train_iters" in columns and "train_iters" not in values:
             values["train_iters"] = base_recipe.model.ema.iters
         head = values.get("head", base_recipe.model.head)
-        if head != "ema":
+        if not _has_ema_unit(head):
             values = {c: (None if c in AXES and AXES[c].ema_only else v) for c, v in values.items()}
         elif (values.get("bases_update", base_recipe.model.ema.bases_update) == "backprop"
               and values.get("grad", base_grad) != "full"):
@@ -371,7 +381,7 @@ def expand(
 
 
 def _eval_values(axes: Axes, values: dict[str, Any], head: str) -> list[int | None]:
-    if head != "ema" or axes.iter_mode == "none":
+    if axes.iter_mode == "none" or not _has_ema_unit(head):
         return [None]
     if axes.iter_mode == "diagonal":
         return [values["train_iters"]]

@@ -181,6 +181,7 @@ def plan_from(source: Path, axes: Axes, seeds: int = 1, out: Path | None = None)
     """Plan a sweep that only evaluates a trained run (or checkpoint) at the eval-side values."""
     from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
     from ..engine.evaluate import run_dir_of
+    from ..nn.heads import has_ema_unit
 
     train_side = [AXES[c].option if c in AXES else f"--set {c}" for c in axes.train_side]
     if axes.iter_mode == "diagonal":
@@ -202,7 +203,7 @@ def plan_from(source: Path, axes: Axes, seeds: int = 1, out: Path | None = None)
     data.setdefault("model", {})["pretrained"] = None
     data.pop("launcher", None)
     recipe = from_dict(data, source=f"{ckpt} (stored recipe)")
-    if recipe.model.head != "ema":
+    if not has_ema_unit(recipe.model.head):
         raise UserError(f"--from {source}: model.head={recipe.model.head!r} has no EMA unit; --eval-iters needs one")
     run_name = run_dir_of(source).name or "run"
     values: dict[str, Any] = {"train_iters": recipe.model.ema.iters, "seed": recipe.train.seed}

@@ -105,7 +105,7 @@ TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "iteration", "loader", "ran
 # would make the resumed run differ from what its checkpoints and recipe.yaml say.
 RESUME_MUTABLE = (
     "name", "out_dir", "data.root", "data.workers", "data.class_names", "model.pretrained",
-    "model.ema.cuda_graph", "train.iters", "train.val_every", "train.ckpt_every", "train.keep_ckpts",
+    "train.iters", "train.val_every", "train.ckpt_every", "train.keep_ckpts",
     "train.log_every", "train.device", "train.compile", "train.cudnn_benchmark", "eval.",
 )
 

@@ -31,11 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NORMS = ("l2", "layernorm", "none")
-GRAD_MODES = ("none", "last", "full")
-BASES_UPDATES = ("moving_average", "normed_moving_average", "backprop", "none")
-AVERAGED = ("moving_average", "normed_moving_average")  # the updates that keep a moving average
-METHODS = ("auto", "bmm", "blocked", "conv")  # how iterations without gradient run (em_cpu)
+from .choices import AVERAGED, BASES_UPDATES, GRAD_MODES, METHODS, NORMS
 
 
 class EMAOutput(NamedTuple):
@@ -62,7 +58,7 @@ def e_step(x: Tensor, mu: Tensor, temperature: float, weight: Tensor | None = No
     f = weight·x + bias when a 1×1 convolution is folded in: muᵀ f = (weightᵀ mu)ᵀ x + muᵀ bias.
 
     The (B, K, N) layout makes both GEMMs of an iteration read ``x`` in its natural (B, C, N)
-    order, which measured faster than the (B, N, K) layout of the public code.
+    order; docs/BENCHMARKS.md records it as faster than the (B, N, K) layout of the public code.
     """
     if weight is None:
         logits = torch.bmm(mu.transpose(1, 2), x)
@@ -207,7 +203,7 @@ def plain_iterations(
 def exporting() -> bool:
     """Whether the forward is being traced for export (``torch.jit.trace``, ``torch.onnx.export``,
     ``torch.export``): the unit then records one plain graph, with no
-    measured CPU method, no reused buffer, no CUDA graph and no shape-dependent folding."""
+    measured CPU method, no reused buffer and no shape-dependent folding."""
     compiler = torch.compiler
     return (
         torch.jit.is_tracing()
@@ -253,10 +249,6 @@ class EMAU(nn.Module):
     ``fold`` folds conv1 into the EM products (:func:`em_attention`'s ``weight``/``bias``)
     wherever that saves work (:meth:`folds`): conv1's output, an N·C·C product, is then never
     formed; outputs and gradients are the same. ``fold=False`` always runs conv1 as written.
-
-    ``cuda_graph`` replays the EM iterations from CUDA graphs (:mod:`emactl.nn.cudagraph`)
-    whenever no gradient flows through them (eval, or ``grad="none"``) and the input is on a
-    GPU; elsewhere it changes nothing.
     """
 
     def __init__(
@@ -271,9 +263,7 @@ class EMAU(nn.Module):
         bases_update: str = "moving_average",
         momentum: float = 0.9,
         renorm: bool = True,
-        bn_momentum: float = 0.1,
         zero_init: bool = False,
-        cuda_graph: bool = False,
         fold: bool = True,
     ) -> None:
         super().__init__()
@@ -291,9 +281,7 @@ class EMAU(nn.Module):
         self.bases_update = bases_update
         self.momentum, self.renorm = momentum, renorm
         self.zero_init = zero_init
-        self.cuda_graph = cuda_graph
         self.fold = fold
-        self._graphed = None  # a GraphedEMAttention, made on the first graphed call
         self.record = False  # when True, keep the last responsibilities for visualisation
         self.last: EMAOutput | None = None
         self._buffer: Tensor | None = None
@@ -305,7 +293,7 @@ class EMAU(nn.Module):
             self.register_buffer("mu", mu)
         self.conv1 = nn.Conv2d(channels, channels, 1)
         self.conv2 = nn.Conv2d(channels, channels, 1, bias=False)
-        self.bn = nn.BatchNorm2d(channels, momentum=bn_momentum)
+        self.bn = nn.BatchNorm2d(channels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -323,8 +311,7 @@ class EMAU(nn.Module):
         identity = x
         b, c, h, w = x.shape
         traced = exporting()
-        graphed = not traced and self._use_graph(x)
-        if not traced and self.folds(h * w) and not graphed:  # conv1 lives in the products: its output never exists
+        if not traced and self.folds(h * w):  # conv1 lives in the products: its output never exists
             feats = x.reshape(b, c, h * w)
             if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):  # cast once, not per product
                 feats = feats.to(torch.get_autocast_dtype(x.device.type))
@@ -335,12 +322,9 @@ class EMAU(nn.Module):
         # mu0 for backward (grad="full", or "last" with one iteration), so hand it a copy.
         updating = self.training and self.bases_update in AVERAGED
         mu0 = self.mu.to(feats.dtype, copy=updating)
-        if graphed:
-            out = self._graphed(feats, mu0, self.current_iters)
-        else:
-            buffer = None if traced else self._recon_buffer(b, c, h * w, feats)
-            out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer,
-                               method="bmm" if traced else "auto", **proj)
+        buffer = None if traced else self._recon_buffer(b, c, h * w, feats)
+        out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer,
+                           method="bmm" if traced else "auto", **proj)
         if updating:
             self.update_bases(out.bases)
         if self.record:
@@ -380,17 +364,6 @@ class EMAU(nn.Module):
         multiply-adds. conv1 costs N·C² per image; folded, each of the 2T products adds C²·K
         (the bases mapped through the conv), so folding pays when N > 2·T·K."""
         return self.fold and pixels > 2 * self.current_iters * self.k
-
-    def _use_graph(self, feats: Tensor) -> bool:
-        if not self.cuda_graph or (torch.is_grad_enabled() and self.grad != "none"):
-            return False
-        from .cudagraph import GraphedEMAttention, graphable
-
-        if not graphable(feats):
-            return False
-        if self._graphed is None:
-            self._graphed = GraphedEMAttention(self.temperature, self.norm)
-        return True
 
     def _recon_buffer(self, b: int, c: int, n: int, like: Tensor) -> Tensor | None:
         """A reusable (B, C, N) reconstruction buffer, when the reconstruction needs no gradient.
@@ -432,5 +405,5 @@ class EMAU(nn.Module):
             f"channels={self.channels}, bases={self.k}, iters={self.iters}, "
             f"eval_iters={self.eval_iters}, temperature={self.temperature}, norm={self.norm}, "
             f"grad={self.grad}, bases_update={self.bases_update}, momentum={self.momentum}, "
-            f"renorm={self.renorm}, zero_init={self.zero_init}, cuda_graph={self.cuda_graph}, fold={self.fold}"
+            f"renorm={self.renorm}, zero_init={self.zero_init}, fold={self.fold}"
         )

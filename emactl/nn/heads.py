@@ -14,27 +14,80 @@ The context modules, registered by name in :data:`CONTEXTS`:
 * ``psp``: PSPNet's pyramid pooling module (bins 1, 2, 3, 6);
 * ``conv3x3``: a plain 3×3 conv + BN + ReLU (the paper's cost yardstick);
 * ``fcn``: no context at all (identity), a purely local baseline.
+
+The modules take plain arguments and never the recipe: :func:`emactl.nn.emanet.build_model` is
+the one place that maps ``model.*`` keys onto them. BatchNorm layers are built with PyTorch's
+defaults; the builder sets every BatchNorm's momentum of the network afterwards.
+
+Adding a head: write its module here and register a factory with :func:`register_context`,
+saying what it offers (its ``kind``, whether it is an EMA unit); the recipe, ``emactl ablate
+--heads`` and ``emactl profile`` take it from :data:`CONTEXTS`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
 from ..registry import Registry
 from .ema import EMAU
 
-CONTEXTS: Registry[Callable[[int, ModelConfig], nn.Module]] = Registry("head")
+ContextKind = Literal["attention", "pyramid", "conv", "identity"]
 
 
-def conv_bn_relu(cin: int, cout: int, k: int = 3, dilation: int = 1, bn_momentum: float = 0.1) -> nn.Sequential:
+@dataclass(frozen=True)
+class ContextSpec:
+    """A registered context module: how to build it and what callers may ask of it.
+
+    ``build(channels, **options)`` returns a module mapping C channels to C. The builder passes
+    every factory the same options, of which each takes what it needs: ``output_stride`` (int)
+    and ``ema`` (the :class:`EMAU` keyword arguments). ``ema_unit`` says that the module is an
+    EMA unit, so the EM settings (iterations, bases, bases update, …) apply to it. ``kind``
+    groups the modules for the profile: ``attention`` (pixel affinities: cost that may grow
+    faster than N), ``pyramid`` (pooled or dilated branches), ``conv`` (a local yardstick),
+    ``identity`` (no module: nothing to measure).
+    """
+
+    build: Callable[..., nn.Module]
+    kind: ContextKind
+    ema_unit: bool = False
+
+    def __call__(self, channels: int, **options: Any) -> nn.Module:
+        return self.build(channels, **options)
+
+
+CONTEXTS: Registry[ContextSpec] = Registry("head")
+
+
+def register_context(name: str, kind: ContextKind, ema_unit: bool = False) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``build(channels, **options)`` as the context module ``name`` (see :class:`ContextSpec`)."""
+
+    def deco(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        CONTEXTS.register(name)(ContextSpec(build, kind, ema_unit))
+        return build
+
+    return deco
+
+
+def has_ema_unit(head: str) -> bool:
+    """Whether the registered head ``head`` is an EMA unit (unknown names: a UserError)."""
+    return CONTEXTS.get(head, "model.head").ema_unit
+
+
+def context_names(kinds: Iterable[ContextKind]) -> tuple[str, ...]:
+    """The registered heads of the given kinds, in registration order."""
+    wanted = set(kinds)
+    return tuple(name for name in CONTEXTS if CONTEXTS.get(name).kind in wanted)
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 3, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (k // 2)
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout, momentum=bn_momentum),
+        nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
 
@@ -42,13 +95,13 @@ def conv_bn_relu(cin: int, cout: int, k: int = 3, dilation: int = 1, bn_momentum
 class NonLocal2d(nn.Module):
     """Embedded-Gaussian non-local block: y = x + BN(W · softmax(θ(x)ᵀφ(x)) g(x))."""
 
-    def __init__(self, channels: int, reduction: int = 2, bn_momentum: float = 0.1) -> None:
+    def __init__(self, channels: int, reduction: int = 2) -> None:
         super().__init__()
         inter = max(channels // reduction, 1)
         self.theta = nn.Conv2d(channels, inter, 1)
         self.phi = nn.Conv2d(channels, inter, 1)
         self.g = nn.Conv2d(channels, inter, 1)
-        self.out = nn.Sequential(nn.Conv2d(inter, channels, 1, bias=False), nn.BatchNorm2d(channels, momentum=bn_momentum))
+        self.out = nn.Sequential(nn.Conv2d(inter, channels, 1, bias=False), nn.BatchNorm2d(channels))
         nn.init.zeros_(self.out[1].weight)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -64,13 +117,13 @@ class NonLocal2d(nn.Module):
 class DoubleAttention(nn.Module):
     """A² block: gather m global descriptors with n attention maps, then distribute them."""
 
-    def __init__(self, channels: int, reduction: int = 4, bn_momentum: float = 0.1) -> None:
+    def __init__(self, channels: int, reduction: int = 4) -> None:
         super().__init__()
         m = n = max(channels // reduction, 1)
         self.a = nn.Conv2d(channels, m, 1)
         self.b = nn.Conv2d(channels, n, 1)
         self.v = nn.Conv2d(channels, n, 1)
-        self.out = nn.Sequential(nn.Conv2d(m, channels, 1, bias=False), nn.BatchNorm2d(channels, momentum=bn_momentum))
+        self.out = nn.Sequential(nn.Conv2d(m, channels, 1, bias=False), nn.BatchNorm2d(channels))
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -85,13 +138,13 @@ class DoubleAttention(nn.Module):
 class ASPP(nn.Module):
     """DeepLabV3's ASPP: a 1×1 conv, three dilated 3×3 convs and image pooling, fused by 1×1."""
 
-    def __init__(self, cin: int, cout: int, rates: tuple[int, ...], bn_momentum: float = 0.1) -> None:
+    def __init__(self, cin: int, cout: int, rates: tuple[int, ...]) -> None:
         super().__init__()
-        branches = [conv_bn_relu(cin, cout, 1, bn_momentum=bn_momentum)]
-        branches += [conv_bn_relu(cin, cout, 3, dilation=r, bn_momentum=bn_momentum) for r in rates]
+        branches = [conv_bn_relu(cin, cout, 1)]
+        branches += [conv_bn_relu(cin, cout, 3, dilation=r) for r in rates]
         self.branches = nn.ModuleList(branches)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(cin, cout, 1, bn_momentum=bn_momentum))
-        self.project = conv_bn_relu(cout * (len(rates) + 2), cout, 1, bn_momentum=bn_momentum)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(cin, cout, 1))
+        self.project = conv_bn_relu(cout * (len(rates) + 2), cout, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         outs = [branch(x) for branch in self.branches]
@@ -102,13 +155,13 @@ class ASPP(nn.Module):
 class PyramidPooling(nn.Module):
     """PSPNet's pyramid pooling: pool to each bin size, reduce, upsample, concatenate, fuse."""
 
-    def __init__(self, cin: int, cout: int, bins: tuple[int, ...] = (1, 2, 3, 6), bn_momentum: float = 0.1) -> None:
+    def __init__(self, cin: int, cout: int, bins: tuple[int, ...] = (1, 2, 3, 6)) -> None:
         super().__init__()
         inter = max(cin // len(bins), 1)
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(cin, inter, 1, bn_momentum=bn_momentum)) for b in bins
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(cin, inter, 1)) for b in bins
         )
-        self.fuse = conv_bn_relu(cin + inter * len(bins), cout, 3, bn_momentum=bn_momentum)
+        self.fuse = conv_bn_relu(cin + inter * len(bins), cout, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
@@ -116,60 +169,51 @@ class PyramidPooling(nn.Module):
         return self.fuse(torch.cat([x, *pooled], dim=1))
 
 
-def ema_unit(channels: int, cfg: ModelConfig) -> EMAU:
-    e = cfg.ema
-    return EMAU(
-        channels,
-        bases=e.bases,
-        iters=e.iters,
-        eval_iters=e.eval_iters,
-        temperature=e.temperature,
-        norm=e.norm,
-        grad=e.grad,
-        bases_update=e.bases_update,
-        momentum=e.momentum,
-        renorm=e.renorm,
-        bn_momentum=cfg.bn_momentum,
-        zero_init=e.zero_init,
-        cuda_graph=e.cuda_graph,
-        fold=e.fold,
-    )
-
-
 def aspp_rates(output_stride: int) -> tuple[int, ...]:
     """DeepLabV3's rates (6, 12, 18) at output stride 16, doubled at 8, halved at 32."""
     return tuple(max(1, r * 16 // output_stride) for r in (6, 12, 18))
 
 
-CONTEXTS.register("ema")(ema_unit)
-CONTEXTS.register("nonlocal")(lambda c, cfg: NonLocal2d(c, bn_momentum=cfg.bn_momentum))
-CONTEXTS.register("a2")(lambda c, cfg: DoubleAttention(c, bn_momentum=cfg.bn_momentum))
-CONTEXTS.register("aspp")(lambda c, cfg: ASPP(c, c, aspp_rates(cfg.output_stride), cfg.bn_momentum))
-CONTEXTS.register("psp")(lambda c, cfg: PyramidPooling(c, c, bn_momentum=cfg.bn_momentum))
-CONTEXTS.register("conv3x3")(lambda c, cfg: conv_bn_relu(c, c, 3, bn_momentum=cfg.bn_momentum))
-CONTEXTS.register("fcn")(lambda c, cfg: nn.Identity())
+# Registration order is the order of the profile's tables.
+@register_context("ema", "attention", ema_unit=True)
+def ema_context(channels: int, ema: Mapping[str, Any] | None = None, **_: Any) -> EMAU:
+    return EMAU(channels, **(ema or {}))
 
 
-def build_context(name: str, channels: int, cfg: ModelConfig) -> nn.Module:
-    return CONTEXTS.get(name, "model.head")(channels, cfg)
+register_context("nonlocal", "attention")(lambda c, **_: NonLocal2d(c))
+register_context("a2", "attention")(lambda c, **_: DoubleAttention(c))
+register_context("conv3x3", "conv")(lambda c, **_: conv_bn_relu(c, c, 3))
+register_context("aspp", "pyramid")(lambda c, output_stride=8, **_: ASPP(c, c, aspp_rates(output_stride)))
+register_context("psp", "pyramid")(lambda c, **_: PyramidPooling(c, c))
+register_context("fcn", "identity")(lambda c, **_: nn.Identity())
 
 
 class SegHead(nn.Module):
     """reduce (3×3 conv) → context → project (3×3 conv) → Dropout2d → classifier (1×1 conv).
 
-    With ``cfg.concat_input`` (mmseg's ``EMAHead``), a 3×3 conv + BN + ReLU over the channel
-    concatenation [layer-4 features, project output] (cin + mid → mid) runs before the dropout.
+    ``context_layer(channels)`` builds the context module (C → C), between reduce and project
+    so that parameters are initialised in layer order. With ``concat_input`` (mmseg's
+    ``EMAHead``), a 3×3 conv + BN + ReLU over the channel concatenation [layer-4 features,
+    project output] (cin + mid → mid) runs before the dropout.
     """
 
-    def __init__(self, cin: int, num_classes: int, cfg: ModelConfig) -> None:
+    def __init__(
+        self,
+        cin: int,
+        num_classes: int,
+        context_layer: Callable[[int], nn.Module],
+        channels: int = 512,
+        mid_channels: int = 256,
+        concat_input: bool = False,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
-        c, mid, m = cfg.head_channels, cfg.mid_channels, cfg.bn_momentum
-        self.reduce = conv_bn_relu(cin, c, 3, bn_momentum=m)
-        self.context = build_context(cfg.head, c, cfg)
-        self.project = conv_bn_relu(c, mid, 3, bn_momentum=m)
-        self.concat = conv_bn_relu(cin + mid, mid, 3, bn_momentum=m) if cfg.concat_input else None
-        self.dropout = nn.Dropout2d(cfg.dropout)
-        self.classifier = nn.Conv2d(mid, num_classes, 1)
+        self.reduce = conv_bn_relu(cin, channels, 3)
+        self.context = context_layer(channels)
+        self.project = conv_bn_relu(channels, mid_channels, 3)
+        self.concat = conv_bn_relu(cin + mid_channels, mid_channels, 3) if concat_input else None
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(mid_channels, num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.project(self.context(self.reduce(x)))
@@ -184,9 +228,9 @@ class AuxHead(nn.Module):
     This is mmseg's ``FCNHead(num_convs=1, channels=256, concat_input=False)`` as its EMANet
     configs build it (loss weight 0.4)."""
 
-    def __init__(self, cin: int, num_classes: int, channels: int = 256, dropout: float = 0.1, bn_momentum: float = 0.1) -> None:
+    def __init__(self, cin: int, num_classes: int, channels: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
-        self.block = conv_bn_relu(cin, channels, 3, bn_momentum=bn_momentum)
+        self.block = conv_bn_relu(cin, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 

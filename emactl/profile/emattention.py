@@ -11,10 +11,6 @@ measured in the same run on a batched matmul of the E-step's shape, (B, N, C) ×
 and on a square 2048³ ``torch.mm``: the ratio of the two rates shows how close EM attention
 is to what the machine's matrix units can do at these shapes. The square GEMM is 2048³ on the
 CPU and 8192³ on a GPU, where a smaller one does not fill the chip.
-
-On CUDA the section also times ``em_attention+cudagraph``: the same call replayed from a CUDA
-graph (:class:`emactl.nn.cudagraph.GraphedEMAttention`), which removes the launch overhead of
-its ~20 small kernels.
 """
 from __future__ import annotations
 
@@ -22,14 +18,12 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from ..nn.cudagraph import GraphedEMAttention
 from ..nn.ema import e_step, em_attention, init_bases, normalize_bases
 from .reference import reference_em_attention
 from .timing import measure_many
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SQUARE = {"cpu": 2048, "cuda": 8192}
-GRAPHED = "em_attention+cudagraph"
 
 
 def em_flops(batch: int, channels: int, pixels: int, bases: int, iters: int) -> int:
@@ -145,7 +139,7 @@ def profile_em_attention(
     ref32 = reference_em_attention(x32, mu32, iters)[0]
     bmm_label = f"bmm ({batch},{n},{channels})x({batch},{channels},{bases})"
     mm_label = f"mm {square}^3"
-    work = {"bmm": 2 * batch * n * channels * bases, "mm": 2 * square**3, "reference": flops, "em_attention": flops, GRAPHED: flops}
+    work = {"bmm": 2 * batch * n * channels * bases, "mm": 2 * square**3, "reference": flops, "em_attention": flops}
     fns = {}
     for dtype in dtypes:
         d = DTYPE_NAMES[dtype]
@@ -159,10 +153,6 @@ def profile_em_attention(
         # EMAU reuses one reconstruction buffer across calls; the timing does the same
         out = torch.empty(batch, channels, n, device=device, dtype=dtype)
         fns[("em_attention", d)] = lambda x=x, mu=mu, out=out: em_attention(x, mu, iters, grad="none", out=out)
-        if device.type == "cuda":
-            graphed = GraphedEMAttention()
-            graphed(x, mu, iters)  # first sight runs eagerly; the warm-up call then captures
-            fns[(GRAPHED, d)] = lambda x=x, mu=mu, graphed=graphed: graphed(x, mu, iters)
     if console is not None:
         console.log(
             f"ema: timing reference, em_attention and GEMMs in {', '.join(DTYPE_NAMES[d] for d in dtypes)} "
@@ -213,12 +203,4 @@ def profile_em_attention(
             ),
             (f"{d}: em_attention rate / {d} {mm_label} rate", rate[("em_attention", d)] / rate[("mm", d)]),
         ]
-    for dtype in dtypes:
-        d = DTYPE_NAMES[dtype]
-        if (GRAPHED, d) in timings:
-            summary += [
-                (f"{d}: {GRAPHED} time / fp32 reference time", timings[(GRAPHED, d)].median / base),
-                (f"{d}: {GRAPHED} time / em_attention time", timings[(GRAPHED, d)].median / timings[("em_attention", d)].median),
-                (f"{d}: {GRAPHED} rate / {d} {mm_label} rate", rate[(GRAPHED, d)] / rate[("mm", d)]),
-            ]
     return pd.DataFrame(rows), pd.DataFrame(summary, columns=["metric", "value"])

@@ -14,7 +14,7 @@ from rich.console import Console
 from torch import nn
 
 from ..config import EMAConfig, ModelConfig
-from ..nn.heads import build_context
+from ..nn.emanet import build_context
 from .counting import count_module, count_params
 from .memory import peak_memory
 from .timing import autocast, measure_many

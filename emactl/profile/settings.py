@@ -13,13 +13,14 @@ import torch
 
 from ..errors import UserError
 from ..nn.backbone import BACKBONES
+from ..nn.heads import context_names
 from .timing import DTYPES
 
 SECTIONS = ("heads", "networks", "scaling", "published", "ema", "unit", "train", "export")
 # export needs the optional onnx/onnxruntime extra and a CPU: it runs only when asked for
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "export")
-HEADS = ("ema", "nonlocal", "a2", "conv3x3", "aspp", "psp")
-SCALING_HEADS = ("ema", "nonlocal", "a2", "conv3x3")
+HEADS = context_names(("attention", "conv", "pyramid"))  # every registered head with a module to measure
+SCALING_HEADS = context_names(("attention", "conv"))  # attention's growth in N against the 3×3 conv's
 NETWORK_BACKBONES = ("resnet50", "resnet101")  # torchvision ships DeepLabV3/FCN for these
 
 # Section defaults when --size / --batch are not given.
