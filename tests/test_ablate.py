@@ -10,7 +10,8 @@ import yaml
 
 import emactl.engine.trainer as trainer
 from emactl.ablate.axes import expand, parse_axes, split_values
-from emactl.ablate.sweep import SWEEP_FILE, TRAIN_FILE, default_recipe, eval_file
+from emactl.ablate.launcher import TRAIN_FILE, eval_file
+from emactl.ablate.sweep import SWEEP_FILE, default_recipe
 from emactl.cli import main
 from emactl.config import to_dict
 from emactl.engine.checkpoint import checkpoint_path, latest_checkpoint

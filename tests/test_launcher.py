@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from emactl.ablate.launcher import EXECUTOR_ENV, JOB_FILE, JOBS_DIR, CellJob, torchrun_command
-from emactl.ablate.sweep import TRAIN_FILE, CellTask, eval_file
+from emactl.ablate.launcher import (
+    EXECUTOR_ENV, JOB_FILE, JOBS_DIR, TRAIN_FILE, CellJob, CellTask, eval_file, torchrun_command,
+)
 from emactl.engine.checkpoint import checkpoint_path
 
 from test_ablate import QUIET, TINY, cli, one_line_error
