@@ -438,3 +438,69 @@ def test_sweep_names_are_readable_with_plain_overrides():
     axes = parse_axes(iters="1,3,5", sets=["train.iters=60", "data.root=/data/x y"])
     assert default_sweep_dir("shapes", axes, [0]) == Path("sweeps/shapes_iters-1-3-5_data.root-data-x-y_train.iters-60")
     assert default_sweep_dir("shapes", parse_axes(iters="1,3,5"), [0]) == Path("sweeps/shapes_iters-1-3-5")
+
+
+# --------------------------------------------------------------------------------------------
+# The driver of every executor (here, --jobs worker processes, SLURM), on a fake one.
+
+
+class FakeExecutor:
+    """Ends the running cells as ``script`` says, one step per :meth:`ended` call (an exception
+    is raised there, like a Ctrl-C); records what the driver asked of it."""
+
+    where = ""
+
+    def __init__(self, script, slots=2, wait=True, stops=True):
+        self.script, self.slots, self.wait, self.stops = list(script), slots, wait, stops
+        self.submitted, self.interrupts, self.most = [], [], 0
+
+    def submit(self, task):
+        self.submitted.append(task.name)
+        return task.name
+
+    def ended(self, running):
+        from emactl.ablate.launcher import CellOutcome
+
+        self.most = max(self.most, len(running))
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        return {name: CellOutcome(name, status, signum=2 if status == "stopped" else None)
+                for name, status in step.items()}
+
+    def interrupt(self, running, count):
+        self.interrupts.append((sorted(running), count))
+        return self.stops
+
+
+def drive(executor, names="abc"):
+    from emactl.ablate.launcher import CellTask, run_cells
+
+    started, done = [], []
+    result = run_cells(executor, [CellTask(n, f"/x/{n}", {}, [None]) for n in names], lambda t: started.append(t.name),
+                       lambda o: done.append((o.name, o.status)))
+    return result, started, done
+
+
+def test_cells_run_up_to_slots_at_once_and_a_failure_stops_none():
+    executor = FakeExecutor([{"a": "failed"}, {}, {"b": "done", "c": "done"}])
+    result, started, done = drive(executor)
+    assert result == (None, []) and started == executor.submitted == ["a", "b", "c"] and executor.most == 2
+    assert done == [("a", "failed"), ("b", "done"), ("c", "done")]
+
+
+def test_ctrl_c_stops_submitting_stops_the_running_cells_and_its_signal_wins():
+    from emactl.ablate.launcher import Interrupted
+
+    executor = FakeExecutor([KeyboardInterrupt(), Interrupted(15), {"a": "stopped", "b": "stopped"}])
+    result, started, done = drive(executor)
+    assert result == (2, []) and started == ["a", "b"]  # c never starts; SIGINT came first
+    assert executor.interrupts == [(["a", "b"], 1), (["a", "b"], 2)]  # SIGINT, then SIGTERM to the workers
+    assert done == [("a", "stopped"), ("b", "stopped")]
+
+
+def test_cells_left_running_are_returned():
+    executor = FakeExecutor([KeyboardInterrupt()], slots=3, stops=False)  # SLURM jobs go on without the driver
+    assert drive(executor)[0] == (2, ["a", "b", "c"]) and executor.interrupts == [(["a", "b", "c"], 1)]
+    executor = FakeExecutor([], slots=3, wait=False)  # --no-wait
+    assert drive(executor)[0] == (None, ["a", "b", "c"])

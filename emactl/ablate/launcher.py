@@ -514,10 +514,6 @@ def job_state(record: dict[str, Any]) -> str:
     return state.split()[0].upper() if state.strip() else "UNKNOWN"
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 @dataclass
 class SlurmExecutor:
     """One SLURM job per cell, all submitted at once; waited for (``wait``) or left to run.
@@ -549,7 +545,8 @@ class SlurmExecutor:
         self._submitit.update_parameters(job_name=f"emactl-{task.name}")
         job = self._submitit.submit(CellJob(task, self.settings.gpus_per_cell, self.threads))
         record = {"job_id": str(job.job_id), "executor": "local" if os.environ.get(EXECUTOR_ENV) == "local" else "slurm",
-                  "folder": str(self.folder), "submitted": _now()}
+                  "folder": str(self.folder),
+                  "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         write_json(cell_dir / JOB_FILE, record)
         self.say(f"submitted {task.name} as job {record['job_id']}")
         return record

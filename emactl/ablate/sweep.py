@@ -220,8 +220,8 @@ def _current_schema(recipe: Any) -> Any:
         return recipe
 
 
-def _check_spec(sweep: Sweep) -> None:
-    """Refuse a directory that holds something other than this very sweep."""
+def check_sweep(sweep: Sweep) -> None:
+    """Refuse (one-line :class:`UserError`) a directory that holds anything but this very sweep."""
     path = sweep.dir / SWEEP_FILE
     if not sweep.dir.exists():
         return
@@ -253,18 +253,13 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
         yield
 
 
-def check_sweep(sweep: Sweep) -> None:
-    """Refuse (one-line :class:`UserError`) a directory that holds anything but this sweep."""
-    _check_spec(sweep)
-
-
 def open_sweep(sweep: Sweep) -> None:
     """Check the directory holds this sweep (or nothing) and write ``sweep.json``.
 
     ``sweep.json`` records the code version of every session that ran it; resuming a sweep
     with different code says so, since its cells then come from more than one version.
     """
-    _check_spec(sweep)
+    check_sweep(sweep)
     stored = read_json(sweep.dir / SWEEP_FILE) or {}
     code = code_version()
     versions = [v for v in stored.get("code_versions", []) if isinstance(v, dict)]
