@@ -3,7 +3,8 @@ as one resumable sweep.
 
 * :mod:`.axes` parses the comma-separated axis options and expands them into cells;
 * :mod:`.sweep` owns the sweep directory and runs the cells (resume, progress);
-* :mod:`.launcher` runs them here (parallel workers) or as SLURM jobs through submitit;
+* :mod:`.launcher` runs one cell, through one executor interface: in this process, in
+  ``--jobs`` worker processes or as a SLURM job through submitit;
 * :mod:`.report` rebuilds the tidy table, the pivots and the plots from the cells.
 """
 from __future__ import annotations

@@ -43,7 +43,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import yaml
@@ -81,7 +81,7 @@ def eval_file(cell_dir: Path, eval_iters: int | None) -> Path:
     return cell_dir / ("ablate_eval.json" if eval_iters is None else f"ablate_eval_T{eval_iters}.json")
 
 
-def cell_finished(cell_dir: Path, eval_iters: list[int | None]) -> bool:
+def cell_finished(cell_dir: Path, eval_iters: Sequence[int | None]) -> bool:
     """Trained, and evaluated at every eval T."""
     return (cell_dir / TRAIN_FILE).is_file() and all(eval_file(cell_dir, t).is_file() for t in eval_iters)
 
@@ -296,7 +296,8 @@ def run_cells(
     """Run ``tasks`` through ``executor``; the signal that stopped the sweep (this process's own
     wins over a cell's) and the cells left running (SLURM jobs not waited for)."""
     queue = list(tasks)
-    running: dict[str, tuple[CellTask, Any, float]] = {}
+    running: Running = {}
+    started: dict[str, float] = {}
     own: int | None = None
     stopped: int | None = None
     interrupts = 0
@@ -306,17 +307,18 @@ def run_cells(
                 while queue and len(running) < executor.slots and own is None and stopped is None:
                     task = queue.pop(0)
                     on_start(task)
-                    running[task.name] = (task, executor.submit(task), time.perf_counter())
+                    started[task.name] = time.perf_counter()
+                    running[task.name] = (task, executor.submit(task))
                 if not executor.wait:
                     break
-                for name, outcome in executor.ended({n: (t, h) for n, (t, h, _) in running.items()}).items():
-                    started = running.pop(name)[2]
+                for name, outcome in executor.ended(running).items():
+                    del running[name]
                     stopped = stopped or outcome.signum
-                    on_done(dataclasses.replace(outcome, seconds=time.perf_counter() - started))
+                    on_done(dataclasses.replace(outcome, seconds=time.perf_counter() - started[name]))
             except (KeyboardInterrupt, Interrupted) as e:
                 own = own or (e.signum if isinstance(e, Interrupted) else int(signal.SIGINT))
                 interrupts += 1
-                if not executor.interrupt({n: (t, h) for n, (t, h, _) in running.items()}, interrupts):
+                if not executor.interrupt(running, interrupts):
                     break
     return own or stopped, list(running)
 
