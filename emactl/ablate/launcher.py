@@ -347,7 +347,7 @@ class InProcessExecutor:
         return {name: outcome for name, (_, outcome) in running.items()}
 
     def interrupt(self, running: Running, count: int) -> bool:
-        return False  # the trainer has stopped this process's cell already
+        return False  # the interrupt has ended the cell of this process already
 
 
 def _watch_parent(parent: int) -> None:
