@@ -7,15 +7,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from rich.console import Console
 
 import emactl.engine.trainer as trainer
 from emactl.ablate.axes import expand, parse_axes, split_values
-from emactl.ablate.sweep import SWEEP_FILE, TRAIN_FILE, default_recipe, eval_file
+from emactl.ablate.launcher import TRAIN_FILE, CellOutcome, CellTask, Interrupted, eval_file, run_cells
+from emactl.ablate.progress import CellState, SweepMonitor, SweepProgress, cell_line, last_train_record, sweep_line
+from emactl.ablate.report import pivot, short_headers
+from emactl.ablate.sweep import SWEEP_FILE, default_recipe, default_sweep_dir, plan_recipe, sweep_progress
 from emactl.cli import main
-from emactl.config import to_dict
+from emactl.config import from_dict, to_dict
 from emactl.engine.checkpoint import checkpoint_path, latest_checkpoint
 from emactl.engine.rundir import code_version
 from emactl.nn.choices import BASES_UPDATES, GRAD_MODES, NORMS
+from emactl.tables import print_table
 
 from cli_run import cli, one_line_error
 
@@ -35,11 +40,7 @@ METRIC_COLUMNS = ["mIoU", "aAcc", "mAcc", "train_time_s", "eval_time_s", "params
 QUIET = ["--no-progress", "--threads", "1"]
 
 
-
-
 def base_recipe() -> dict:
-    from emactl.config import from_dict
-
     return to_dict(from_dict(TINY))
 
 
@@ -331,8 +332,6 @@ class FakeClock:
 
 
 def test_eta_from_this_sessions_iterations_and_evaluations():
-    from emactl.ablate.progress import CellState, SweepProgress, sweep_line
-
     clock = FakeClock()
     cells = {"T1": CellState(100, skipped=True), "T3": CellState(100, start=40), "T5": CellState(100)}
     p = SweepProgress(cells, clock)
@@ -369,8 +368,6 @@ def test_eta_from_this_sessions_iterations_and_evaluations():
 
 
 def test_eta_divides_by_the_cells_running_at_once():
-    from emactl.ablate.progress import CellState, SweepProgress
-
     clock = FakeClock()
     p = SweepProgress({n: CellState(100) for n in "abcd"}, clock, jobs=2)
     p.start("a"), p.start("b")
@@ -380,8 +377,6 @@ def test_eta_divides_by_the_cells_running_at_once():
 
 
 def test_eval_only_sweep_counts_cells():
-    from emactl.ablate.progress import CellState, SweepProgress, sweep_line
-
     clock = FakeClock()
     p = SweepProgress({"a": CellState(0), "b": CellState(0), "c": CellState(0, skipped=True)}, clock)
     assert p.by_cells and p.total() == 3 and p.done() == 1 and p.eta() is None
@@ -392,8 +387,6 @@ def test_eval_only_sweep_counts_cells():
 
 
 def test_cell_line_and_monitor_read_the_running_cells_metrics(tmp_path):
-    from emactl.ablate.progress import CellState, SweepMonitor, SweepProgress, cell_line, last_train_record
-
     run = tmp_path / "cell"
     run.mkdir()
     lines = [{"kind": "train", "iter": i, "loss": 1.0 / i, "img_per_s": 8.0} for i in range(10, 2000, 10)]
@@ -415,9 +408,6 @@ def test_cell_line_and_monitor_read_the_running_cells_metrics(tmp_path):
 
 
 def test_sweep_progress_starts_from_checkpoints_and_finished_cells(grid, recipe_file, tmp_path):
-    from emactl.ablate.axes import parse_axes
-    from emactl.ablate.sweep import plan_recipe, sweep_progress
-
     sweep = plan_recipe(recipe_file, parse_axes(train_iters="1,2", eval_iters="1,2"), out=grid)
     p = sweep_progress(sweep, FakeClock())
     assert all(c.skipped for c in p.cells.values()) and p.eta() == 0.0
@@ -427,11 +417,6 @@ def test_sweep_progress_starts_from_checkpoints_and_finished_cells(grid, recipe_
 
 
 def test_pivot_headers_fit_100_columns():
-    from rich.console import Console
-
-    from emactl.ablate.report import pivot, short_headers
-    from emactl.tables import print_table
-
     summary = pd.DataFrame([{"train_iters": 3, "eval_iters": t, "mIoU_mean": 80.0 + t, "mIoU_std": float("nan"),
                              "n": 1} for t in range(1, 9)])
     _, text = pivot(summary, ["train_iters"], ["eval_iters"])
@@ -447,8 +432,66 @@ def test_pivot_headers_fit_100_columns():
 
 
 def test_sweep_names_are_readable_with_plain_overrides():
-    from emactl.ablate.sweep import default_sweep_dir
-
     axes = parse_axes(iters="1,3,5", sets=["train.iters=60", "data.root=/data/x y"])
     assert default_sweep_dir("shapes", axes, [0]) == Path("sweeps/shapes_iters-1-3-5_data.root-data-x-y_train.iters-60")
     assert default_sweep_dir("shapes", parse_axes(iters="1,3,5"), [0]) == Path("sweeps/shapes_iters-1-3-5")
+
+
+# --------------------------------------------------------------------------------------------
+# The driver of every executor (here, --jobs worker processes, SLURM), on a fake one.
+
+
+class FakeExecutor:
+    """Ends the running cells as ``script`` says, one step per :meth:`ended` call (an exception
+    is raised there, like a Ctrl-C); records what the driver asked of it."""
+
+    where = ""
+
+    def __init__(self, script, slots=2, wait=True, stops=True):
+        self.script, self.slots, self.wait, self.stops = list(script), slots, wait, stops
+        self.submitted, self.interrupts, self.most = [], [], 0
+
+    def submit(self, task):
+        self.submitted.append(task.name)
+        return task.name
+
+    def ended(self, running):
+        self.most = max(self.most, len(running))
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        return {name: CellOutcome(name, status, signum=2 if status == "stopped" else None)
+                for name, status in step.items()}
+
+    def interrupt(self, running, count):
+        self.interrupts.append((sorted(running), count))
+        return self.stops
+
+
+def drive(executor, names="abc"):
+    started, done = [], []
+    result = run_cells(executor, [CellTask(n, f"/x/{n}", {}, [None]) for n in names], lambda t: started.append(t.name),
+                       lambda o: done.append((o.name, o.status)))
+    return result, started, done
+
+
+def test_cells_run_up_to_slots_at_once_and_a_failure_stops_none():
+    executor = FakeExecutor([{"a": "failed"}, {}, {"b": "done", "c": "done"}])
+    result, started, done = drive(executor)
+    assert result == (None, []) and started == executor.submitted == ["a", "b", "c"] and executor.most == 2
+    assert done == [("a", "failed"), ("b", "done"), ("c", "done")]
+
+
+def test_ctrl_c_stops_submitting_stops_the_running_cells_and_its_signal_wins():
+    executor = FakeExecutor([KeyboardInterrupt(), Interrupted(15), {"a": "stopped", "b": "stopped"}])
+    result, started, done = drive(executor)
+    assert result == (2, []) and started == ["a", "b"]  # c never starts; SIGINT came first
+    assert executor.interrupts == [(["a", "b"], 1), (["a", "b"], 2)]  # SIGINT, then SIGTERM to the workers
+    assert done == [("a", "stopped"), ("b", "stopped")]
+
+
+def test_cells_left_running_are_returned():
+    executor = FakeExecutor([KeyboardInterrupt()], slots=3, stops=False)  # SLURM jobs go on without the driver
+    assert drive(executor)[0] == (2, ["a", "b", "c"]) and executor.interrupts == [(["a", "b", "c"], 1)]
+    executor = FakeExecutor([], slots=3, wait=False)  # --no-wait
+    assert drive(executor)[0] == (None, ["a", "b", "c"])

@@ -14,8 +14,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from emactl.ablate.launcher import EXECUTOR_ENV, JOB_FILE, JOBS_DIR, CellJob, torchrun_command
-from emactl.ablate.sweep import TRAIN_FILE, CellTask, eval_file
+from emactl.ablate.launcher import (
+    EXECUTOR_ENV, JOB_FILE, JOBS_DIR, TRAIN_FILE, CellJob, CellTask, eval_file, torchrun_command,
+)
+from emactl.ablate.progress import last_train_record
+from emactl.cli import main
 from emactl.engine.checkpoint import checkpoint_path
 
 from test_ablate import QUIET, TINY, cli, one_line_error
@@ -47,8 +50,6 @@ def local_sweep(recipe_file, tmp_path_factory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.setenv(EXECUTOR_ENV, "local")
     try:
-        from emactl.cli import main
-
         with pytest.raises(SystemExit) as exc:
             main(argv(recipe_file, out))
         assert exc.value.code == 0
@@ -238,8 +239,6 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(tmp_path, m
     assert code == 0, err
     cell = out / "cells" / "T1_seed0"
     controller = int(json.loads((cell / JOB_FILE).read_text())["job_id"])
-    from emactl.ablate.progress import last_train_record
-
     while (last_train_record(cell) or {}).get("iter", 0) < 2:
         time.sleep(0.1)
     (task,) = _children(controller)

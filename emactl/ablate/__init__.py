@@ -3,7 +3,8 @@ as one resumable sweep.
 
 * :mod:`.axes` parses the comma-separated axis options and expands them into cells;
 * :mod:`.sweep` owns the sweep directory and runs the cells (resume, progress);
-* :mod:`.launcher` runs them here (parallel workers) or as SLURM jobs through submitit;
+* :mod:`.launcher` runs one cell, through one executor interface: in this process, in
+  ``--jobs`` worker processes or as a SLURM job through submitit;
 * :mod:`.report` rebuilds the tidy table, the pivots and the plots from the cells.
 """
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Any
 
 import pandas as pd
 
+from ..progress import hms
+from ..tables import describe_paths
 from .axes import Axes, parse_axes
+from .launcher import EXECUTOR_ENV, JOBS_DIR, SlurmExecutor, import_submitit
 from .report import write_report
-from .sweep import SweepOutcome, check_sweep, open_sweep, plan_from, plan_recipe, run_sweep, sweep_lock
+from .sweep import SweepOutcome, check_sweep, console, open_sweep, plan_from, plan_recipe, run_sweep, sweep_lock
 
 __all__ = ["AblationResult", "Axes", "parse_axes", "run_ablation"]
 
@@ -58,29 +62,24 @@ def run_ablation(
     ``gpus_per_cell``, ``time_min``, ``account``); with ``kind`` slurm the train-side cells are
     SLURM jobs, waited for unless ``wait`` is false.
     """
-    from ..tables import describe_paths
-    from ..progress import hms
-    from .sweep import console
-
-    from .launcher import EXECUTOR_ENV, JOBS_DIR, SlurmLauncher, import_submitit
-
     sweep = plan_from(source, axes, seeds, out) if source is not None else plan_recipe(recipe, axes, seeds, out)
     settings = dataclasses.replace(sweep.launcher, **{k: v for k, v in (launcher or {}).items() if v is not None})
-    runner = None
+    executor = None
     if settings.kind == "slurm":
         import_submitit()
         if source is not None:
             console.print("note: --from evaluates a trained run, here; --launcher slurm submits training cells only")
         else:
             poll = 1.0 if os.environ.get(EXECUTOR_ENV) == "local" else 30.0
-            runner = SlurmLauncher(sweep.dir / JOBS_DIR, settings, threads, wait=wait, poll_s=poll,
-                                   say=lambda text: console.print(text, markup=False))
+            executor = SlurmExecutor(sweep.dir / JOBS_DIR, settings, threads, wait=wait, poll_s=poll,
+                                     say=lambda text: console.print(text, markup=False))
     check_sweep(sweep)
     with sweep_lock(sweep.dir):
         open_sweep(sweep)
         for note in sweep.notes:
             console.print(note)
-        outcome = run_sweep(sweep, jobs=jobs, device=device, progress=progress, threads=threads, launcher=runner)
+        outcome = run_sweep(sweep, jobs=jobs, device=device, progress=progress, threads=threads,
+                            executor=executor)
         results, paths = write_report(sweep, show=show)
     console.print(f"wrote {describe_paths(paths)} in {hms(outcome.seconds)}", markup=False)
     return AblationResult(sweep.dir, results, paths, outcome)

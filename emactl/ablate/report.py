@@ -23,9 +23,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from ..errors import UserError
 from ..io import write_text
 from ..tables import markdown, print_table, save_table
-from .sweep import CELLS_DIR, ERROR_FILE, TRAIN_FILE, Sweep, eval_file, read_json
+from .launcher import CELLS_DIR, ERROR_FILE, TRAIN_FILE, eval_file, read_json
+from .sweep import Sweep
 
 METRICS = ("mIoU", "aAcc", "mAcc", "fwIoU")
 RESULT_COLUMNS = METRICS + ("train_time_s", "eval_time_s", "params")
@@ -215,8 +217,7 @@ def _save_pair(numeric: pd.DataFrame, text: pd.DataFrame, stem: Path) -> list[Pa
 def plots(sweep: Sweep) -> list[Path]:
     """The sweep's figures, drawn as ``emactl visualize ablation SWEEP`` draws them, into
     ``<sweep>/figures/``: one figure, one place."""
-    from ..errors import UserError
-    from ..visualize.ablation import draw_ablation
+    from ..visualize.ablation import draw_ablation  # matplotlib: only when there is something to draw
 
     try:
         return draw_ablation(sweep.dir)

@@ -1,4 +1,4 @@
-"""Running a sweep: the sweep directory, one run directory per cell, resume, parallel workers.
+"""Running a sweep: the sweep directory, one run directory per cell, resume, progress.
 
 Layout of a sweep directory::
 
@@ -16,26 +16,19 @@ eval files present), resumes interrupted trainings from their newest checkpoint
 (``train(..., resume=True)``) and evaluates whatever is missing. A directory that holds a
 different sweep is never written into.
 
-Where the cells run is :mod:`.launcher`'s business (here, or SLURM jobs through submitit).
-With ``jobs > 1`` each pending cell runs in its own spawned process with
-``torch.set_num_threads(max(1, cores // jobs))`` threads (or fewer, ``--threads``), so jobs ×
-threads never exceeds the cores. The workers sit in their own process group: a Ctrl-C reaches only the main process,
-which forwards exactly one SIGINT to each worker (the trainer then saves a checkpoint and
-stops) and waits for them. A worker whose main process has died stops the same way.
+How one cell runs, and where (this process, ``--jobs`` worker processes, SLURM jobs), is
+:mod:`.launcher`'s business. Locally each cell gets ``torch.set_num_threads(max(1, cores // jobs))``
+threads (or fewer, ``--threads``), so jobs × threads never exceeds the cores.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import multiprocessing
-import multiprocessing.connection
 import os
 import signal
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -44,44 +37,25 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from ..config import LauncherConfig, apply_overrides, from_dict, read_yaml, to_dict, with_overrides
+from ..engine.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
+from ..engine.evaluate import run_dir_of
 from ..engine.rundir import code_version
 from ..errors import UserError
 from ..io import LOCK_FILE, folder_lock, write_json
-from .axes import AXES, Axes, Cell, cell_label, expand, safe_label, table_columns
+from ..nn.heads import has_ema_unit
 from ..progress import hms
+from .axes import AXES, Axes, Cell, cell_label, expand, safe_label, table_columns
+from .launcher import (
+    CELLS_DIR, LOG_FILE, SWEEP_FILE, TRAIN_FILE, CellOutcome, CellTask, Executor, InProcessExecutor, SpawnExecutor,
+    cell_finished, read_json, run_cells,
+)
 from .progress import CellState, SweepMonitor, SweepProgress, cell_line, sweep_line
-from .launcher import Launcher, LocalLauncher
 
-SWEEP_FILE = "sweep.json"
-CELLS_DIR = "cells"
-TRAIN_FILE = "ablate_train.json"
-ERROR_FILE = "ablate_error.json"
-LOG_FILE = "ablate.log"
 DEFAULT_RECIPE = Path("recipes") / "shapes.yaml"
 SWEEPS_DIR = Path("sweeps")
 SPEC_KEYS = ("source", "recipe", "checkpoint", "axes", "seeds")
-FAILED, STOPPED = 3, 128
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def eval_file(cell_dir: Path, eval_iters: int | None) -> Path:
-    """Where the evaluation of a cell at eval T ``eval_iters`` is stored."""
-    return cell_dir / ("ablate_eval.json" if eval_iters is None else f"ablate_eval_T{eval_iters}.json")
-
-
-def cell_finished(cell_dir: Path, eval_iters: Sequence[int | None]) -> bool:
-    """Trained, and evaluated at every eval T."""
-    return (cell_dir / TRAIN_FILE).is_file() and all(eval_file(cell_dir, t).is_file() for t in eval_iters)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from ``path``, or None when it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,10 +153,6 @@ def plan_recipe(recipe: Path | None, axes: Axes, seeds: int = 1, out: Path | Non
 
 def plan_from(source: Path, axes: Axes, seeds: int = 1, out: Path | None = None) -> Sweep:
     """Plan a sweep that only evaluates a trained run (or checkpoint) at the eval-side values."""
-    from ..engine.checkpoint import load_checkpoint, resolve_checkpoint
-    from ..engine.evaluate import run_dir_of
-    from ..nn.heads import has_ema_unit
-
     train_side = [AXES[c].option if c in AXES else f"--set {c}" for c in axes.train_side]
     if axes.iter_mode == "diagonal":
         raise UserError(
@@ -251,8 +221,8 @@ def _current_schema(recipe: Any) -> Any:
         return recipe
 
 
-def _check_spec(sweep: Sweep) -> None:
-    """Refuse a directory that holds something other than this very sweep."""
+def check_sweep(sweep: Sweep) -> None:
+    """Refuse (one-line :class:`UserError`) a directory that holds anything but this very sweep."""
     path = sweep.dir / SWEEP_FILE
     if not sweep.dir.exists():
         return
@@ -284,18 +254,13 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
         yield
 
 
-def check_sweep(sweep: Sweep) -> None:
-    """Refuse (one-line :class:`UserError`) a directory that holds anything but this sweep."""
-    _check_spec(sweep)
-
-
 def open_sweep(sweep: Sweep) -> None:
     """Check the directory holds this sweep (or nothing) and write ``sweep.json``.
 
     ``sweep.json`` records the code version of every session that ran it; resuming a sweep
     with different code says so, since its cells then come from more than one version.
     """
-    _check_spec(sweep)
+    check_sweep(sweep)
     stored = read_json(sweep.dir / SWEEP_FILE) or {}
     code = code_version()
     versions = [v for v in stored.get("code_versions", []) if isinstance(v, dict)]
@@ -321,185 +286,12 @@ def _describe(code: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# One cell.
-
-
-@dataclass
-class CellTask:
-    """Everything a (possibly separate) process needs to run one cell."""
-
-    name: str
-    dir: str
-    recipe: dict[str, Any]
-    eval_iters: list[int | None]
-    source: str | None = None
-    eval_overrides: list[str] = field(default_factory=list)
-    device: str | None = None
-
-    def finished(self) -> bool:
-        return cell_finished(Path(self.dir), self.eval_iters)
-
-
-@dataclass
-class CellOutcome:
-    """``status`` is ``done``, ``failed`` (``error`` says why) or ``stopped`` (by ``signum``)."""
-
-    name: str
-    status: str
-    error: str | None = None
-    signum: int | None = None
-    seconds: float = 0.0
-
-
-def _count_params(model: Any) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def _train_cell(task: CellTask) -> int | None:
-    """Train the cell unless it is trained already; the signal number if a signal stopped it."""
-    from ..engine.checkpoint import checkpoint_path, load_checkpoint, resolve_checkpoint
-    from ..engine.trainer import train
-
-    cell_dir = Path(task.dir)
-    if (cell_dir / TRAIN_FILE).is_file():
-        return None
-    if task.source is not None:
-        ckpt = resolve_checkpoint(task.source)
-    else:
-        recipe = from_dict(task.recipe, source=f"ablate cell {task.name}")
-        if task.device is not None:
-            recipe.train.device = task.device
-        ckpt = checkpoint_path(cell_dir, recipe.train.iters)
-        if not ckpt.is_file():
-            result = train(recipe, cell_dir, resume=True, progress=False)
-            if result.stopped_by is not None:
-                return result.stopped_by
-    state = load_checkpoint(ckpt)
-    elapsed = state.get("elapsed")
-    write_json(
-        cell_dir / TRAIN_FILE,
-        {
-            "checkpoint": str(ckpt),
-            "iteration": int(state.get("iteration", 0)),
-            "train_time_s": float(elapsed) if elapsed is not None else None,
-        },
-    )
-    return None
-
-
-def _eval_cell(task: CellTask) -> None:
-    """Evaluate the cell's final checkpoint at every eval T that has no result yet."""
-    from ..data import build_dataset
-    from ..engine.evaluate import evaluate, load_for_eval
-    from ..nn.emanet import ema_units, set_eval_iters
-
-    cell_dir = Path(task.dir)
-    missing = [t for t in task.eval_iters if not eval_file(cell_dir, t).is_file()]
-    if not missing:
-        return
-    device = task.device or str(task.recipe.get("train", {}).get("device") or "auto")
-    run, cfg, dev = load_for_eval(task.source or cell_dir, task.eval_overrides, None, device)
-    recipe = run.recipe
-    dataset = build_dataset(recipe.data, recipe.data.val_split, train=False)
-    if dataset.num_classes != recipe.data.num_classes:
-        raise UserError(f"{run.checkpoint}: the model predicts {recipe.data.num_classes} classes but the dataset has "
-                        f"{dataset.num_classes}")
-    if len(dataset) == 0:
-        raise UserError(f"dataset {recipe.data.name!r} split {recipe.data.val_split!r} holds no images")
-    params = _count_params(run.model)
-    for t in missing:
-        if t is not None:
-            set_eval_iters(run.model, t)
-        start = time.perf_counter()
-        result = evaluate(run.model, dataset, cfg, dataset.num_classes, dataset.ignore_index, dev, progress=False,
-                          workers=recipe.data.workers)
-        seconds = time.perf_counter() - start
-        units = ema_units(run.model)
-        write_json(
-            eval_file(cell_dir, t),
-            {
-                "eval_iters": t,
-                "em_iters": units[0].eval_iters if units else None,
-                "metrics": {k: float(v) for k, v in result.summary.items()},
-                "eval_time_s": seconds,
-                "params": params,
-                "checkpoint": str(run.checkpoint),
-                "iteration": run.iteration,
-                "images": len(dataset),
-            },
-        )
-
-
-@contextlib.contextmanager
-def _logged(path: Path) -> Iterator[Any]:
-    """Send everything printed (the trainer's tables and messages) to the cell's log file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        yield log
-
-
-def run_cell(task: CellTask) -> CellOutcome:
-    """Train (or resume) and evaluate one cell; failures are recorded in the cell, not raised.
-
-    A :class:`UserError` or any other exception (a NaN loss, a bad dataset option in a
-    ``--set`` value...) fails this cell only: the message goes to ``ablate_error.json``, the
-    traceback to ``ablate.log``, and the other cells go on. ``KeyboardInterrupt`` propagates.
-    """
-    cell_dir = Path(task.dir)
-    start = time.perf_counter()
-    (cell_dir / ERROR_FILE).unlink(missing_ok=True)
-    with _logged(cell_dir / LOG_FILE) as log:
-        try:
-            signum = _train_cell(task)
-            if signum is not None:
-                return CellOutcome(task.name, "stopped", signum=signum, seconds=time.perf_counter() - start)
-            _eval_cell(task)
-        except Exception as e:  # noqa: BLE001 - one failed cell must not end the sweep
-            message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            if not isinstance(e, UserError):
-                message = f"{type(e).__name__}: {message}"
-                traceback.print_exc(file=log)
-            else:
-                print(f"error: {message}", file=log)
-            write_json(cell_dir / ERROR_FILE, {"error": message})
-            return CellOutcome(task.name, "failed", error=message, seconds=time.perf_counter() - start)
-    return CellOutcome(task.name, "done", seconds=time.perf_counter() - start)
+# Running the sweep.
 
 
 def _task(sweep: Sweep, cell: Cell, device: str | None) -> CellTask:
     return CellTask(cell.name, str(sweep.cell_dir(cell)), cell.recipe, list(cell.eval_iters), cell.source,
                     list(sweep.eval_overrides), device)
-
-
-# --------------------------------------------------------------------------------------------
-# Worker processes.
-
-
-def _watch_parent(parent: int) -> None:
-    """Stop this worker like a SIGTERM would once its main process has gone."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _worker(task: CellTask, threads: int, parent: int) -> None:
-    """Entry point of a spawned worker: run one cell, report through the exit code.
-
-    0 = done, 3 = failed (the cell's ``ablate_error.json`` says why), 128 + N = stopped by
-    signal N.
-    """
-    import torch
-
-    os.setpgid(0, 0)
-    torch.set_num_threads(threads)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-    try:
-        outcome = run_cell(task)
-    except KeyboardInterrupt:
-        sys.exit(STOPPED + signal.SIGINT)
-    if outcome.status == "stopped":
-        sys.exit(STOPPED + int(outcome.signum or signal.SIGINT))
-    sys.exit(FAILED if outcome.status == "failed" else 0)
 
 
 def cores() -> int:
@@ -508,96 +300,6 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-class Interrupted(Exception):
-    """The main process got SIGINT or SIGTERM while cells were running."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Interrupted` in the main thread (SIGINT already raises)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
-    old = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def _outcome_of(task: CellTask, code: int | None, seconds: float) -> CellOutcome:
-    if code == 0:
-        return CellOutcome(task.name, "done", seconds=seconds)
-    if code is not None and code > STOPPED:
-        return CellOutcome(task.name, "stopped", signum=code - STOPPED, seconds=seconds)
-    if code is not None and code < 0:
-        return CellOutcome(task.name, "stopped", signum=-code, seconds=seconds)
-    error = (read_json(Path(task.dir) / ERROR_FILE) or {}).get("error") or f"worker exited with code {code}"
-    return CellOutcome(task.name, "failed", error=str(error), seconds=seconds)
-
-
-def run_parallel(
-    tasks: list[CellTask],
-    jobs: int,
-    threads: int,
-    on_done: Callable[[CellOutcome], None],
-    on_start: Callable[[CellTask], None],
-) -> int | None:
-    """Run ``tasks`` in up to ``jobs`` spawned workers; the signal number if interrupted.
-
-    The main process's own signal wins over the SIGINT it forwarded to the workers.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    queue = list(tasks)
-    running: dict[Any, tuple[Any, CellTask, float]] = {}
-    stopped: int | None = None
-    own: int | None = None
-    forwarded = 0
-
-    def forward(sig: int) -> None:
-        for proc, _task, _t in running.values():
-            if proc.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, sig)
-
-    while queue or running:
-        try:
-            while queue and len(running) < jobs and stopped is None:
-                task = queue.pop(0)
-                proc = ctx.Process(target=_worker, args=(task, threads, os.getpid()), name=f"ablate-{task.name}")
-                proc.start()
-                running[proc.sentinel] = (proc, task, time.perf_counter())
-                on_start(task)
-            if not running:
-                break
-            ready = multiprocessing.connection.wait(list(running), timeout=0.5)
-            for sentinel in ready:
-                proc, task, t0 = running.pop(sentinel)
-                proc.join()
-                outcome = _outcome_of(task, proc.exitcode, time.perf_counter() - t0)
-                if outcome.status == "stopped" and stopped is None:
-                    stopped = outcome.signum
-                on_done(outcome)
-        except (KeyboardInterrupt, Interrupted) as e:
-            own = own or (e.signum if isinstance(e, Interrupted) else int(signal.SIGINT))
-            queue.clear()
-            forwarded += 1
-            forward(signal.SIGINT if forwarded == 1 else signal.SIGTERM)
-    return own or stopped
-
-
-# --------------------------------------------------------------------------------------------
-# The whole sweep.
 
 
 @dataclass
@@ -627,8 +329,6 @@ def _progress(enabled: bool) -> Progress:
 
 def _iterations_done(sweep: Sweep, cell: Cell) -> int:
     """Training iterations a cell has behind it: all when trained, else its newest checkpoint's."""
-    from ..engine.checkpoint import latest_checkpoint
-
     d = sweep.cell_dir(cell)
     if cell.source is not None or (d / TRAIN_FILE).is_file():
         return _train_total(cell)
@@ -649,13 +349,13 @@ def sweep_progress(sweep: Sweep, jobs: int = 1, clock: Callable[[], float] = tim
 
 def run_sweep(
     sweep: Sweep, jobs: int = 1, device: str | None = None, progress: bool = True, threads: int | None = None,
-    launcher: Launcher | None = None,
+    executor: Executor | None = None,
 ) -> SweepOutcome:
     """Run every unfinished cell of an opened sweep (see :func:`open_sweep`).
 
-    ``launcher`` runs the cells (default: :class:`~.launcher.LocalLauncher`). Locally,
-    ``threads`` is the torch threads per cell, at most (and by default) ``cores // jobs``;
-    one job runs in this process, more in spawned worker processes.
+    ``executor`` runs the cells (default: here, see :mod:`.launcher`). Locally, ``threads`` is
+    the torch threads per cell, at most (and by default) ``cores // jobs``; one job runs in
+    this process, more in spawned worker processes.
     """
     if jobs < 1:
         raise UserError(f"--jobs: must be >= 1, got {jobs}")
@@ -675,14 +375,12 @@ def run_sweep(
             f"note: --threads {threads} × {jobs} job(s) is more than the {n_cores} cores here; using {limit}"
         )
     per_cell = min(threads, limit) if threads is not None else limit
-    console.print(
-        f"sweep {sweep.dir}: {len(sweep.cells)} cell(s), {len(skipped)} finished, {len(pending)} to run"
-        + (" as SLURM jobs" if launcher is not None else
-           (f" in {jobs} worker processes" if jobs > 1 else "") + f" × {per_cell} torch thread(s)")
-    )
+    if executor is None:
+        executor = SpawnExecutor(jobs, per_cell) if jobs > 1 else InProcessExecutor(per_cell)
+    console.print(f"sweep {sweep.dir}: {len(sweep.cells)} cell(s), {len(skipped)} finished, {len(pending)} to run"
+                  f"{executor.where}")
     done: list[str] = []
     failed: dict[str, str] = {}
-    stopped: int | None = None
     tasks = [_task(sweep, c, device) for c in pending]
     state = sweep_progress(sweep, jobs)
     bar = _progress(progress)
@@ -697,7 +395,7 @@ def run_sweep(
                 bar.update(task_id, total=max(1, cell.total), completed=cell.done, detail=cell_line(cell))
 
     monitor = SweepMonitor(state, {c.name: sweep.cell_dir(c) for c in sweep.cells}, refresh)
-    with bar, monitor, _sigterm_raises():
+    with bar, monitor:
 
         def on_start(task: CellTask) -> None:
             with monitor.lock:
@@ -708,12 +406,11 @@ def run_sweep(
             refresh()
 
         def on_done(outcome: CellOutcome) -> None:
-            nonlocal stopped
             with monitor.lock:
                 state.finish(outcome.name, ok=outcome.status == "done")
                 if outcome.name in cell_bars:
                     bar.remove_task(cell_bars.pop(outcome.name))
-            log = Path(sweep.dir) / CELLS_DIR / outcome.name / LOG_FILE
+            log = sweep.dir / CELLS_DIR / outcome.name / LOG_FILE
             if outcome.status == "done":
                 done.append(outcome.name)
                 bar.console.print(f"done {outcome.name} ({hms(outcome.seconds)})")
@@ -721,12 +418,9 @@ def run_sweep(
                 failed[outcome.name] = outcome.error or "failed"
                 bar.console.print(f"[red]failed[/] {outcome.name}: {outcome.error} (log: {log})")
             else:
-                stopped = stopped or outcome.signum
                 bar.console.print(f"stopped {outcome.name} by {signal.Signals(outcome.signum or 2).name}; "
                                   "run the same command again to resume")
             refresh()
 
-        runner = launcher if launcher is not None else LocalLauncher(jobs, per_cell)
-        stopped = runner.run(tasks, on_start, on_done) or stopped
-    queued = list(getattr(runner, "queued", []))
+        stopped, queued = run_cells(executor, tasks, on_start, on_done)
     return SweepOutcome(skipped, done, failed, stopped, time.perf_counter() - start, queued)
