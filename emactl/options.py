@@ -61,11 +61,6 @@ def out_option(help: str, short: bool = False) -> Any:
     return typer.Option(None, *names, help=help, metavar="DIR", show_default=False)
 
 
-def list_option(help: str, metavar: str = "LIST") -> Any:
-    """A comma-separated list, given as text (see :mod:`emactl.lists`), no default."""
-    return typer.Option(None, help=help, metavar=metavar, show_default=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # Options derived from the library
 

@@ -24,13 +24,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import EvalConfig, Recipe, dump_yaml, validate
+from ..data import build_dataset
 from ..data.loading import batches
 from ..device import resolve_device
 from ..errors import UserError
 from ..io import ensure_dir, folder_lock, write_text
+from ..lists import items
 from ..nn.emanet import ema_units, set_eval_iters
 from ..tables import describe_paths, print_table, save_table
 from .checkpoint import CKPT_DIR, LoadedRun, load_model, resolve_checkpoint
+from .distributed import cleanup, init_distributed, is_initialized
 from .inference import predict_logits, window_params
 from .metrics import ConfusionMeter, compute_metrics
 
@@ -189,7 +192,7 @@ def setting_name(meta: dict[str, Any]) -> str:
 def describe_setting(meta: dict[str, Any]) -> str:
     """The setting in words for titles: ``whole image, scales 0.75/1/1.25 + flip, T=3, iteration 1000``."""
     text = "sliding window" if meta.get("mode") == "slide" else "whole image"
-    scales = [float(x) for x in str(meta.get("scales") or "1").split(",") if str(x).strip()]
+    scales = [float(x) for x in items(str(meta.get("scales") or "1"))]
     text += ", single scale" if scales == [1.0] else ", scales " + "/".join(_number(x) for x in scales)
     if str(meta.get("flip")).lower() in ("true", "1"):
         text += " + flip"
@@ -331,8 +334,6 @@ def evaluate_run(
     of ``eval`` fields), gives the dataset and the eval settings; see :func:`load_for_eval` for the EM iterations. Results go to ``out_dir``
     or ``<run_dir>/eval/`` together with the resolved recipe, and are printed as tables.
     """
-    from .distributed import cleanup, init_distributed, is_initialized
-
     own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized()
     if own_group:  # started by torchrun: join the group so the confusion matrix is all-reduced
         device = str(init_distributed(device).device)
@@ -375,8 +376,6 @@ def _evaluate_into(
     settings: Mapping[str, Any] | None = None,
     per_setting: bool = False,
 ) -> EvalResult:
-    from ..data import build_dataset
-
     run, cfg, dev = load_for_eval(path, overrides, iters, device, settings)
     recipe = run.recipe
     dataset = build_dataset(recipe.data, recipe.data.val_split, train=False)

@@ -15,6 +15,7 @@ import torch
 from .. import lists
 from ..device import DTYPES, resolve_device
 from ..errors import UserError
+from ..export import require_onnx
 from ..nn.backbone import BACKBONES
 from ..options import DEVICE_HELP, field_option
 
@@ -186,8 +187,6 @@ def validate(s: ProfileSettings) -> None:
 
 def _validate_export(s: ProfileSettings) -> None:
     """The export section compares with onnxruntime's CPU provider, in fp32, on any backbone."""
-    from ..export import require_onnx
-
     require_onnx()
     if s.device.type != "cpu":
         raise UserError("--sections export: onnxruntime runs on the CPU here; use --device cpu")
