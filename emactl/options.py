@@ -86,7 +86,8 @@ def field_option(help: str | Callable[[], str], metavar: str | None = None, *,
     return {OPTION: FieldOption(help, metavar, parse, default)}
 
 
-def _text(value: Any) -> Any:
+def _as_text(value: Any) -> Any:
+    """A tuple default as the comma-separated text the option takes; anything else as it is."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
 
@@ -105,12 +106,12 @@ def field_parameters(cls: type) -> list[inspect.Parameter]:
         if spec.default is not dataclasses.MISSING:
             default = spec.default
         elif f.default is not dataclasses.MISSING:
-            default = _text(f.default)
+            default = _as_text(f.default)
         else:
-            default = _text(f.default_factory())  # type: ignore[misc]
+            default = _as_text(f.default_factory())  # type: ignore[misc]
         annotation = str if spec.parse is not None else hints[f.name]
-        if default is None:
-            annotation = Optional[next(a for a in typing.get_args(annotation) or (annotation,) if a is not type(None))]
+        if default is None:  # Typer reads an option that may stay unset from Optional[X], not X | None
+            annotation = Optional[[a for a in typing.get_args(annotation) or (annotation,) if a is not type(None)][0]]
         help = spec.help() if callable(spec.help) else spec.help
         option = typer.Option(default, help=help, metavar=spec.metavar, show_default=default is not None)
         parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
@@ -120,9 +121,12 @@ def field_parameters(cls: type) -> list[inspect.Parameter]:
 
 def from_options(cls: type, values: dict[str, Any]) -> Any:
     """An instance of the dataclass ``cls`` from the values of its :func:`field_parameters` options."""
-    fields = {f.name: f.metadata[OPTION] for f in dataclasses.fields(cls) if OPTION in f.metadata}
-    return cls(**{name: fields[name].parse(value) if fields[name].parse is not None and value is not None else value
-                  for name, value in values.items()})
+    specs = {f.name: f.metadata[OPTION] for f in dataclasses.fields(cls) if OPTION in f.metadata}
+    parsed = {}
+    for name, value in values.items():
+        parse = specs[name].parse
+        parsed[name] = parse(value) if parse is not None and value is not None else value
+    return cls(**parsed)
 
 
 def tidy_flags(command: click.Command) -> click.Command:
