@@ -15,8 +15,10 @@ except ImportError:  # older typer depends on Click itself
     import click
     from click.exceptions import Abort, Exit
 
+from .commands import ablate, data, evaluate, export, import_weights, predict, profile, train, visualize
 from .errors import UserError
 from .errors import one_line as _one_line
+from .options import DerivedCommand, tidy_flags
 
 app = typer.Typer(
     name="emactl",
@@ -34,19 +36,16 @@ def _root() -> None:
     pass
 
 
-def _register() -> None:
-    """Attach each subcommand module. Modules import their heavy dependencies lazily."""
-    import importlib
-    import pkgutil
-
-    from . import commands
-
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        module.register(app)
-
-
-_register()
+# Every subcommand, in the order `emactl --help` lists them (Typer puts the groups last).
+app.command("ablate", cls=ablate.AblateCommand)(ablate.ablate)
+app.command("eval")(evaluate.evaluate)
+app.command("export")(export.export)
+app.command("import")(import_weights.import_weights)
+app.command("predict")(predict.predict)
+app.command("profile", cls=profile.ProfileCommand)(profile.profile)
+app.command("train")(train.train)
+app.add_typer(data.app, name="data")
+app.add_typer(visualize.app, name="visualize")
 
 
 def _commands(command: click.Command) -> list[click.Command]:
@@ -58,19 +57,14 @@ def _commands(command: click.Command) -> list[click.Command]:
 
 
 def tidy_help(command: click.Command) -> click.Command:
-    """Give every flag (``--resume``, ``--help``) an empty metavar.
+    """Give every flag of every command an empty metavar (see :func:`emactl.options.tidy_flags`).
 
-    Typer >= 0.26 shows ``<bool>`` beside flags, which take no value; value options name
-    their metavar themselves (:mod:`emactl.options`).
+    A :class:`DerivedCommand` tidies its own flags when it builds them: touching them here
+    would build them, and ``emactl --help`` would import torch.
     """
     for cmd in _commands(command):
-        params = list(cmd.params)
-        helper = cmd.get_help_option(click.Context(cmd)) if hasattr(cmd, "get_help_option") else None
-        if helper is not None:
-            params.append(helper)
-        for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
+        if not isinstance(cmd, DerivedCommand):
+            tidy_flags(cmd)
     return command
 
 

@@ -100,7 +100,7 @@ def test_resolve_device() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert D.resolve_device("auto").type == expected
     with pytest.raises(UserError, match="train.device"):
-        D.resolve_device("tpu")
+        D.resolve_device("tpu", "train.device")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             D.resolve_device("cuda")

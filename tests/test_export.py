@@ -285,7 +285,8 @@ def test_profile_export_section_times_both_runtimes(tmp_path, capsys):
 
 
 def test_profile_export_is_opt_in_and_refuses_what_it_cannot_compare(tmp_path, capsys):
-    from emactl.profile.settings import DEFAULT_SECTIONS, SECTIONS, ProfileSettings
+    from emactl.profile.report import DEFAULT_SECTIONS, SECTIONS
+    from emactl.profile.settings import ProfileSettings
 
     assert "export" in SECTIONS and "export" not in DEFAULT_SECTIONS
     assert ProfileSettings().sections == DEFAULT_SECTIONS

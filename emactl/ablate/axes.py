@@ -32,6 +32,7 @@ import yaml
 
 from ..config import apply_overrides, from_dict
 from ..errors import UserError
+from ..lists import split_values
 from ..nn.choices import BASES_UPDATES, GRAD_MODES, NORMS
 
 IterMode = Literal["diagonal", "grid", "none"]
@@ -117,29 +118,9 @@ AXES: dict[str, AxisSpec] = {
 TRAIN_SIDE = [c for c in AXES if c != "eval_iters"]
 
 
-def split_values(text: str) -> list[str]:
-    """Split on commas outside brackets and quotes: ``a,[1,2],'x,y'`` → 3 values."""
-    out, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            out.append(text[start:i])
-            start = i + 1
-    out.append(text[start:])
-    return out
-
-
 def parse_list(option: str, text: str, parse: Callable[[str, str], Any]) -> list[Any]:
     """Parse a comma-separated list; empty items and repeated values are errors."""
-    items = [t for t in split_values(text)]
+    items = split_values(text)
     if not text.strip() or any(not t.strip() for t in items):
         raise UserError(f"{option}: got {text!r}; expected a comma-separated list of values, e.g. {option} a,b")
     values = [parse(option, t) for t in items]

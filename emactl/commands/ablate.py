@@ -1,23 +1,21 @@
 """``emactl ablate``: reproduce the paper's ablations in one resumable command."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from ..config import EMAConfig, LauncherConfig, choices
 from ..errors import UserError
-from ..options import device_option, out_option, progress_option, set_option, threads_option
+from ..options import DerivedCommand, device_option, out_option, progress_option, set_option, threads_option
 
 LIST = "Comma-separated list, e.g. "
 HELP = {
     "iters": LIST + "1,3,5: EM iterations T in training and evaluation alike.",
     "train_iters": LIST + "1,3,5: T in training (with --eval-iters: the train T × eval T grid).",
     "eval_iters": LIST + "1,2,3,4,5: T at test time; every trained cell is evaluated at each, no training.",
-    "bases_update": LIST + "moving_average,normed_moving_average,backprop,none (backprop cells train with grad=full).",
-    "norm": LIST + "l2,layernorm,none: normalisation of the bases.",
-    "grad": LIST + "none,last,full: gradient through the EM iterations.",
-    "heads": LIST + "ema,nonlocal,a2,fcn,aspp,psp: the context module.",
     "bases": LIST + "16,32,64,128: number of bases K.",
     "momentum": LIST + "0.5,0.9: weight of the old bases in the moving average.",
     "set": "KEY=V1,V2 sweeps any recipe key; KEY=V is a plain override, e.g. train.iters=100 (repeatable).",
@@ -37,94 +35,119 @@ HELP = {
     "status": "Show each cell of the sweep in DIR (done, queued, running at iteration N, failed) and exit.",
 }
 
+# the axes whose values the library registers: their help lists them (see AblateCommand)
+CHOICE_HELP = {
+    "bases_update": " (backprop cells train with grad=full).",
+    "norm": ": normalisation of the bases.",
+    "grad": ": gradient through the EM iterations.",
+    "heads": ": the context module.",
+}
 
-def _axis(option: str, key: str) -> Any:
-    return typer.Option(None, option, help=HELP[key], metavar="LIST", show_default=False)
+
+def _axis(option: str, help: str | None = None) -> Any:
+    return typer.Option(None, option, help=help, metavar="LIST", show_default=False)
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("ablate")
-    def ablate_command(
-        iters: Optional[str] = _axis("--iters", "iters"),
-        train_iters: Optional[str] = _axis("--train-iters", "train_iters"),
-        eval_iters: Optional[str] = _axis("--eval-iters", "eval_iters"),
-        bases_update: Optional[str] = _axis("--bases-update", "bases_update"),
-        norm: Optional[str] = _axis("--norm", "norm"),
-        grad: Optional[str] = _axis("--grad", "grad"),
-        heads: Optional[str] = _axis("--heads", "heads"),
-        bases: Optional[str] = _axis("--bases", "bases"),
-        momentum: Optional[str] = _axis("--momentum", "momentum"),
-        set_: list[str] = set_option(HELP["set"]),
-        recipe: Optional[Path] = typer.Option(None, "--recipe", help=HELP["recipe"], metavar="RECIPE",
-                                              show_default=False),
-        source: Optional[Path] = typer.Option(None, "--from", help=HELP["from"], metavar="RUN", show_default=False),
-        seeds: int = typer.Option(1, "--seeds", help=HELP["seeds"], metavar="N"),
-        out: Optional[Path] = out_option(HELP["out"]),
-        jobs: int = typer.Option(1, "--jobs", "-j", help=HELP["jobs"], metavar="N"),
-        threads: Optional[int] = threads_option(HELP["threads"]),
-        device: Optional[str] = device_option(None, "the recipe's train.device"),
-        progress: bool = progress_option(),
-        launcher: Optional[str] = typer.Option(None, "--launcher", help=HELP["launcher"], metavar="LAUNCHER",
-                                               show_default=False),
-        slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help=HELP["partition"],
-                                                      metavar="NAME", show_default=False),
-        slurm_gpus: Optional[int] = typer.Option(None, "--slurm-gpus-per-cell", help=HELP["gpus"], metavar="N",
-                                                 show_default=False),
-        slurm_time: Optional[int] = typer.Option(None, "--slurm-time", help=HELP["time"], metavar="MINUTES",
-                                                 show_default=False),
-        slurm_account: Optional[str] = typer.Option(None, "--slurm-account", help=HELP["account"],
-                                                    metavar="NAME", show_default=False),
-        wait: bool = typer.Option(True, "--wait/--no-wait", help=HELP["wait"]),
-        status: Optional[Path] = typer.Option(None, "--status", help=HELP["status"], metavar="DIR",
-                                              show_default=False),
-    ) -> None:
-        """Train and evaluate one run per cell of the axes' grid; write tidy tables, pivots and a plot.
+class AblateCommand(DerivedCommand):
+    """``emactl ablate``, whose ``--heads``, ``--norm``, ``--grad`` and ``--bases-update`` list the
+    registered context modules and the EMA unit's choices."""
 
-        Re-running the same command skips finished cells and resumes interrupted ones.
-        """
-        from ..ablate import parse_axes, run_ablation
+    def parameters(self) -> list[inspect.Parameter]:
+        from ..nn.heads import CONTEXTS  # torch: only when the command runs or shows its help
 
-        if status is not None:
-            given = [o for o, v in (("--recipe", recipe), ("--from", source), ("--out", out), ("--launcher", launcher))
-                     if v is not None]
-            if given or any(v is not None for v in (iters, train_iters, eval_iters, bases_update, norm, grad, heads,
-                                                    bases, momentum)) or set_:
-                raise UserError(f"--status DIR only shows a sweep; drop {', '.join(given) or 'the axes'}")
-            _show_status(status)
-            return
-        if launcher is not None and launcher not in ("local", "slurm"):
-            raise UserError(f"--launcher: got {launcher!r}; choose one of: local, slurm")
-        for option, number, least in (("--slurm-gpus-per-cell", slurm_gpus, 0), ("--slurm-time", slurm_time, 1)):
-            if number is not None and number < least:
-                raise UserError(f"{option}: must be >= {least}, got {number}")
-        if recipe is not None and source is not None:
-            raise UserError(
-                "--recipe and --from exclude each other: train cells from a recipe, or evaluate a trained run"
-            )
-        for option, value in (("--seeds", seeds), ("--jobs", jobs), ("--threads", threads)):
-            if value is not None and value < 1:
-                raise UserError(f"{option}: must be >= 1, got {value}")
-        axes = parse_axes(
-            iters=iters, train_iters=train_iters, eval_iters=eval_iters, bases_update=bases_update, norm=norm,
-            grad=grad, heads=heads, bases=bases, momentum=momentum, sets=set_,
+        values = {name: choices(EMAConfig, name) for name in ("bases_update", "norm", "grad")}
+        values["heads"] = tuple(CONTEXTS.names())
+        parameters = []
+        for p in inspect.signature(self.function).parameters.values():
+            if p.name in CHOICE_HELP:
+                help = LIST + ",".join(values[p.name]) + CHOICE_HELP[p.name]
+                p = p.replace(default=_axis(p.default.param_decls[0], help))
+            parameters.append(p)
+        return parameters
+
+
+def ablate(
+    iters: Optional[str] = _axis("--iters", HELP["iters"]),
+    train_iters: Optional[str] = _axis("--train-iters", HELP["train_iters"]),
+    eval_iters: Optional[str] = _axis("--eval-iters", HELP["eval_iters"]),
+    bases_update: Optional[str] = _axis("--bases-update"),
+    norm: Optional[str] = _axis("--norm"),
+    grad: Optional[str] = _axis("--grad"),
+    heads: Optional[str] = _axis("--heads"),
+    bases: Optional[str] = _axis("--bases", HELP["bases"]),
+    momentum: Optional[str] = _axis("--momentum", HELP["momentum"]),
+    set_: list[str] = set_option(HELP["set"]),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help=HELP["recipe"], metavar="RECIPE",
+                                          show_default=False),
+    source: Optional[Path] = typer.Option(None, "--from", help=HELP["from"], metavar="RUN", show_default=False),
+    seeds: int = typer.Option(1, "--seeds", help=HELP["seeds"], metavar="N"),
+    out: Optional[Path] = out_option(HELP["out"]),
+    jobs: int = typer.Option(1, "--jobs", "-j", help=HELP["jobs"], metavar="N"),
+    threads: Optional[int] = threads_option(HELP["threads"]),
+    device: Optional[str] = device_option(None, "the recipe's train.device"),
+    progress: bool = progress_option(),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help=HELP["launcher"], metavar="LAUNCHER",
+                                           show_default=False),
+    slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help=HELP["partition"],
+                                                  metavar="NAME", show_default=False),
+    slurm_gpus: Optional[int] = typer.Option(None, "--slurm-gpus-per-cell", help=HELP["gpus"], metavar="N",
+                                             show_default=False),
+    slurm_time: Optional[int] = typer.Option(None, "--slurm-time", help=HELP["time"], metavar="MINUTES",
+                                             show_default=False),
+    slurm_account: Optional[str] = typer.Option(None, "--slurm-account", help=HELP["account"],
+                                                metavar="NAME", show_default=False),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help=HELP["wait"]),
+    status: Optional[Path] = typer.Option(None, "--status", help=HELP["status"], metavar="DIR",
+                                          show_default=False),
+) -> None:
+    """Train and evaluate one run per cell of the axes' grid; write tidy tables, pivots and a plot.
+
+    Re-running the same command skips finished cells and resumes interrupted ones.
+    """
+    from ..ablate import parse_axes, run_ablation
+
+    if status is not None:
+        given = [o for o, v in (("--recipe", recipe), ("--from", source), ("--out", out), ("--launcher", launcher))
+                 if v is not None]
+        if given or any(v is not None for v in (iters, train_iters, eval_iters, bases_update, norm, grad, heads,
+                                                bases, momentum)) or set_:
+            raise UserError(f"--status DIR only shows a sweep; drop {', '.join(given) or 'the axes'}")
+        _show_status(status)
+        return
+    launchers = choices(LauncherConfig, "kind")
+    if launcher is not None and launcher not in launchers:
+        raise UserError(f"--launcher: got {launcher!r}; choose one of: {', '.join(launchers)}")
+    for option, number, least in (("--slurm-gpus-per-cell", slurm_gpus, 0), ("--slurm-time", slurm_time, 1)):
+        if number is not None and number < least:
+            raise UserError(f"{option}: must be >= {least}, got {number}")
+    if recipe is not None and source is not None:
+        raise UserError(
+            "--recipe and --from exclude each other: train cells from a recipe, or evaluate a trained run"
         )
-        result = run_ablation(axes, recipe=recipe, source=source, seeds=seeds, out=out, jobs=jobs, device=device,
-                              progress=progress, threads=threads, wait=wait,
-                              launcher={"kind": launcher, "partition": slurm_partition, "gpus_per_cell": slurm_gpus,
-                                        "time_min": slurm_time, "account": slurm_account})
-        outcome = result.outcome
-        if outcome.queued:
-            typer.echo(f"{len(outcome.queued)} cell(s) queued or running as SLURM jobs; `emactl ablate --status "
-                       f"{result.sweep_dir}` shows them; run the same command again for the full tables", err=True)
-        if outcome.stopped_by is not None:
-            raise typer.Exit(128 + outcome.stopped_by)
-        if outcome.failed:
-            total = len(outcome.skipped) + len(outcome.done) + len(outcome.failed)
-            name, error = next(iter(outcome.failed.items()))
-            raise UserError(
-                f"{len(outcome.failed)} of {total} cells failed (first: {name}: {error}); "
-                f"see {result.sweep_dir}/cells/{name}/ablate.log and run again to retry"
-            )
+    for option, value in (("--seeds", seeds), ("--jobs", jobs), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{option}: must be >= 1, got {value}")
+    axes = parse_axes(
+        iters=iters, train_iters=train_iters, eval_iters=eval_iters, bases_update=bases_update, norm=norm,
+        grad=grad, heads=heads, bases=bases, momentum=momentum, sets=set_,
+    )
+    result = run_ablation(axes, recipe=recipe, source=source, seeds=seeds, out=out, jobs=jobs, device=device,
+                          progress=progress, threads=threads, wait=wait,
+                          launcher={"kind": launcher, "partition": slurm_partition, "gpus_per_cell": slurm_gpus,
+                                    "time_min": slurm_time, "account": slurm_account})
+    outcome = result.outcome
+    if outcome.queued:
+        typer.echo(f"{len(outcome.queued)} cell(s) queued or running as SLURM jobs; `emactl ablate --status "
+                   f"{result.sweep_dir}` shows them; run the same command again for the full tables", err=True)
+    if outcome.stopped_by is not None:
+        raise typer.Exit(128 + outcome.stopped_by)
+    if outcome.failed:
+        total = len(outcome.skipped) + len(outcome.done) + len(outcome.failed)
+        name, error = next(iter(outcome.failed.items()))
+        raise UserError(
+            f"{len(outcome.failed)} of {total} cells failed (first: {name}: {error}); "
+            f"see {result.sweep_dir}/cells/{name}/ablate.log and run again to retry"
+        )
 
 
 def _show_status(sweep_dir: Path) -> None:

@@ -5,13 +5,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 
+from ..config import dump_yaml, load_recipe
 from ..options import out_option, set_option
 
-data_app = typer.Typer(help="Prepare and check datasets.", no_args_is_help=True)
+app = typer.Typer(help="Prepare and check datasets.", no_args_is_help=True)
 prepare_app = typer.Typer(help="Convert downloaded datasets into the layouts emactl reads.",
                           no_args_is_help=True)
-data_app.add_typer(prepare_app, name="prepare")
+app.add_typer(prepare_app, name="prepare")
 
 
 @prepare_app.command("voc-aug")
@@ -21,8 +23,6 @@ def prepare_voc_aug(
     force: bool = typer.Option(False, "--force", help="Rewrite labels that already exist."),
 ) -> None:
     """Build SegmentationClassAug/ and trainaug.txt (10,582 images) from SBD."""
-    from rich.console import Console
-
     from ..data.prepare import prepare_voc_aug as run
 
     result = run(sbd, voc, force=force)
@@ -46,8 +46,6 @@ def prepare_cityscapes(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Write gtFine/*/*_gtFine_labelTrainIds.png (19 classes, 255 ignored)."""
-    from rich.console import Console
-
     from ..data.prepare import prepare_cityscapes as run
 
     base, result = run(root, source, workers, force)
@@ -67,8 +65,6 @@ def prepare_context(
 ) -> None:
     """Write VOC2010/SegmentationClassContext/*.png (0 = background, 1..59) and the
     ImageSets/SegmentationContext train/val lists; serves the context and context60 recipes."""
-    from rich.console import Console
-
     from ..data.prepare import prepare_context as run
 
     result = run(context, voc, workers, force, detail=detail)
@@ -87,8 +83,6 @@ def prepare_cocostuff(
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Write annotations/{train2017,val2017}/*_labelTrainIds.png (171 classes, 255 ignored)."""
-    from rich.console import Console
-
     from ..data.prepare import prepare_cocostuff as run
 
     base, result = run(root, workers, force)
@@ -96,7 +90,7 @@ def prepare_cocostuff(
     result.raise_refused()
 
 
-@data_app.command("check")
+@app.command("check")
 def check(
     recipe: Path = typer.Argument(..., help="Recipe YAML file.", metavar="RECIPE", show_default=False),
     overrides: list[str] = set_option("Override a recipe key, e.g. data.root=/data (repeatable)."),
@@ -108,7 +102,6 @@ def check(
 
     Exit code 0 when clean, 1 when problems were found, 2 for bad input.
     """
-    from ..config import dump_yaml, load_recipe
     from ..data.check import check_dataset, print_class_weights, print_report, write_report
     from ..io import ensure_dir, write_text
 
@@ -122,7 +115,3 @@ def check(
         write_report(report, out)
         write_text(out / "config.yaml", dump_yaml(cfg))
     raise typer.Exit(0 if report.ok else 1)
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(data_app, name="data")

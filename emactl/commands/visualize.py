@@ -24,7 +24,7 @@ CountOpt = typer.Option(4, "--count", "-n", help=COUNT_HELP, metavar="N")
 SetOpt = typer.Option(None, "--set", help=SET_HELP, metavar="KEY=VALUE", show_default=False)
 DeviceOpt = device_option()
 
-viz = typer.Typer(
+app = typer.Typer(
     help="Draw figures: EMA bases and reconstructions, predictions, confusion matrix, curves, ablations.",
     no_args_is_help=True,
 )
@@ -35,7 +35,7 @@ def _echo(paths: list[Path]) -> None:
         typer.echo(str(path))
 
 
-@viz.command("bases")
+@app.command("bases")
 def bases(
     run: Optional[Path] = RunArg,
     images: Optional[list[Path]] = ImagesOpt,
@@ -57,7 +57,7 @@ def bases(
     _echo(draw_bases(run, images, chosen, top, out, split, count, overrides or [], device))
 
 
-@viz.command("recon")
+@app.command("recon")
 def recon(
     run: Optional[Path] = RunArg,
     images: Optional[list[Path]] = ImagesOpt,
@@ -73,7 +73,7 @@ def recon(
     _echo(draw_recon(run, images, out, split, count, overrides or [], device))
 
 
-@viz.command("predictions")
+@app.command("predictions")
 def predictions(
     run: Optional[Path] = RunArg,
     images: Optional[list[Path]] = ImagesOpt,
@@ -89,7 +89,7 @@ def predictions(
     _echo(draw_predictions(run, images, out, split, count, overrides or [], device))
 
 
-@viz.command("confusion")
+@app.command("confusion")
 def confusion(
     run: Optional[Path] = run_argument(None, "Run directory, checkpoint or confusion.csv (default: the latest run "
                                        "in runs/)."),
@@ -104,7 +104,7 @@ def confusion(
     _echo(draw_confusion(run, out, evaluation))
 
 
-@viz.command("curves")
+@app.command("curves")
 def curves(run: Optional[Path] = RunArg, out: Optional[Path] = OutOpt) -> None:
     """Training loss, learning rate and val mIoU against iteration, from metrics.jsonl."""
     from ..visualize.curves import draw_curves
@@ -112,7 +112,7 @@ def curves(run: Optional[Path] = RunArg, out: Optional[Path] = OutOpt) -> None:
     _echo(draw_curves(run, out))
 
 
-@viz.command("ablation")
+@app.command("ablation")
 def ablation(
     sweep: Path = typer.Argument(..., help="Sweep directory (holding results.csv) or the CSV itself.",
                                  metavar="SWEEP", show_default=False),
@@ -123,7 +123,3 @@ def ablation(
     from ..visualize.ablation import draw_ablation
 
     _echo(draw_ablation(sweep, out))
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(viz, name="visualize")

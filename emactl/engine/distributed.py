@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..device import resolve_device
 from ..errors import UserError
 
 
@@ -53,35 +54,6 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` → this process's local GPU.
-
-    NCCL needs a GPU of its own for every process, so with more processes on this node
-    (``local_world_size``) than GPUs, ``auto`` picks the CPU and ``cuda`` is an error.
-    """
-    name = name.strip().lower()
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if name == "auto":
-        name = "cuda" if 0 < gpus and local_world_size <= gpus else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not gpus:
-            raise UserError(f"train.device={name}: CUDA is not available here; use --device cpu or auto")
-        if local_world_size > gpus:
-            raise UserError(
-                f"device {name}: {local_world_size} processes on this node but {gpus} GPU(s), and NCCL needs one "
-                f"GPU per process; start torchrun with --nproc_per_node {gpus}, or use --device cpu"
-            )
-        if name == "cuda":
-            return torch.device("cuda", local_rank % gpus)
-        try:
-            return torch.device(name)
-        except RuntimeError:
-            pass
-    raise UserError(f"train.device: got {name!r}; choose one of auto, cpu, cuda, cuda:N")
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the process group from torchrun's variables (if present) and pick the device.
 
@@ -91,7 +63,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    dev = resolve_device(device, local_rank, local_world_size)
+    dev = resolve_device(device, "train.device", local_rank, local_world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not is_initialized():

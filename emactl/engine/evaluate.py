@@ -13,7 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -23,13 +23,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..config import EvalConfig, Recipe, dump_yaml
+from ..config import EvalConfig, Recipe, dump_yaml, validate
+from ..data import build_dataset
 from ..data.loading import batches
+from ..device import resolve_device
 from ..errors import UserError
 from ..io import ensure_dir, folder_lock, write_text
+from ..lists import items
 from ..nn.emanet import ema_units, set_eval_iters
 from ..tables import describe_paths, print_table, save_table
 from .checkpoint import CKPT_DIR, LoadedRun, load_model, resolve_checkpoint
+from .distributed import cleanup, init_distributed, is_initialized
 from .inference import predict_logits, window_params
 from .metrics import ConfusionMeter, compute_metrics
 
@@ -49,23 +53,6 @@ class EvalResult:
     summary: dict[str, float]
     per_class: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; unknown or absent devices are UserErrors."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device: got {name!r}; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device: got {name!r}; expected auto, cpu, cuda or cuda:N")
-    return device
 
 
 def resolve_eval_config(recipe: Recipe) -> EvalConfig:
@@ -205,7 +192,7 @@ def setting_name(meta: dict[str, Any]) -> str:
 def describe_setting(meta: dict[str, Any]) -> str:
     """The setting in words for titles: ``whole image, scales 0.75/1/1.25 + flip, T=3, iteration 1000``."""
     text = "sliding window" if meta.get("mode") == "slide" else "whole image"
-    scales = [float(x) for x in str(meta.get("scales") or "1").split(",") if str(x).strip()]
+    scales = [float(x) for x in items(str(meta.get("scales") or "1"))]
     text += ", single scale" if scales == [1.0] else ", scales " + "/".join(_number(x) for x in scales)
     if str(meta.get("flip")).lower() in ("true", "1"):
         text += " + flip"
@@ -300,15 +287,24 @@ def run_dir_of(path: str | os.PathLike) -> Path:
 
 
 def load_for_eval(
-    path: str | os.PathLike, overrides: list[str], iters: int | None = None, device: str = "auto"
+    path: str | os.PathLike,
+    overrides: list[str],
+    iters: int | None = None,
+    device: str = "auto",
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[LoadedRun, EvalConfig, torch.device]:
     """Load a run or checkpoint for inference: model on the device, eval settings, EM iterations.
 
+    ``settings`` replace fields of the recipe's ``eval`` section after ``overrides``, e.g.
+    ``{"mode": "slide", "flip": True}`` from ``emactl eval --mode slide --flip``.
     EM iterations at test time: ``iters``, else the recipe's ``eval.iters``, else the model's
     own ``model.ema.eval_iters`` / ``model.ema.iters``.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     run = load_model(path, overrides, map_location=str(dev))
+    if settings:
+        run.recipe.eval = dataclasses.replace(run.recipe.eval, **settings)
+        validate(run.recipe, "command line")
     cfg = resolve_eval_config(run.recipe)
     units = ema_units(run.model)
     if iters is not None:
@@ -330,20 +326,19 @@ def evaluate_run(
     out_dir: Path | None = None,
     device: str = "auto",
     progress: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate a run directory (its newest checkpoint) or a checkpoint file on its val split.
 
-    The recipe stored in the checkpoint, adjusted by ``overrides``, gives the dataset and the
-    eval settings; see :func:`load_for_eval` for the EM iterations. Results go to ``out_dir``
+    The recipe stored in the checkpoint, adjusted by ``overrides`` and then ``settings`` (values
+    of ``eval`` fields), gives the dataset and the eval settings; see :func:`load_for_eval` for the EM iterations. Results go to ``out_dir``
     or ``<run_dir>/eval/`` together with the resolved recipe, and are printed as tables.
     """
-    from .distributed import cleanup, init_distributed, is_initialized
-
     own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized()
     if own_group:  # started by torchrun: join the group so the confusion matrix is all-reduced
         device = str(init_distributed(device).device)
     try:
-        return _evaluate_run(path, overrides, iters, out_dir, device, progress)
+        return _evaluate_run(path, overrides, iters, out_dir, device, progress, settings)
     finally:
         if own_group:
             cleanup()
@@ -356,6 +351,7 @@ def _evaluate_run(
     out_dir: Path | None,
     device: str,
     progress: bool,
+    settings: Mapping[str, Any] | None,
 ) -> EvalResult:
     resolve_checkpoint(path)  # a missing run is refused before any folder is made for it
     main = _rank_world()[0] == 0
@@ -366,7 +362,8 @@ def _evaluate_run(
             if out_dir is None:
                 stack.enter_context(folder_lock(
                     run_dir_of(path), "emactl eval", "wait for it to finish, or pass --out DIR"))
-        return _evaluate_into(path, overrides, iters, target, device, progress, per_setting=out_dir is None)
+        return _evaluate_into(path, overrides, iters, target, device, progress, settings,
+                              per_setting=out_dir is None)
 
 
 def _evaluate_into(
@@ -376,11 +373,10 @@ def _evaluate_into(
     target: Path,
     device: str,
     progress: bool,
+    settings: Mapping[str, Any] | None = None,
     per_setting: bool = False,
 ) -> EvalResult:
-    from ..data import build_dataset
-
-    run, cfg, dev = load_for_eval(path, overrides, iters, device)
+    run, cfg, dev = load_for_eval(path, overrides, iters, device, settings)
     recipe = run.recipe
     dataset = build_dataset(recipe.data, recipe.data.val_split, train=False)
     if dataset.num_classes != recipe.data.num_classes:

@@ -27,16 +27,15 @@
 """
 from __future__ import annotations
 
-import contextlib
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import EvalConfig
+from ..device import amp_dtype, autocast
 from ..errors import UserError
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_stride(crop_size: int) -> int:
@@ -109,14 +108,6 @@ def _views(cfg: EvalConfig) -> list[tuple[float, bool]]:
     return [(float(s), f) for s in cfg.scales for f in ((False, True) if cfg.flip else (False,))]
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp not in AMP_DTYPES:
-        raise UserError(f"amp: got {amp!r}; choose one of: none, bf16, fp16")
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
-
-
 def predict_logits(
     model: nn.Module, image: Tensor, cfg: EvalConfig, num_classes: int, amp: str = "none"
 ) -> Tensor:
@@ -136,7 +127,7 @@ def predict_logits(
     h, w = image.shape[-2:]
     views = _views(cfg)
 
-    with torch.inference_mode(), _autocast(image.device, amp):
+    with torch.inference_mode(), autocast(image.device, amp_dtype(amp)):
         probs = None
         for scale, flip in views:
             img = image

@@ -3,6 +3,10 @@
 Each section returns its tables and the notes that say how its numbers were obtained (the
 counting convention, the memory method, the timing method); the notes are printed under the
 tables and collected in ``notes.md`` beside them, and ``env.json`` records the machine.
+
+Every section is a runner registered here with :func:`section`, which also gives its
+``--sections`` help and whether it runs by default: adding a section touches this module (and
+the module measuring it, if it needs one) plus its test.
 """
 from __future__ import annotations
 
@@ -57,6 +61,45 @@ class SectionResult:
     notes: list[str] = field(default_factory=list)
 
 
+Runner = Callable[[ProfileSettings, Console], SectionResult]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A section of ``emactl profile``: how it runs and what ``--sections`` says of it."""
+
+    run: Runner
+    help: str = ""  # shown in ``--sections``' help after the name; empty: the name says enough
+    default: bool = True  # runs when ``--sections`` is not given
+    extra: str | None = None  # the optional dependency (``pip install emactl[EXTRA]``) it needs
+
+
+SECTIONS: dict[str, Section] = {}  # in the order a default run measures them
+
+
+def section(name: str, help: str = "", default: bool = True, extra: str | None = None) -> Callable[[Runner], Runner]:
+    """Register a section's runner; adding a section means writing one runner here with its test."""
+
+    def deco(run: Runner) -> Runner:
+        if name in SECTIONS:
+            raise ValueError(f"profile section {name!r} is registered twice")
+        SECTIONS[name] = Section(run, help, default, extra)
+        return run
+
+    return deco
+
+
+def sections_help() -> str:
+    """What ``--sections`` says of the sections that need more than their name."""
+    described = []
+    for name, sec in SECTIONS.items():
+        if sec.default and not sec.help:
+            continue
+        opt_in = "" if sec.default else f" (not by default{f'; needs the {sec.extra} extra' if sec.extra else ''})"
+        described.append(f"{name}{opt_in}: {sec.help}")
+    return " ".join(described)
+
+
 def _threads_note(s: ProfileSettings) -> str:
     if s.device.type != "cpu":
         return f"torch CPU threads: {torch.get_num_threads()}"
@@ -75,6 +118,7 @@ def _precision_note(s: ProfileSettings) -> str:
     return note
 
 
+@section("heads")
 def run_heads(s: ProfileSettings, console: Console) -> SectionResult:
     size, batch = s.section_size(HEADS_SIZE), s.section_batch(HEADS_BATCH)
     df = profile_heads(
@@ -98,6 +142,7 @@ def run_heads(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
+@section("networks")
 def run_networks(s: ProfileSettings, console: Console) -> SectionResult:
     batch = s.section_batch(NETWORKS_BATCH)
     df = profile_networks(
@@ -125,6 +170,7 @@ def run_networks(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
+@section("scaling")
 def run_scaling(s: ProfileSettings, console: Console) -> SectionResult:
     batch = s.section_batch(SCALING_BATCH)
     raw, fits = profile_scaling(
@@ -147,6 +193,7 @@ def run_scaling(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
+@section("published")
 def run_published(s: ProfileSettings, console: Console) -> SectionResult:
     tables = {
         "published": (
@@ -172,6 +219,7 @@ def run_published(s: ProfileSettings, console: Console) -> SectionResult:
     return SectionResult(tables, notes)
 
 
+@section("ema")
 def run_ema(s: ProfileSettings, console: Console) -> SectionResult:
     size, batch = s.section_size(EMA_SIZE), s.section_batch(EMA_BATCH)
     dtypes = benchmark_dtypes(s.device, s.torch_dtype)
@@ -211,6 +259,7 @@ def unit_threads(s: ProfileSettings) -> list[int]:
     return sorted({1, s.threads or os.cpu_count() or 1})
 
 
+@section("unit", "the whole EMA unit against the public code's, eval and training, at 1 and all threads.")
 def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
     size, batch = s.section_size(EMA_SIZE), s.section_batch(EMA_BATCH)
     dtypes = benchmark_dtypes(s.device, s.torch_dtype)
@@ -238,6 +287,11 @@ def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
+@section(
+    "train",
+    "EMANet's training step in fp32 eager against bf16 autocast + channels_last (and torch.compile with "
+    "--compile), and against DeepLabV3.",
+)
 def run_train(s: ProfileSettings, console: Console) -> SectionResult:
     batch = s.section_batch(TRAIN_BATCH)
     dtype = mixed_dtype(s.device, s.torch_dtype)
@@ -307,6 +361,8 @@ def run_train(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
+@section("export", "the network exported to ONNX under onnxruntime against eager PyTorch.", default=False,
+         extra="export")
 def run_export(s: ProfileSettings, console: Console) -> SectionResult:
     batch = s.section_batch(EXPORT_BATCH)
     df = profile_export(s.backbone, s.crop, batch, s.channels, s.bases, s.iters, NUM_CLASSES, s.repeats, console)
@@ -324,16 +380,7 @@ def run_export(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
-RUNNERS: dict[str, Callable[[ProfileSettings, Console], SectionResult]] = {
-    "heads": run_heads,
-    "networks": run_networks,
-    "scaling": run_scaling,
-    "published": run_published,
-    "ema": run_ema,
-    "unit": run_unit,
-    "train": run_train,
-    "export": run_export,
-}
+DEFAULT_SECTIONS = tuple(name for name, sec in SECTIONS.items() if sec.default)
 
 
 def _device_name(device: torch.device) -> str:
@@ -398,7 +445,7 @@ def _run_sections(s: ProfileSettings, console: Console) -> dict[str, SectionResu
     notes_md = []
     for name in s.sections:
         start = time.perf_counter()
-        result = RUNNERS[name](s, console)
+        result = SECTIONS[name].run(s, console)
         durations[name] = round(time.perf_counter() - start, 2)
         results[name] = result
         for stem, (title, df) in result.tables.items():

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
+from .. import lists
+from ..device import DTYPES, resolve_device
 from ..errors import UserError
+from ..export import require_onnx
 from ..nn.backbone import BACKBONES
 from ..nn.heads import context_names
-from .timing import DTYPES
+from ..options import DEVICE_HELP, field_option
 
-SECTIONS = ("heads", "networks", "scaling", "published", "ema", "unit", "train", "export")
-# export needs the optional onnx/onnxruntime extra and a CPU: it runs only when asked for
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "export")
 HEADS = context_names(("attention", "conv", "pyramid"))  # every registered head with a module to measure
 SCALING_HEADS = context_names(("attention", "conv"))  # attention's growth in N against the 3×3 conv's
 NETWORK_BACKBONES = ("resnet50", "resnet101")  # torchvision ships DeepLabV3/FCN for these
@@ -33,28 +34,92 @@ SCALING_BATCH = 1
 NUM_CLASSES = 21  # PASCAL VOC
 
 
+def parse_list(value: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """Split ``a,b,c`` and check every item is allowed (order kept, duplicates dropped)."""
+    items = tuple(dict.fromkeys(lists.items(value)))
+    if not items:
+        raise UserError(f"{option}: empty list; choose from {', '.join(allowed)}")
+    bad = [s for s in items if s not in allowed]
+    if bad:
+        raise UserError(f"{option}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parse_sizes(value: str) -> tuple[int, ...]:
+    """``33,65,97`` → (33, 65, 97): at least two distinct positive sizes for a fit."""
+    try:
+        sizes = tuple(sorted({int(s) for s in lists.items(value)}))
+    except ValueError:
+        raise UserError(f"--sizes: expected comma-separated integers like 33,65,97, got {value!r}") from None
+    if len(sizes) < 2 or sizes[0] < 1:
+        raise UserError(f"--sizes: need at least two distinct positive sizes to fit an exponent, got {value!r}")
+    return sizes
+
+
+def _report() -> ModuleType:
+    """:mod:`.report`, which registers the sections with their runners (and imports this module)."""
+    from . import report
+
+    return report
+
+
+def default_sections() -> tuple[str, ...]:
+    """The sections run when none are named: every registered one but the opt-in ones (export)."""
+    return _report().DEFAULT_SECTIONS
+
+
+def sections_help() -> str:
+    return f"Comma-separated sections to run, in order. {_report().sections_help()}".rstrip()
+
+
+def parse_sections(value: str) -> tuple[str, ...]:
+    return parse_list(value, "--sections", tuple(_report().SECTIONS))
+
+
+def parse_heads(value: str) -> tuple[str, ...]:
+    return parse_list(value, "--heads", HEADS)
+
+
 @dataclass
 class ProfileSettings:
-    """Resolved options of one profiling run (see ``emactl profile --help``)."""
+    """Resolved options of one profiling run; each field is an option of ``emactl profile``."""
 
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: str = "fp32"
-    out: Path = Path("profile_out")
-    sections: tuple[str, ...] = DEFAULT_SECTIONS
-    channels: int = 512
-    bases: int = 64
-    iters: int = 3
-    size: int | None = None
-    batch: int | None = None
-    backbone: str = "resnet50"
-    crop: int = 97
-    sizes: tuple[int, ...] = (33, 49, 65, 81)
-    heads: tuple[str, ...] | None = None
-    repeats: int = 3
-    threads: int | None = None
-    published_memory: bool = False
-    compile: bool = False  # train section: also time torch.compile (minutes of compiling on a CPU)
-    compile_timeout: float = 300.0  # seconds; past it the compiled variant is skipped
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"), metadata=field_option(
+        DEVICE_HELP, "DEVICE", parse=resolve_device, default="auto"))
+    dtype: str = field(default="fp32", metadata=field_option(
+        "fp32, bf16 or fp16 (fp16 needs cuda); bf16/fp16 run under autocast.", "DTYPE"))
+    out: Path = field(default=Path("profile_out"), metadata=field_option(
+        "Directory for the CSV/Markdown/JSON tables, notes.md and env.json.", "DIR"))
+    sections: tuple[str, ...] = field(default_factory=default_sections, metadata=field_option(
+        sections_help, "LIST", parse=parse_sections))
+    channels: int = field(default=512, metadata=field_option(
+        "Channels C of the context modules (and of EMANet's head).", "C"))
+    size: int | None = field(default=None, metadata=field_option(
+        "Feature size H=W of heads (default 33) and ema (default 65).", "N"))
+    bases: int = field(default=64, metadata=field_option("EM bases K.", "K"))
+    iters: int = field(default=3, metadata=field_option("EM iterations T.", "T"))
+    batch: int | None = field(default=None, metadata=field_option(
+        "Batch size (defaults: heads 2, networks 2, train 2, scaling 1, ema 4, export 1).", "N"))
+    backbone: str = field(default="resnet50", metadata=field_option(
+        "Backbone of the networks and train sections (resnet50 or resnet101) and of export (any).", "NAME"))
+    crop: int = field(default=97, metadata=field_option(
+        "Input crop (H=W) of the networks, train and export sections.", "PX"))
+    sizes: tuple[int, ...] = field(default=(33, 49, 65, 81), metadata=field_option(
+        "Feature sizes H=W swept by the scaling section.", "LIST", parse=parse_sizes))
+    heads: tuple[str, ...] | None = field(default=None, metadata=field_option(
+        "Context modules for heads/scaling (default: all six / ema,nonlocal,a2,conv3x3).", "LIST",
+        parse=parse_heads))
+    repeats: int = field(default=3, metadata=field_option(
+        "Timed rounds per measurement, after one warm-up call.", "N"))
+    threads: int | None = field(default=None, metadata=field_option(
+        "Torch CPU threads (default 1 on the CPU, steady on a shared machine; torch's choice on cuda).", "N"))
+    published_memory: bool = field(default=False, metadata=field_option(
+        "Also measure inference memory at 513x513 with ResNet-101 (slow on a CPU)."))
+    compile: bool = field(default=False, metadata=field_option(
+        "train section: also time EMANet's training step under torch.compile (opt-in: compiling takes "
+        "minutes on a CPU)."))
+    compile_timeout: float = field(default=300.0, metadata=field_option(
+        "Seconds allowed for torch.compile's compilation; past it the compiled variant is skipped.", "SECONDS"))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -80,46 +145,6 @@ class ProfileSettings:
         if self.threads is not None:
             return self.threads
         return 1 if self.device.type == "cpu" else None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (``cuda:N`` too; it must exist) or ``auto``: CUDA when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device {name!r}; choose cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device: got {name!r}; choose cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
-
-
-def parse_list(value: str, option: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    """Split ``a,b,c`` and check every item is allowed (order kept, duplicates dropped)."""
-    items = tuple(dict.fromkeys(s.strip() for s in value.split(",") if s.strip()))
-    if not items:
-        raise UserError(f"{option}: empty list; choose from {', '.join(allowed)}")
-    bad = [s for s in items if s not in allowed]
-    if bad:
-        raise UserError(f"{option}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
-    return items
-
-
-def parse_sizes(value: str) -> tuple[int, ...]:
-    """``33,65,97`` → (33, 65, 97): at least two distinct positive sizes for a fit."""
-    try:
-        sizes = tuple(sorted({int(s) for s in value.split(",") if s.strip()}))
-    except ValueError:
-        raise UserError(f"--sizes: expected comma-separated integers like 33,65,97, got {value!r}") from None
-    if len(sizes) < 2 or sizes[0] < 1:
-        raise UserError(f"--sizes: need at least two distinct positive sizes to fit an exponent, got {value!r}")
-    return sizes
 
 
 def validate(s: ProfileSettings) -> None:
@@ -163,8 +188,6 @@ def validate(s: ProfileSettings) -> None:
 
 def _validate_export(s: ProfileSettings) -> None:
     """The export section compares with onnxruntime's CPU provider, in fp32, on any backbone."""
-    from ..export import require_onnx
-
     require_onnx()
     if s.device.type != "cpu":
         raise UserError("--sections export: onnxruntime runs on the CPU here; use --device cpu")

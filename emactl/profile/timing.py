@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
 import torch
+
+from ..device import autocast  # noqa: F401  (the profile's sections time their calls under it)
 
 # torch.utils.benchmark imports cpp_extension, which warns on CUDA-less machines that have a
 # CUDA_HOME; that warning is about compiling extensions, which we never do.
@@ -39,8 +40,6 @@ TIMING_NOTE = (
     "device synchronisations)"
 )
 FAST = 0.02
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 K = TypeVar("K")
 
@@ -106,10 +105,3 @@ def measure_many(
 def measure(fn: Callable[[], Any], device: torch.device, rounds: int = 3, min_time: float = 0.05) -> Timing:
     """Time a single ``fn()`` (see :func:`measure_many`)."""
     return measure_many({"fn": fn}, device, rounds, min_time)["fn"]
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
-    """Mixed precision for ``bf16``/``fp16`` (parameters stay fp32, as in training); fp32: no-op."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)

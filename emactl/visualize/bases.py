@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..errors import UserError
+from ..lists import items
 from .common import (
     PANEL,
     RESP_CMAP,
@@ -47,7 +48,7 @@ MAX_COLS = 4
 def parse_bases(text: str) -> list[int]:
     """``"3,7,12"`` → ``[3, 7, 12]``."""
     try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+        values = [int(v) for v in items(text.replace(" ", ""))]
     except ValueError:
         raise UserError(f"--bases: expected comma-separated basis indices like 0,5,12, got {text!r}") from None
     if not values:
