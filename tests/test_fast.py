@@ -413,6 +413,76 @@ def test_emau_eval_with_and_without_grad_agree(grad):
 
 
 # --------------------------------------------------------------------------------------------
+# conv2 as a 1×1 convolution of the (B, C, N) reconstruction: every method against float64.
+
+
+def conv_operands(b: int = 2, c: int = 6, n: int = 1100, seed: int = 3):
+    g = torch.Generator().manual_seed(seed)  # n spans two full blocks and a partial one
+    return torch.randn(c, c, generator=g), torch.randn(b, c, n, generator=g).relu(), torch.randn(c, generator=g)
+
+
+@pytest.mark.parametrize("method", ["conv2d", "bmm", "blocked"])
+def test_conv1x1_methods_match_float64(method):
+    from emactl.nn.em_cpu import conv1x1
+
+    weight, y, shift = conv_operands()
+    want = torch.einsum("oc,bcn->bon", weight.double(), y.double())
+    assert rel(conv1x1(weight, y, method=method), want) <= FP32_TOL
+    got = conv1x1(weight, y, shift, method=method)
+    assert got.is_contiguous() and rel(got, want + shift.double()[:, None]) <= FP32_TOL
+    half = conv1x1(weight.to(BF16), y.to(BF16), method=method)
+    assert half.dtype == BF16 and rel(half, want) <= BF16_TOL
+
+
+@pytest.mark.parametrize("method", ["conv2d", "bmm", "blocked"])
+def test_conv1x1_gradients_match_float64(method):
+    from emactl.nn.em_cpu import conv1x1
+
+    weight, y, shift = (t.double() for t in conv_operands(n=600))
+    weight.requires_grad_(), y.requires_grad_()
+    probe = torch.randn(2, 6, 600, dtype=torch.float64)
+    ours = torch.autograd.grad((conv1x1(weight, y, method=method) * probe).sum(), (weight, y))
+    theirs = torch.autograd.grad((torch.einsum("oc,bcn->bon", weight, y) * probe).sum(), (weight, y))
+    for a, b in zip(ours, theirs):
+        assert rel(a, b) <= 1e-12
+    small_w, small_y = weight[:3, :3].detach().clone().requires_grad_(), y[:1, :3, :5].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda w, x: conv1x1(w, x, method=method), (small_w, small_y))
+
+
+def test_conv1x1_auto_times_each_method_once_per_signature(monkeypatch):
+    from emactl.nn import em_cpu
+
+    calls = []
+    monkeypatch.setattr(em_cpu, "TUNED_CONV", {})
+    real = em_cpu._conv1x1
+    monkeypatch.setattr(em_cpu, "_conv1x1", lambda m, *a: calls.append(m) or real(m, *a))
+    weight, y, _ = conv_operands()
+    want = torch.einsum("oc,bcn->bon", weight.double(), y.double())
+    assert rel(em_cpu.conv1x1(weight, y), want) <= FP32_TOL
+    assert sorted(set(calls)) == sorted(em_cpu.CONV_METHODS) and len(calls) == 2 * len(em_cpu.CONV_METHODS)
+    (chosen,) = em_cpu.TUNED_CONV.values()
+    calls.clear()
+    em_cpu.conv1x1(weight, y)
+    assert calls == [chosen]  # measured once: later calls run the fastest only
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_emau_plain_products_agree_with_tuned_methods(amp):
+    """method="bmm" (every product plain) and "auto" give the same unit, eval and training."""
+    unit = make_unit(grad="none")
+    plain = copy.deepcopy(unit)
+    plain.method = "bmm"
+    x = unit_input()
+    tol = BF16_TOL if amp else FP32_TOL
+    assert rel(eval_outputs(unit, x, amp)[0], eval_outputs(plain, x, amp)[0]) <= tol
+    w = torch.randn(2, C, 5, 6)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    train_step(unit.train(), a, w, amp).backward()
+    train_step(plain.train(), b, w, amp).backward()
+    assert rel(a.grad, b.grad) <= tol and rel(unit.conv2.weight.grad, plain.conv2.weight.grad) <= tol
+
+
+# --------------------------------------------------------------------------------------------
 # CUDA: em_attention on the GPU (skipped without a GPU).
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

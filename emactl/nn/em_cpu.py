@@ -200,3 +200,81 @@ def blocked_iterations(
                 total.baddbmm_(xb, zb.transpose(1, 2))
         mu = finish_m_step(total, z, norm, weight, bias)  # a new tensor: the next pass may overwrite total
     return z, mu
+
+
+# ---------------------------------------------------------------------------------------------
+# The unit's conv2: a 1×1 convolution of the (B, C, N) reconstruction.
+
+CONV_METHODS = ("conv2d", "bmm", "blocked")
+CONV_BLOCK = 512  # pixels per block of ``blocked``: the best of 256–1024 on one thread here
+TUNED_CONV: dict[tuple, str] = {}  # the fastest conv method measured for each signature
+
+
+def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str = "auto") -> Tensor:
+    """``weight`` (C_out, C_in) applied to every pixel of ``y`` (B, C_in, N), plus ``shift``
+    (C_out,): the (B, C_out, N) output, contiguous, as a 1×1 convolution gives it.
+
+    Three ways compute the same products: ``conv2d`` (oneDNN), ``bmm`` (one batched sgemm or
+    bf16 GEMM) and ``blocked`` (the batched product over blocks of :data:`CONV_BLOCK` pixels).
+    Which is fastest depends on the processor, the dtype and the thread count, so ``auto``
+    times them on the first call of a signature, as :func:`run_fast` does for the EM
+    iterations, and keeps the fastest. Under autograd the chosen forward runs inside
+    :class:`Conv1x1`, whose backward is one batched product per gradient; ``shift`` is for the
+    eval path (a BN folded in) and takes no gradient.
+    """
+    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or y.requires_grad)
+    if method == "auto":
+        key = (tuple(y.shape), y.dtype, tuple(weight.shape), shift is None, torch.get_num_threads())
+        method = TUNED_CONV.get(key, "tune")
+        if method == "tune":
+            with torch.no_grad():
+                method, result = tune_methods(CONV_METHODS, lambda m: _conv1x1(m, weight, y, shift))
+            TUNED_CONV[key] = method
+            if not needs_grad:
+                return result
+    if needs_grad:
+        if shift is not None and shift.requires_grad:
+            raise ValueError("conv1x1: shift takes no gradient")
+        out = Conv1x1.apply(weight, y, method)
+        return out if shift is None else out + shift.view(1, -1, 1)
+    return _conv1x1(method, weight, y, shift)
+
+
+def _conv1x1(method: str, weight: Tensor, y: Tensor, shift: Tensor | None) -> Tensor:
+    b, c_in, n = y.shape
+    c = weight.shape[0]
+    if method == "conv2d":
+        return F.conv2d(y.view(b, c_in, 1, n), weight.view(c, c_in, 1, 1), shift).view(b, c, n)
+    w = weight.expand(b, c, c_in)
+    bias = shift.view(1, c, 1) if shift is not None else None
+    if method == "bmm":
+        return torch.bmm(w, y) if bias is None else torch.baddbmm(bias, w, y)
+    out = y.new_empty(b, c, n)
+    for start in range(0, n, CONV_BLOCK):
+        part, dest = y[:, :, start : start + CONV_BLOCK], out[:, :, start : start + CONV_BLOCK]
+        if bias is None:
+            torch.bmm(w, part, out=dest)
+        else:
+            torch.baddbmm(bias, w, part, out=dest)
+    return out
+
+
+class Conv1x1(torch.autograd.Function):
+    """:func:`conv1x1` under autograd: the forward by the chosen method, the backward as
+    batched products (the weight gradient Σ_b g_b y_bᵀ, the input gradient weightᵀ g)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, y: Tensor, method: str) -> Tensor:
+        ctx.save_for_backward(weight, y)
+        return _conv1x1(method, weight, y, None)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        weight, y = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_weight = grad_y = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = torch.bmm(grad, y.transpose(1, 2)).sum(0)
+        if ctx.needs_input_grad[1]:
+            grad_y = torch.bmm(weight.t().expand(y.shape[0], -1, -1), grad)
+        return grad_weight, grad_y, None

@@ -282,6 +282,7 @@ class EMAU(nn.Module):
         self.momentum, self.renorm = momentum, renorm
         self.zero_init = zero_init
         self.fold = fold
+        self.method = "auto"  # CPU only: "auto" runs the fastest method measured, "bmm" the plain products
         self.record = False  # when True, keep the last responsibilities for visualisation
         self.last: EMAOutput | None = None
         self._buffer: Tensor | None = None
@@ -324,7 +325,7 @@ class EMAU(nn.Module):
         mu0 = self.mu.to(feats.dtype, copy=updating)
         buffer = None if traced else self._recon_buffer(b, c, h * w, feats)
         out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer,
-                           method="bmm" if traced else "auto", **proj)
+                           method="bmm" if traced else self.method, **proj)
         if updating:
             self.update_bases(out.bases)
         if self.record:
@@ -337,24 +338,22 @@ class EMAU(nn.Module):
 
     def _conv2_bn(self, y: Tensor, h: int, w: int) -> Tensor:
         """conv2 then BN on the (B, C, N) reconstruction; in eval without autograd, one product
-        with the BN folded in.
-
-        On the CPU the 1×1 convolution runs as one batched matrix product: the same
-        multiply-adds as ``conv2d``, but its kernels run closer to the machine's rate, most of
-        all in bf16 (see docs/BENCHMARKS.md); the output keeps the (B, C, H, W) contiguous
-        layout of the convolution.
-        """
+        with the BN folded in. On the CPU conv2 runs by the method :func:`em_cpu.conv1x1`
+        measured fastest (``self.method="bmm"``: the plain batched product)."""
         bn, (b, c, n) = self.bn, y.shape
-        matmul = y.device.type == "cpu" and not exporting()
         folded = not (self.training or torch.is_grad_enabled() or not bn.track_running_stats or bn.running_var is None)
         weight, shift = self.conv2.weight.view(c, c), None
         if folded:
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
             weight, shift = weight * scale.view(-1, 1), bn.bias - bn.running_mean * scale
-        if matmul:
-            weight = weight.expand(b, c, c)
-            v = torch.bmm(weight, y) if shift is None else torch.baddbmm(shift.view(1, c, 1), weight, y)
-            v = v.view(b, c, h, w)
+        if y.device.type == "cpu" and not exporting() and not torch.compiler.is_compiling():
+            from .em_cpu import conv1x1
+
+            if torch.is_autocast_enabled("cpu"):  # cast here: autocast does not reach into conv1x1's choice
+                dtype = torch.get_autocast_dtype("cpu")
+                y, weight = y.to(dtype), weight.to(dtype)
+                shift = shift.to(dtype) if shift is not None else None
+            v = conv1x1(weight, y, shift, self.method).view(b, c, h, w)
         else:
             v = F.conv2d(y.view(b, c, h, w), weight.view(c, c, 1, 1), shift)
         return v if folded else bn(v)
