@@ -23,17 +23,9 @@ from emactl.nn.choices import BASES_UPDATES, GRAD_MODES, NORMS
 from emactl.tables import print_table
 
 from cli_run import cli, one_line_error
+from runs import SWEEP, tiny_recipe
 
-TINY = {
-    "name": "tiny",
-    "data": {"name": "shapes", "num_classes": 7, "workers": 0, "crop_size": 32, "flip": False,
-             "args": {"size": 32, "train_length": 8, "val_length": 4}},
-    "model": {"backbone": "tiny", "head_channels": 16, "mid_channels": 16, "pretrained": None,
-              "ema": {"bases": 4, "iters": 2}},
-    "train": {"iters": 2, "batch_size": 2, "ckpt_every": 1, "keep_ckpts": 2, "log_every": 1, "warmup_iters": 0,
-              "lr": 0.01},
-    "eval": {"batch_size": 4},
-}
+TINY = tiny_recipe(*SWEEP, "data.args.val_length=4", "train.iters=2", "train.keep_ckpts=2", "eval.batch_size=4")
 AXIS_COLUMNS = ["train_iters", "eval_iters", "seed"]
 METRIC_COLUMNS = ["mIoU", "aAcc", "mAcc", "train_time_s", "eval_time_s", "params"]
 # One torch thread per cell: on a small shared CPU two spinning OpenMP threads are many times slower.

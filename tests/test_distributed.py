@@ -13,14 +13,14 @@ import torch
 import yaml
 from torch import nn
 
-from emactl.config import apply_overrides
 from emactl.engine import distributed as D
 from emactl.engine.checkpoint import checkpoint_path
 from emactl.engine.rundir import read_metrics
 from emactl.errors import UserError
 
 from gloo import free_port
-from test_train import assert_same_state, base_dict, ckpt
+from runs import train_dict
+from test_train import assert_same_state, ckpt
 
 
 def torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -39,10 +39,7 @@ def torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_two_ranks_train_evaluate_and_resume(tmp_path: Path) -> None:
-    data = apply_overrides(
-        base_dict(tmp_path),
-        ["train.iters=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1"],
-    )
+    data = train_dict(tmp_path, "train.iters=4", "train.ckpt_every=2", "train.val_every=2", "train.log_every=1")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     runs = tmp_path / "runs"

@@ -1,12 +1,11 @@
 """EM attention (``em_attention``) and the EMA Unit (``EMAU``).
 
-The reference implementation below is written independently of the package: plain Python
-floats, explicit loops over batch, bases, pixels and channels.
+The reference implementation (``tests/reference.py``) is written independently of the
+package: plain Python floats, explicit loops over batch, bases, pixels and channels.
 """
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -16,70 +15,7 @@ from torch import nn
 from emactl.nn.ema import EMAU, em_attention, init_bases
 
 from gloo import run_gloo_workers
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in float64."""
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double() - b.detach().double()).abs().max())
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Independent reference
-
-
-def reference_em(x: torch.Tensor, mu0: torch.Tensor, iters: int, lam: float, norm: str):
-    """EM attention with Python floats. x: (B, C, N), mu0: (1|B, C, K).
-
-    Returns (recon (B, C, N), bases (B, C, K), resp (B, N, K)) as float64 tensors.
-    """
-    X = x.double().tolist()
-    M0 = mu0.double().tolist()
-    B, C, N = len(X), len(X[0]), len(X[0][0])
-    K = len(M0[0][0])
-    recons, bases, resps = [], [], []
-    for b in range(B):
-        xb = X[b]
-        m0 = M0[b] if len(M0) > 1 else M0[0]
-        mu = [[m0[c][k] for k in range(K)] for c in range(C)]  # C x K
-        z = None
-        for _ in range(iters):
-            # E step: z_nk = softmax_k(lam * sum_c x_cn mu_ck)
-            z = []
-            for n in range(N):
-                logits = [lam * sum(xb[c][n] * mu[c][k] for c in range(C)) for k in range(K)]
-                top = max(logits)
-                e = [math.exp(v - top) for v in logits]
-                s = sum(e)
-                z.append([v / s for v in e])
-            # M step: mu_k = sum_n z_nk x_n / (1e-6 + sum_n z_nk), then normalise over C
-            new = [[0.0] * K for _ in range(C)]
-            for k in range(K):
-                den = 1e-6 + sum(z[n][k] for n in range(N))
-                col = [sum(z[n][k] * xb[c][n] for n in range(N)) / den for c in range(C)]
-                if norm == "l2":
-                    length = math.sqrt(sum(v * v for v in col))
-                    col = [v / length for v in col]
-                elif norm == "layernorm":
-                    mean = sum(col) / C
-                    var = sum((v - mean) ** 2 for v in col) / C
-                    col = [(v - mean) / math.sqrt(var + 1e-5) for v in col]
-                else:
-                    assert norm == "none"
-                for c in range(C):
-                    new[c][k] = col[c]
-            mu = new
-        # reconstruction: x~_cn = sum_k mu_ck z_nk with the last E step's responsibilities
-        recon = [[sum(mu[c][k] * z[n][k] for k in range(K)) for n in range(N)] for c in range(C)]
-        recons.append(recon)
-        bases.append(mu)
-        resps.append(z)
-    as_t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    return as_t(recons), as_t(bases), as_t(resps)
+from reference import max_abs, reference_em, rel_err
 
 
 # (B, C, N, K, T, lambda, batch of mu0)

@@ -9,35 +9,24 @@ import pytest
 import torch
 from torch import nn
 
-from emactl.config import EvalConfig, from_dict, to_dict
-from emactl.engine.checkpoint import checkpoint_path, save_checkpoint
-from emactl.engine.evaluate import evaluate, load_for_eval
+from emactl.config import EvalConfig
+from emactl.engine.checkpoint import checkpoint_path
+from emactl.engine.evaluate import SUMMARY_COLUMNS, evaluate, load_for_eval
 from emactl.engine.metrics import compute_metrics
-from emactl.nn.emanet import build_model, ema_units, set_eval_iters
+from emactl.nn.emanet import ema_units, set_eval_iters
+from emactl.visualize.confusion import _summary_note, draw_confusion, find_confusion
 
 from gloo import run_gloo_workers
 
 from cli_run import cli, one_line_error
-
-RECIPE = {
-    "name": "tiny",
-    "data": {"name": "shapes", "num_classes": 7, "workers": 0, "crop_size": 32,
-             "args": {"size": 32, "val_length": 3}},
-    "model": {"backbone": "tiny", "head_channels": 16, "mid_channels": 16, "pretrained": None,
-              "ema": {"bases": 4}},
-}
+from runs import tiny_recipe, write_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A run directory holding one checkpoint of an untrained tiny EMANet on ``shapes``."""
-    root = tmp_path_factory.mktemp("runs") / "tiny"
-    recipe = from_dict(RECIPE)
-    model = build_model(recipe.model, recipe.data.num_classes)
-    save_checkpoint(checkpoint_path(root, 7), {"model": model.state_dict(), "recipe": to_dict(recipe), "iteration": 7})
-    return root
-
-
+    return write_run(tmp_path_factory.mktemp("runs") / "tiny", tiny_recipe("data.args.size=32",
+                                                                          "data.args.val_length=3"), 7)
 
 
 def test_eval_run_dir_writes_and_prints_tables(run_dir, capsys):
@@ -98,16 +87,10 @@ def test_checkpoint_in_run_dir_writes_to_run_eval(run_dir, capsys):
     assert code == 0 and (setting / "summary.csv").is_file()
 
 
-def test_each_setting_has_its_own_folder_and_training_tables_stay(tmp_path, capsys):
+def test_each_setting_has_its_own_folder_and_training_tables_stay(trained_run_copy, capsys):
     """A multi-scale eval after training writes eval/<setting>/ and leaves the training's eval/ alone;
     both summaries have the same columns, and the confusion figures say which evaluation they show."""
-    from emactl.engine.evaluate import SUMMARY_COLUMNS
-    from emactl.engine.trainer import train
-
-    recipe = from_dict({**RECIPE, "out_dir": str(tmp_path), "name": "r",
-                        "train": {"iters": 2, "batch_size": 2, "ckpt_every": 2, "log_every": 1}})
-    train(recipe, progress=False)
-    run = tmp_path / "r"
+    run = trained_run_copy
     trained = {p.name: p.read_bytes() for p in (run / "eval").iterdir() if p.is_file()}
     assert {"summary.csv", "per_class.csv", "confusion.csv"} <= set(trained)
 
@@ -123,8 +106,6 @@ def test_each_setting_has_its_own_folder_and_training_tables_stay(tmp_path, caps
     assert list(ours.columns) == list(theirs.columns) == list(SUMMARY_COLUMNS)
     assert ours["setting"][0] == "val_whole_s1_T3_it2" and theirs["setting"][0] == setting.name
     assert ours["checkpoint"][0] == theirs["checkpoint"][0] == "checkpoints/iter_0000002.pt"  # the run can move
-
-    from emactl.visualize.confusion import _summary_note, draw_confusion, find_confusion
 
     assert draw_confusion(run)[0].name == "confusion.png"
     assert draw_confusion(run, setting=setting.name)[0].name == f"confusion_{setting.name}.png"

@@ -13,8 +13,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from emactl.config import from_dict, to_dict
-from emactl.engine.checkpoint import checkpoint_path, save_checkpoint
 from emactl.engine.evaluate import load_for_eval
 from emactl.engine.inference import predict_logits
 from emactl.errors import UserError
@@ -29,11 +27,11 @@ from emactl.export import (
 )
 from emactl.importer import import_checkpoint
 from emactl.nn.ema import EMAU
-from emactl.nn.emanet import build_model
 from emactl.nn.heads import CONTEXTS
 from emactl.predict import normalise, predict_images
 
 from cli_run import cli, one_line_error
+from runs import randomise, tiny_recipe, write_run
 
 from test_importer import original  # noqa: F401  (a module fixture: a small original-code checkpoint)
 
@@ -41,33 +39,12 @@ HEADS = tuple(CONTEXTS.names())
 
 
 def recipe_dict(head: str, pad_multiple: int | None = 8) -> dict:
-    return {
-        "name": f"tiny_{head}",
-        "data": {"name": "shapes", "num_classes": 7, "workers": 0, "crop_size": 32, "args": {"size": 32}},
-        "model": {"backbone": "tiny", "head": head, "head_channels": 16, "mid_channels": 16, "pretrained": None,
-                  "ema": {"bases": 4, "iters": 3, "eval_iters": 2}},
-        "eval": {"pad_multiple": pad_multiple},
-    }
-
-
-def randomise_bn(model: nn.Module, seed: int) -> None:
-    """BN statistics and affine terms away from (0, 1), so that folding them matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return tiny_recipe(f"name=tiny_{head}", "data.args.size=32", f"model.head={head}", "model.ema.iters=3",
+                       "model.ema.eval_iters=2", f"eval.pad_multiple={'null' if pad_multiple is None else pad_multiple}")
 
 
 def make_run(root: Path, head: str, pad_multiple: int | None = 8) -> Path:
-    recipe = from_dict(recipe_dict(head, pad_multiple))
-    model = build_model(recipe.model, recipe.data.num_classes)
-    randomise_bn(model, seed=len(head))
-    save_checkpoint(checkpoint_path(root, 5), {"model": model.state_dict(), "recipe": to_dict(recipe), "iteration": 5})
-    return root
+    return write_run(root, recipe_dict(head, pad_multiple), 5, prepare=lambda model: randomise(model, seed=len(head)))
 
 
 @pytest.fixture(scope="module")

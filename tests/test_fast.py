@@ -2,8 +2,8 @@
 
 Fast paths: the (B, K, N) responsibilities layout, the l2 M step without the division by
 Σ_n z, the reusable (B, C, N) reconstruction buffer (``out=``, and ``EMAU``'s own), bf16 inputs
-and bf16 autocast, channels_last inputs. The reference here is a float64, (B, N, K)-layout
-implementation written as the public code writes it; every comparison is a relative error
+and bf16 autocast, channels_last inputs. The reference is the tests' float64 EM
+(``tests/reference.py``, (B, N, K) responsibilities); every comparison is a relative error
 ‖a − b‖ / ‖b‖. Shapes are tiny; no test looks at time.
 """
 from __future__ import annotations
@@ -16,32 +16,11 @@ import torch.nn.functional as F
 
 from emactl.nn.ema import EMAU, em_attention, init_bases, m_step
 
+from reference import reference_em, rel_err
+
 BF16 = torch.bfloat16
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in float64."""
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def reference(x: torch.Tensor, mu0: torch.Tensor, iters: int = 3, lam: float = 1.0, norm: str = "l2"):
-    """EM attention in float64, (B, N, K) responsibilities, every normalisation spelled out.
-
-    x (B, C, N), mu0 (1|B, C, K) → recon (B, C, N), bases (B, C, K), resp (B, N, K).
-    """
-    x = x.double()
-    mu = mu0.double().expand(x.shape[0], -1, -1)
-    for _ in range(iters):
-        z = torch.softmax(lam * torch.bmm(x.transpose(1, 2), mu), dim=2)  # (B, N, K)
-        mu = torch.bmm(x, z / (1e-6 + z.sum(dim=1, keepdim=True)))  # weighted mean of the pixels
-        if norm == "l2":
-            mu = mu / mu.norm(dim=1, keepdim=True)
-        elif norm == "layernorm":
-            mu = (mu - mu.mean(dim=1, keepdim=True)) / torch.sqrt(mu.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
-    return torch.bmm(mu, z.transpose(1, 2)), mu, z
 
 
 def features(b: int = 2, c: int = 24, n: int = 40, seed: int = 0) -> torch.Tensor:
@@ -56,7 +35,7 @@ def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 def check(out, ref, tol: float) -> None:
     for name, ours, theirs in zip(("recon", "bases", "resp"), out, ref):
         assert ours.shape == theirs.shape, name
-        err = rel(ours, theirs)
+        err = rel_err(ours, theirs)
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
 
 
@@ -72,7 +51,7 @@ def test_em_attention_fp32_matches_reference(norm, lam, use_out):
     x, mu0 = features(), init_bases(24, 6, norm)
     out = torch.full((2, 24, 40), float("nan")) if use_out else None
     ours = em_attention(x, mu0, 3, lam, norm, "none", out=out)
-    check(ours, reference(x, mu0, 3, lam, norm), FP32_TOL)
+    check(ours, reference_em(x, mu0, 3, lam, norm), FP32_TOL)
     if use_out:
         assert ours.recon.shape == (2, 24, 40)
         assert shares_storage(ours.recon, out) and ours.recon.data_ptr() == out.data_ptr()
@@ -82,7 +61,7 @@ def test_em_attention_fp32_matches_reference(norm, lam, use_out):
 @pytest.mark.parametrize("grad", ["none", "last", "full"])
 def test_em_attention_grad_modes_fp32_match_reference(grad):
     x, mu0 = features(), init_bases(24, 6)
-    check(em_attention(x, mu0, 3, grad=grad), reference(x, mu0), FP32_TOL)
+    check(em_attention(x, mu0, 3, grad=grad), reference_em(x, mu0), FP32_TOL)
 
 
 # the CPU's fast methods for iterations without gradient (emactl.nn.em_cpu); blocked runs
@@ -97,7 +76,7 @@ def test_fast_cpu_methods_match_reference(norm, lam, grad, method, block):
     out = torch.empty(2, 24, 40)
     with torch.no_grad():
         ours = em_attention(x, mu0, 3, lam, norm, grad, out=out, method=method, block=block)
-    check(ours, reference(x, mu0, 3, lam, norm), FP32_TOL)
+    check(ours, reference_em(x, mu0, 3, lam, norm), FP32_TOL)
 
 
 @pytest.mark.parametrize("method", ["conv", "blocked"])
@@ -105,7 +84,7 @@ def test_fast_cpu_methods_per_image_bases_and_channels_last_features(method):
     x = features(3).transpose(1, 2).contiguous().transpose(1, 2)  # (B, C, N) stored as (B, N, C)
     mu0 = torch.cat([init_bases(24, 5) for _ in range(3)])
     with torch.no_grad():
-        check(em_attention(x, mu0, 2, method=method, block=16), reference(x, mu0, 2), FP32_TOL)
+        check(em_attention(x, mu0, 2, method=method, block=16), reference_em(x, mu0, 2), FP32_TOL)
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["bf16-in", "bf16-in-autocast"])
@@ -115,7 +94,7 @@ def test_fast_cpu_methods_bf16(method, amp):
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=amp):
         ours = em_attention(x.to(BF16), mu0.to(BF16), 3, method=method, block=16)
     assert ours.resp.dtype == ours.bases.dtype == BF16
-    check(ours, reference(x, mu0), BF16_TOL)
+    check(ours, reference_em(x, mu0), BF16_TOL)
 
 
 def test_pick_method():
@@ -172,14 +151,14 @@ def test_auto_tunes_once_per_signature_and_matches_the_reference(monkeypatch):
         first = em_attention(x, mu0, 3)
         assert len(em_cpu.TUNED) == 1 and set(em_cpu.TUNED.values()) <= set(em_cpu.candidates(x))
         second = em_attention(x, mu0, 3)
-    check(first, reference(x, mu0), FP32_TOL)
-    check(second, reference(x, mu0), FP32_TOL)
+    check(first, reference_em(x, mu0), FP32_TOL)
+    check(second, reference_em(x, mu0), FP32_TOL)
 
 
 def test_em_attention_per_image_bases_match_reference():
     x = features(3)
     mu0 = torch.cat([init_bases(24, 5) for _ in range(3)])
-    check(em_attention(x, mu0, 2, out=torch.empty(3, 24, 40)), reference(x, mu0, 2), FP32_TOL)
+    check(em_attention(x, mu0, 2, out=torch.empty(3, 24, 40)), reference_em(x, mu0, 2), FP32_TOL)
 
 
 def test_out_buffer_reused_across_calls():
@@ -192,7 +171,7 @@ def test_out_buffer_reused_across_calls():
         x = features(seed=seed) * (1 + seed)
         ours = em_attention(x, mu0, 3, out=out)
         assert shares_storage(ours.recon, out)
-        check(ours, reference(x, mu0), FP32_TOL)
+        check(ours, reference_em(x, mu0), FP32_TOL)
         if previous is not None:  # the previous call's reconstruction was overwritten
             assert previous.data_ptr() == ours.recon.data_ptr()
             torch.testing.assert_close(previous, ours.recon, rtol=0, atol=0)
@@ -207,7 +186,7 @@ def test_unfit_out_buffer_is_ignored(shape, dtype):
     out = torch.zeros(shape, dtype=dtype)
     ours = em_attention(x, mu0, 3, out=out)
     assert not shares_storage(ours.recon, out) and bool((out == 0).all())
-    check(ours, reference(x, mu0), FP32_TOL)
+    check(ours, reference_em(x, mu0), FP32_TOL)
 
 
 @pytest.mark.parametrize("grad", ["last", "full"])
@@ -218,7 +197,7 @@ def test_out_buffer_unused_when_recon_needs_grad(grad):
     ours = em_attention(x, mu0, 3, grad=grad, out=out)
     assert ours.recon.requires_grad and not shares_storage(ours.recon, out)
     assert bool((out == 0).all())
-    check(ours, reference(x, mu0), FP32_TOL)
+    check(ours, reference_em(x, mu0), FP32_TOL)
 
 
 def test_l2_m_step_without_sum_normalisation_equals_normalised():
@@ -230,11 +209,11 @@ def test_l2_m_step_without_sum_normalisation_equals_normalised():
     skipped = m_step(x, z, "l2")
     mu = torch.bmm(x.double(), z.double().transpose(1, 2)) / (1e-6 + z.double().sum(dim=2).unsqueeze(1))
     normalised = mu / mu.norm(dim=1, keepdim=True)
-    assert rel(skipped, normalised) <= FP32_TOL
-    assert rel(skipped.norm(dim=1), torch.ones(3, 5)) <= FP32_TOL
+    assert rel_err(skipped, normalised) <= FP32_TOL
+    assert rel_err(skipped.norm(dim=1), torch.ones(3, 5)) <= FP32_TOL
     # the same through the public normalise-then-l2 path of the package (layout aside)
     public = F.normalize(torch.bmm(x, (z / (1e-6 + z.sum(dim=2, keepdim=True))).transpose(1, 2)), dim=1, eps=1e-6)
-    assert rel(skipped, public) <= FP32_TOL
+    assert rel_err(skipped, public) <= FP32_TOL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +234,7 @@ def test_em_attention_bf16_inputs(seed, use_out):
     assert ours.recon.dtype == BF16
     if use_out:
         assert shares_storage(ours.recon, out)
-    check(ours, reference(x, mu0), BF16_TOL)
+    check(ours, reference_em(x, mu0), BF16_TOL)
 
 
 @pytest.mark.parametrize("inputs", [torch.float32, BF16], ids=["fp32-in", "bf16-in"])
@@ -266,8 +245,8 @@ def test_em_attention_under_bf16_autocast(inputs, use_out):
     with torch.autocast("cpu", dtype=BF16):
         ours = em_attention(x.to(inputs), mu0.to(inputs), 3, out=out)
         again = em_attention(x.to(inputs), mu0.to(inputs), 3, out=out)  # the buffer once more
-    check(ours, reference(x, mu0), BF16_TOL)
-    check(again, reference(x, mu0), BF16_TOL)
+    check(ours, reference_em(x, mu0), BF16_TOL)
+    check(again, reference_em(x, mu0), BF16_TOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +290,7 @@ def test_emau_eval_fast_paths_match_fp32_contiguous(channels_last, amp, tol):
     for _ in range(2):  # the second call reuses the unit's buffer
         fast = eval_outputs(unit, fast_x, amp=amp)
         for name, ours, theirs in zip(("output", "recon", "bases"), fast, ref):
-            assert rel(ours, theirs) <= tol, name
+            assert rel_err(ours, theirs) <= tol, name
     assert ref[1].dtype == torch.float32 and unit._buffer is not None
 
 
@@ -409,7 +388,7 @@ def test_emau_eval_with_and_without_grad_agree(grad):
     with torch.no_grad():
         buffered = unit(x)
     tracked = unit(x.clone().requires_grad_())
-    assert rel(buffered, tracked) <= FP32_TOL
+    assert rel_err(buffered, tracked) <= FP32_TOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,11 +406,11 @@ def test_conv1x1_methods_match_float64(method):
 
     weight, y, shift = conv_operands()
     want = torch.einsum("oc,bcn->bon", weight.double(), y.double())
-    assert rel(conv1x1(weight, y, method=method), want) <= FP32_TOL
+    assert rel_err(conv1x1(weight, y, method=method), want) <= FP32_TOL
     got = conv1x1(weight, y, shift, method=method)
-    assert got.is_contiguous() and rel(got, want + shift.double()[:, None]) <= FP32_TOL
+    assert got.is_contiguous() and rel_err(got, want + shift.double()[:, None]) <= FP32_TOL
     half = conv1x1(weight.to(BF16), y.to(BF16), method=method)
-    assert half.dtype == BF16 and rel(half, want) <= BF16_TOL
+    assert half.dtype == BF16 and rel_err(half, want) <= BF16_TOL
 
 
 @pytest.mark.parametrize("method", ["conv2d", "bmm", "blocked"])
@@ -444,7 +423,7 @@ def test_conv1x1_gradients_match_float64(method):
     ours = torch.autograd.grad((conv1x1(weight, y, method=method) * probe).sum(), (weight, y))
     theirs = torch.autograd.grad((torch.einsum("oc,bcn->bon", weight, y) * probe).sum(), (weight, y))
     for a, b in zip(ours, theirs):
-        assert rel(a, b) <= 1e-12
+        assert rel_err(a, b) <= 1e-12
     small_w, small_y = weight[:3, :3].detach().clone().requires_grad_(), y[:1, :3, :5].detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda w, x: conv1x1(w, x, method=method), (small_w, small_y))
 
@@ -458,7 +437,7 @@ def test_conv1x1_auto_times_each_method_once_per_signature(monkeypatch):
     monkeypatch.setattr(em_cpu, "_conv1x1", lambda m, *a: calls.append(m) or real(m, *a))
     weight, y, _ = conv_operands()
     want = torch.einsum("oc,bcn->bon", weight.double(), y.double())
-    assert rel(em_cpu.conv1x1(weight, y), want) <= FP32_TOL
+    assert rel_err(em_cpu.conv1x1(weight, y), want) <= FP32_TOL
     assert sorted(set(calls)) == sorted(em_cpu.CONV_METHODS) and len(calls) == 2 * len(em_cpu.CONV_METHODS)
     (chosen,) = em_cpu.TUNED_CONV.values()
     calls.clear()
@@ -474,12 +453,12 @@ def test_emau_plain_products_agree_with_tuned_methods(amp):
     plain.method = "bmm"
     x = unit_input()
     tol = BF16_TOL if amp else FP32_TOL
-    assert rel(eval_outputs(unit, x, amp)[0], eval_outputs(plain, x, amp)[0]) <= tol
+    assert rel_err(eval_outputs(unit, x, amp)[0], eval_outputs(plain, x, amp)[0]) <= tol
     w = torch.randn(2, C, 5, 6)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     train_step(unit.train(), a, w, amp).backward()
     train_step(plain.train(), b, w, amp).backward()
-    assert rel(a.grad, b.grad) <= tol and rel(unit.conv2.weight.grad, plain.conv2.weight.grad) <= tol
+    assert rel_err(a.grad, b.grad) <= tol and rel_err(unit.conv2.weight.grad, plain.conv2.weight.grad) <= tol
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,7 +471,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("norm,lam", CASES)
 def test_em_attention_cuda_fp32_and_bf16_match_reference(norm, lam):
     x, mu0 = features(b=2, c=64, n=300), init_bases(64, 8, norm)
-    ref = reference(x, mu0, 3, lam, norm)
+    ref = reference_em(x, mu0, 3, lam, norm)
     xc, muc = x.cuda(), mu0.cuda()
     out = torch.empty(2, 64, 300, device="cuda")
     check(em_attention(xc, muc, 3, lam, norm, out=out), ref, FP32_TOL)

@@ -25,6 +25,9 @@ from emactl.errors import UserError
 from emactl.importer import import_checkpoint
 from emactl.predict import predict_images
 
+from reference import max_rel_err
+from runs import randomise
+
 R50 = (3, 4, 6, 3)
 CLASSES = 5
 
@@ -62,24 +65,6 @@ def res_layer(cin: int, planes: int, stride: int, dilations: list[int]) -> nn.Se
 
 def conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-
-
-def randomise(net: nn.Module, seed: int) -> nn.Module:
-    """Random weights and BN statistics, so that every tensor of the file matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-            elif isinstance(m, nn.Conv2d):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (1.0 / fan_in) ** 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    return net.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +284,7 @@ def image(seed: int, h: int, w: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def original(tmp_path_factory) -> tuple[nn.Module, Path]:
     torch.manual_seed(1)
-    net = randomise(OriginalEMANet(CLASSES), seed=1)
+    net = randomise(OriginalEMANet(CLASSES), seed=1, convs=True).eval()
     path = tmp_path_factory.mktemp("original") / "final.pth"
     torch.save({"net": net.state_dict(), "step": 30000}, path)
     return net, path
@@ -318,19 +303,15 @@ def mmseg(tmp_path_factory) -> tuple[nn.Module, Path, nn.Module, Path]:
     ``meta.config`` asks for align_corners=True and 33² sliding windows with stride 22."""
     torch.manual_seed(2)
     folder = tmp_path_factory.mktemp("mmseg")
-    whole = randomise(MMSegEMANet(CLASSES), seed=2)
+    whole = randomise(MMSegEMANet(CLASSES), seed=2, convs=True).eval()
     whole_path = folder / "emanet_whole.pth"
     names = tuple(f"class{i}" for i in range(CLASSES))
     torch.save({"meta": {"CLASSES": names, "PALETTE": [[i, i, i] for i in range(CLASSES)], "iter": 80000},
                 "state_dict": whole.state_dict()}, whole_path)
-    slide = randomise(MMSegEMANet(CLASSES, align_corners=True), seed=3)
+    slide = randomise(MMSegEMANet(CLASSES, align_corners=True), seed=3, convs=True).eval()
     slide_path = folder / "emanet_slide.pth"
     torch.save({"meta": {"config": MMSEG_CONFIG, "iter": 80000}, "state_dict": slide.state_dict()}, slide_path)
     return whole, whole_path, slide, slide_path
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +369,7 @@ def test_original_forward_matches_the_source_in_float64(original, tmp_path):
     x = original_normalise(image(0, 41, 49))
     with torch.no_grad():
         ours, theirs = model(x)["out"], net.double()(x)
-    assert rel_err(ours, theirs) <= 1e-5
+    assert max_rel_err(ours, theirs) <= 1e-5
 
 
 def test_mmseg_forward_matches_the_source_in_float64(mmseg, tmp_path):
@@ -398,7 +379,7 @@ def test_mmseg_forward_matches_the_source_in_float64(mmseg, tmp_path):
         x = mmseg_normalise(image(1, 40, 52))
         with torch.no_grad():
             ours, theirs = model(x)["out"], net.double()(x)
-        assert rel_err(ours, theirs) <= 1e-5, name
+        assert max_rel_err(ours, theirs) <= 1e-5, name
 
 
 def _masks(folder: Path) -> dict[str, np.ndarray]:

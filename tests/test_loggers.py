@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from emactl.cli import main as cli_main
 from emactl.engine.loggers import Loggers, require_loggers, scalars
@@ -15,15 +14,9 @@ from emactl.engine.rundir import MetricsLogger, read_metrics
 from emactl.engine.trainer import train
 from emactl.errors import UserError
 
-from test_train import make_recipe, write_recipe_file
+from runs import make_recipe, write_recipe_file
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_scalars_skip_kind_iter_time_and_non_numbers():
@@ -107,27 +100,11 @@ def assert_series(got: list[tuple[int, float]], expected: list[tuple[int, float]
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)
 
 
-def test_tensorboard_gets_every_jsonl_scalar_through_the_trainer(tmp_path, monkeypatch):
-    calls: list[tuple[str, float, int]] = []
-
-    class FakeWriter:
-        def __init__(self, log_dir: str) -> None:
-            assert log_dir == str(tmp_path / "run" / "tb")
-
-        def add_scalar(self, tag: str, value: float, step: int) -> None:
-            calls.append((tag, value, step))
-
-        def flush(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    fake = type(sys)("torch.utils.tensorboard")
-    fake.SummaryWriter = FakeWriter
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+def test_tensorboard_gets_every_jsonl_scalar_through_the_trainer(tmp_path, fake_tensorboard):
     train(make_recipe(tmp_path, "train.iters=2", "train.loggers=[jsonl,tensorboard]"), tmp_path / "run",
           progress=False)
+    assert fake_tensorboard.log_dirs == [str(tmp_path / "run" / "tb")]
+    calls = fake_tensorboard.calls
     expected = jsonl_scalars(tmp_path / "run")
     assert "train/loss" in expected and "val/mIoU" in expected
     got: dict[str, list[tuple[int, float]]] = {}

@@ -10,9 +10,12 @@ import torch.nn.functional as F
 
 from emactl.config import apply_overrides, from_dict
 from emactl.engine.losses import SegLoss, build_loss, frequency_weights, ohem_mask, resolve_class_weights
+from emactl.engine.rundir import read_metrics
+from emactl.engine.trainer import train
 from emactl.errors import UserError
 
 from gloo import run_gloo_workers
+from runs import make_recipe
 
 IGNORE = 255
 
@@ -196,13 +199,7 @@ def test_ddp_two_ranks_equal_one_process_on_the_whole_batch(tmp_path: Path):
 # The trainer uses the recipe's loss.
 
 
-def test_trainer_uses_the_recipe_loss(tmp_path: Path):
-    from emactl.engine.rundir import read_metrics
-    from emactl.engine.trainer import train
-
-    from test_train import make_recipe
-
-    torch.set_num_threads(1)
+def test_trainer_uses_the_recipe_loss(tmp_path: Path, one_thread):
     first = {}
     for loss in ("ce", "weighted_ce", "ohem"):
         extra = {"ce": [], "weighted_ce": ["train.class_weights=frequency"],

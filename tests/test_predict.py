@@ -7,30 +7,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emactl.config import from_dict, to_dict
-from emactl.engine.checkpoint import checkpoint_path, save_checkpoint
-from emactl.nn.emanet import build_model
+from emactl.engine.checkpoint import checkpoint_path
 from emactl.predict import blend
 
 from cli_run import cli, one_line_error
+from runs import TINY, tiny_recipe, write_run
 
-NUM_CLASSES = 7
-RECIPE = {
-    "name": "tiny",
-    "data": {"name": "shapes", "num_classes": NUM_CLASSES, "workers": 0, "crop_size": 32},
-    "model": {"backbone": "tiny", "head_channels": 16, "mid_channels": 16, "pretrained": None,
-              "ema": {"bases": 4}},
-    "eval": {"flip": True},
-}
+NUM_CLASSES = TINY["data"]["num_classes"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runs") / "tiny"
-    recipe = from_dict(RECIPE)
-    model = build_model(recipe.model, NUM_CLASSES)
-    save_checkpoint(checkpoint_path(root, 1), {"model": model.state_dict(), "recipe": to_dict(recipe), "iteration": 1})
-    return root
+    return write_run(tmp_path_factory.mktemp("runs") / "tiny", tiny_recipe("eval.flip=true"), 1)
 
 
 @pytest.fixture
@@ -42,8 +30,6 @@ def images(tmp_path) -> Path:
     Image.fromarray(rng.integers(0, 256, (17, 24, 3), dtype=np.uint8)).save(folder / "b.png")
     (folder / "notes.txt").write_text("not an image")
     return folder
-
-
 
 
 def test_predict_writes_palette_masks_and_overlays(run_dir, images, tmp_path, capsys):

@@ -28,6 +28,8 @@ from emactl.profile.settings import HEADS, ProfileSettings
 from emactl.profile.timing import measure_many
 from emactl.profile.training import compile_step, profile_training, train_step_flops
 
+from reference import reference_em
+
 CPU = torch.device("cpu")
 
 
@@ -172,7 +174,7 @@ def test_em_attention_matches_reference():
     x = torch.randn(2, 16, 30)
     mu = init_bases(16, 5)
     ours = em_attention(x, mu, 3)
-    ref = reference_em_attention(x, mu, 3)
+    ref = [t.float() for t in reference_em(x, mu, 3)]
     torch.testing.assert_close(ours.recon, ref[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.bases, ref[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ours.resp, ref[2], rtol=1e-4, atol=1e-5)

@@ -11,16 +11,10 @@ import yaml
 
 from emactl.cli import main
 
+from runs import SWEEP, tiny_recipe
+
 README = Path(__file__).resolve().parents[1] / "README.md"
-TINY = {
-    "name": "shapes",
-    "data": {"name": "shapes", "num_classes": 7, "workers": 0, "crop_size": 32, "flip": False,
-             "args": {"size": 32, "train_length": 8, "val_length": 2}},
-    "model": {"backbone": "tiny", "head_channels": 16, "mid_channels": 16, "pretrained": None,
-              "ema": {"bases": 4, "iters": 2}},
-    "train": {"iters": 1, "batch_size": 2, "ckpt_every": 1, "log_every": 1, "warmup_iters": 0, "lr": 0.01},
-    "eval": {"batch_size": 2},
-}
+TINY = tiny_recipe(*SWEEP, "name=shapes", "data.args.val_length=2", "train.iters=1", "eval.batch_size=2")
 
 
 def readme_command(prefix: str) -> list[str]:

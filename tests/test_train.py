@@ -18,64 +18,20 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 import emactl
 import emactl.engine.trainer as trainer_mod
 from emactl.cli import main as cli_main
-from emactl.config import apply_overrides, from_dict, load_recipe, to_dict
+from emactl.config import load_recipe, to_dict
 from emactl.engine.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
 from emactl.engine.rundir import MetricsLogger, read_metrics
 from emactl.engine.trainer import train
 from emactl.errors import UserError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and does not spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from runs import make_recipe, write_recipe_file
 
 
-def base_dict(tmp_path: Path) -> dict[str, Any]:
-    return {
-        "name": "t",
-        "out_dir": str(tmp_path / "runs"),
-        "data": {
-            "name": "shapes",
-            "num_classes": 7,
-            "crop_size": 32,
-            "scale_min": 0.75,
-            "scale_max": 1.25,
-            "workers": 0,
-            "args": {"size": 40, "train_length": 12, "val_length": 2},
-        },
-        "model": {"backbone": "tiny", "head_channels": 16, "mid_channels": 16, "ema": {"bases": 8}},
-        "train": {
-            "iters": 6,
-            "batch_size": 4,
-            "lr": 0.01,
-            "warmup_iters": 2,
-            "ckpt_every": 3,
-            "keep_ckpts": 5,
-            "log_every": 1,
-            "val_every": 0,
-            "device": "cpu",
-        },
-        "eval": {"batch_size": 2},
-    }
-
-
-def make_recipe(tmp_path: Path, *overrides: str):
-    return from_dict(apply_overrides(base_dict(tmp_path), list(overrides)))
-
-
-def write_recipe_file(tmp_path: Path, *overrides: str) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(apply_overrides(base_dict(tmp_path), list(overrides))))
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ckpt(path: Path) -> dict[str, Any]:
@@ -184,25 +140,8 @@ def test_metrics_truncate_drops_lines_after_checkpoint_and_partial_lines(tmp_pat
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 
-def test_tensorboard_scalars_when_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[str, float, int]] = []
-
-    class FakeWriter:
-        def __init__(self, log_dir: str) -> None:
-            self.log_dir = log_dir
-
-        def add_scalar(self, tag: str, value: float, step: int) -> None:
-            calls.append((tag, value, step))
-
-        def flush(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    fake = type(sys)("torch.utils.tensorboard")
-    fake.SummaryWriter = FakeWriter
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+def test_tensorboard_scalars_when_available(tmp_path: Path, fake_tensorboard) -> None:
+    calls = fake_tensorboard.calls
     log = MetricsLogger(tmp_path)
     log.log({"kind": "train", "iter": 7, "loss": 0.5, "lr": 0.01, "img_per_s": 3.0, "time": 1.0})
     log.close()

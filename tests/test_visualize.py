@@ -13,27 +13,21 @@ import torch
 from PIL import Image
 
 from emactl.cli import main
-from emactl.config import from_dict, to_dict
 from emactl.data.shapes import CLASSES
-from emactl.engine.checkpoint import checkpoint_path, save_checkpoint
-from emactl.nn.emanet import build_model
+from emactl.engine.checkpoint import checkpoint_path
 from emactl.visualize import ablation, bases, confusion, curves, predictions, recon
 from emactl.visualize.common import figure_pixels
+
+from runs import tiny_recipe, write_run
 
 SIZE = 32
 K = 8
 
 
 def make_run(run_dir: Path, head: str = "ema") -> Path:
-    recipe = from_dict({
-        "name": run_dir.name,
-        "data": {"name": "shapes", "num_classes": 7, "crop_size": SIZE, "workers": 0,
-                 "args": {"size": SIZE, "val_length": 3, "train_length": 4}},
-        "model": {"backbone": "tiny", "head": head, "head_channels": 16, "mid_channels": 16, "ema": {"bases": K}},
-    })
-    model = build_model(recipe.model, recipe.data.num_classes)
-    save_checkpoint(checkpoint_path(run_dir, 10), {"model": model.state_dict(), "recipe": to_dict(recipe), "iteration": 10})
-    return run_dir
+    recipe = tiny_recipe(f"data.crop_size={SIZE}", f"data.args.size={SIZE}", "data.args.val_length=3",
+                         "data.args.train_length=4", f"model.head={head}", f"model.ema.bases={K}")
+    return write_run(run_dir, {**recipe, "name": run_dir.name}, 10)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ directory holding it; the splits ``train``/``val`` are accepted for ``training``
 """
 from __future__ import annotations
 
-from ..config import DataConfig
+from pathlib import Path
+
 from .base import DATASETS, ImageListDataset
 from .classes import ADE20K
-from .paths import find_dir, resolve_root, scan_pairs, split_dir
+from .paths import Item, MissingFile, scan_pairs, split_dir
 
 
 @DATASETS.register("ade20k")
@@ -20,11 +21,10 @@ class ADE20KDataset(ImageListDataset):
     CLASSES = ADE20K
     reduce_zero_label = True
 
-    def __init__(self, cfg: DataConfig, split: str, train: bool, strict: bool = True) -> None:
-        super().__init__(cfg, split, train)
-        base = find_dir(resolve_root(cfg), [".", "ADEChallengeData2016"], "annotations",
-                        "ADEChallengeData2016 directory")
-        self.base = base
+    ROOT_CANDIDATES = (".", "ADEChallengeData2016")
+    ROOT_MARKER = "annotations"
+    ROOT_WHAT = "ADEChallengeData2016 directory"
+
+    def find_items(self, base: Path, split: str) -> tuple[list[Item], list[MissingFile]]:
         sub = split_dir(base / "images", split, {"train": "training", "val": "validation"})
-        self.set_items(*scan_pairs(base / "images" / sub, ".jpg",
-                                   base / "annotations" / sub, ".png"), strict)
+        return scan_pairs(base / "images" / sub, ".jpg", base / "annotations" / sub, ".png")

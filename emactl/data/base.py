@@ -20,7 +20,7 @@ from ..config import DataConfig
 from ..errors import UserError
 from ..registry import Registry
 from .palette import palette_from, voc_palette
-from .paths import Item, MissingFile, list_pairs, read_split_list
+from .paths import Item, MissingFile, find_dir, list_pairs, read_split_list, resolve_root
 from .readers import DataFileError, read_image, read_label
 from .transforms import build_transforms
 
@@ -136,17 +136,36 @@ class SegDataset(torch.utils.data.Dataset):
 class ImageListDataset(SegDataset):
     """Image/label file pairs on disk: the shared logic of every file-based loader.
 
-    Subclasses find their files (with :mod:`emactl.data.paths`) and call :meth:`set_items`.
-    Stored labels are mapped by :meth:`map_label`: the stored ignore value (255) becomes
-    ``cfg.ignore_index``; with ``reduce_zero_label`` stored 0 is ignored too and every other
-    value is shifted down by one.
+    The constructor finds the dataset's directory under the data root (:meth:`find_base`,
+    from ``ROOT_CANDIDATES``/``ROOT_MARKER``/``ROOT_WHAT``) and its pairs for the split
+    (:meth:`find_items`, which each subclass implements with :mod:`emactl.data.paths`); a
+    subclass with options sets them before calling it. Stored labels are mapped by
+    :meth:`map_label`: the stored ignore value (255) becomes ``cfg.ignore_index``; with
+    ``reduce_zero_label`` stored 0 is ignored too and every other value is shifted down by one.
     """
 
     stored_ignore: int = 255
+    # Where the dataset's directory may sit under the data root (tried in order), the entry
+    # that marks it, and what a message calls it; without a marker the root is the directory.
+    ROOT_CANDIDATES: ClassVar[Sequence[str]] = (".",)
+    ROOT_MARKER: ClassVar[str | None] = None
+    ROOT_WHAT: ClassVar[str] = ""
 
-    def __init__(self, cfg: DataConfig, split: str, train: bool) -> None:
+    def __init__(self, cfg: DataConfig, split: str, train: bool, strict: bool = True) -> None:
         super().__init__(cfg, split, train)
         self.items: list[Item] = []
+        self.base: Path = self.find_base(resolve_root(cfg))
+        self.set_items(*self.find_items(self.base, split), strict)
+
+    def find_base(self, root: Path) -> Path:
+        """The dataset's directory under ``root`` (users may point at any accepted level)."""
+        if self.ROOT_MARKER is None:
+            return root
+        return find_dir(root, self.ROOT_CANDIDATES, self.ROOT_MARKER, self.ROOT_WHAT)
+
+    def find_items(self, base: Path, split: str) -> tuple[list[Item], list[MissingFile]]:
+        """The complete pairs of ``split`` under ``base`` and the files that are missing."""
+        raise NotImplementedError
 
     def set_items(self, items: list[Item], missing: list[MissingFile], strict: bool) -> None:
         """Keep the complete pairs; with ``strict`` any missing file raises (naming it)."""
@@ -158,22 +177,20 @@ class ImageListDataset(SegDataset):
             raise UserError(missing[0].message + more)
         self.items, self.missing = items, missing
 
-    def set_items_from_list(
-        self,
+    @staticmethod
+    def items_from_list(
         list_file: Path,
         image_dir: Path,
         image_suffix: str,
         label_dir: Path,
         label_suffix: str,
-        strict: bool,
         hint: str = "",
-    ) -> None:
-        """Items from a split list of names (the VOC/Context/folder layouts)."""
+    ) -> tuple[list[Item], list[MissingFile]]:
+        """Pairs from a split list of names (the VOC/Context/folder layouts)."""
         names = read_split_list(list_file, image_suffix, hint)
         if not label_dir.is_dir():
             raise UserError(f"label directory {label_dir} not found{hint}")
-        self.set_items(*list_pairs(names, image_dir, image_suffix, label_dir, label_suffix,
-                                   list_file), strict)
+        return list_pairs(names, image_dir, image_suffix, label_dir, label_suffix, list_file)
 
     def __len__(self) -> int:
         return len(self.items)

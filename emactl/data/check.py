@@ -15,6 +15,7 @@ import pandas as pd
 from rich.console import Console
 
 from ..config import DataConfig
+from ..engine.losses import frequency_weights
 from ..tables import print_table, save_table
 from .base import SegDataset, build_dataset
 from .progress import progress_bar
@@ -183,8 +184,6 @@ def write_report(report: CheckReport, out_dir: Path) -> list[Path]:
 
 def print_class_weights(report: CheckReport, split: str, console: Console | None = None) -> None:
     """The frequency class weights of ``split`` as a line to paste into a recipe."""
-    from ..engine.losses import frequency_weights
-
     found = [s for s in report.splits if s.split == split]
     if not found or not found[0].pixels.sum():
         return

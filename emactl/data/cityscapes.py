@@ -8,12 +8,14 @@ cityscapes`` or cityscapesScripts' ``createTrainIdLabelImgs``). With ``data.args
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..config import DataConfig
 from .base import DATASETS, ImageListDataset
 from .classes import CITYSCAPES, CITYSCAPES_COLOURS, CITYSCAPES_ID_TO_TRAINID
-from .paths import find_dir, resolve_root, scan_pairs
+from .paths import Item, MissingFile, scan_pairs
 
 TRAINID_HINT = ("; make the train-id maps with `emactl data prepare cityscapes --root PATH`, or "
                 "read the raw *_gtFine_labelIds.png with --set data.args.label_ids=true")
@@ -32,6 +34,9 @@ class CityscapesDataset(ImageListDataset):
 
     CLASSES = CITYSCAPES
     COLOURS = CITYSCAPES_COLOURS
+    ROOT_CANDIDATES = (".", "cityscapes")
+    ROOT_MARKER = "leftImg8bit"
+    ROOT_WHAT = "Cityscapes directory (leftImg8bit/, gtFine/)"
 
     def __init__(
         self,
@@ -42,15 +47,14 @@ class CityscapesDataset(ImageListDataset):
         *,
         label_ids: bool = False,
     ) -> None:
-        super().__init__(cfg, split, train)
         self.lut = _id_to_trainid_lut(cfg.ignore_index) if label_ids else None
-        base = find_dir(resolve_root(cfg), [".", "cityscapes"], "leftImg8bit",
-                        "Cityscapes directory (leftImg8bit/, gtFine/)")
-        self.base = base
+        super().__init__(cfg, split, train, strict)
+
+    def find_items(self, base: Path, split: str) -> tuple[list[Item], list[MissingFile]]:
+        label_ids = self.lut is not None
         suffix = "_gtFine_labelIds.png" if label_ids else "_gtFine_labelTrainIds.png"
-        self.set_items(*scan_pairs(base / "leftImg8bit" / split, "_leftImg8bit.png",
-                                   base / "gtFine" / split, suffix, recursive=True,
-                                   hint="" if label_ids else TRAINID_HINT), strict)
+        return scan_pairs(base / "leftImg8bit" / split, "_leftImg8bit.png", base / "gtFine" / split, suffix,
+                          recursive=True, hint="" if label_ids else TRAINID_HINT)
 
     def map_label(self, stored: np.ndarray) -> np.ndarray:
         if self.lut is None:

@@ -10,13 +10,14 @@ splits ``train``/``val`` are accepted for ``train2017``/``val2017``.
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 
 from ..config import DataConfig
 from ..errors import UserError
 from .base import DATASETS, ImageListDataset
 from .classes import COCOSTUFF
-from .paths import Item, MissingFile, find_dir, read_split_list, resolve_root, scan_pairs, split_dir
+from .paths import Item, MissingFile, read_split_list, scan_pairs, split_dir
 from .readers import DataFileError, load_mat, require_scipy
 
 LABEL_HINT = ("; make the COCO-Stuff 164k train-id labels (*_labelTrainIds.png) from the "
@@ -28,16 +29,14 @@ class COCOStuffDataset(ImageListDataset):
     """COCO-Stuff 164k with ``*_labelTrainIds.png`` label maps."""
 
     CLASSES = COCOSTUFF
+    ROOT_CANDIDATES = (".", "cocostuff", "coco_stuff164k", "coco_stuff")
+    ROOT_MARKER = "annotations"
+    ROOT_WHAT = "COCO-Stuff 164k directory (images/, annotations/)"
 
-    def __init__(self, cfg: DataConfig, split: str, train: bool, strict: bool = True) -> None:
-        super().__init__(cfg, split, train)
-        base = find_dir(resolve_root(cfg), [".", "cocostuff", "coco_stuff164k", "coco_stuff"],
-                        "annotations", "COCO-Stuff 164k directory (images/, annotations/)")
-        self.base = base
+    def find_items(self, base: Path, split: str) -> tuple[list[Item], list[MissingFile]]:
         sub = split_dir(base / "images", split, {"train": "train2017", "val": "val2017"})
-        self.set_items(*scan_pairs(base / "images" / sub, ".jpg",
-                                   base / "annotations" / sub, "_labelTrainIds.png",
-                                   hint=LABEL_HINT), strict)
+        return scan_pairs(base / "images" / sub, ".jpg", base / "annotations" / sub, "_labelTrainIds.png",
+                          hint=LABEL_HINT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,14 +83,20 @@ class COCOStuff10kDataset(ImageListDataset):
     """
 
     CLASSES = COCOSTUFF
+    ROOT_CANDIDATES = (".", "cocostuff10k", "coco_stuff10k", "cocostuff-10k-v1.1")
+    ROOT_MARKER = "imageLists"
+    ROOT_WHAT = "COCO-Stuff 10k directory (images/, annotations/, imageLists/)"
 
     def __init__(self, cfg: DataConfig, split: str, train: bool, strict: bool = True) -> None:
-        super().__init__(cfg, split, train)
-        base = find_dir(resolve_root(cfg), [".", "cocostuff10k", "coco_stuff10k",
-                                            "cocostuff-10k-v1.1"],
-                        "imageLists", "COCO-Stuff 10k directory (images/, annotations/, "
-                                      "imageLists/)")
-        self.base = base
+        super().__init__(cfg, split, train, strict)
+        self.ids_to_train = np.full(183, -1, dtype=np.int64)
+        self.ids_to_train[0] = self.ignore_index
+        self.ids_to_train[list(USED_IDS)] = np.arange(len(USED_IDS))
+        mats = [item.label for item in self.items if item.label.suffix == ".mat"]
+        if mats:  # fail now rather than in the first batch
+            require_scipy(mats[0], "COCO-Stuff 10k", MAT_FIX)
+
+    def find_items(self, base: Path, split: str) -> tuple[list[Item], list[MissingFile]]:
         list_file = base / "imageLists" / f"{split}.txt"
         if split == "val" and not list_file.is_file():
             list_file = list_file.with_name("test.txt")
@@ -100,13 +105,7 @@ class COCOStuff10kDataset(ImageListDataset):
             if not directory.is_dir():
                 raise UserError(f"directory {directory} not found; COCO-Stuff 10k needs images/ "
                                 "and annotations/ beside imageLists/")
-        self.set_items(*self.pair(names, base, list_file), strict)
-        self.ids_to_train = np.full(183, -1, dtype=np.int64)
-        self.ids_to_train[0] = self.ignore_index
-        self.ids_to_train[list(USED_IDS)] = np.arange(len(USED_IDS))
-        mats = [item.label for item in self.items if item.label.suffix == ".mat"]
-        if mats:  # fail now rather than in the first batch
-            require_scipy(mats[0], "COCO-Stuff 10k", MAT_FIX)
+        return self.pair(names, base, list_file)
 
     @staticmethod
     def pair(names: list[str], base: Path, list_file: Path) -> tuple[list[Item],

@@ -8,10 +8,11 @@ at ``VOCdevkit`` or at ``VOC2010``.
 """
 from __future__ import annotations
 
-from ..config import DataConfig
+from pathlib import Path
+
 from .base import DATASETS, ImageListDataset
 from .classes import CONTEXT59, CONTEXT60
-from .paths import resolve_root
+from .paths import Item, MissingFile
 from .voc import find_voc
 
 
@@ -22,16 +23,12 @@ class ContextDataset(ImageListDataset):
     CLASSES = CONTEXT59
     reduce_zero_label = True
 
-    def __init__(self, cfg: DataConfig, split: str, train: bool, strict: bool = True) -> None:
-        super().__init__(cfg, split, train)
-        base = find_voc(resolve_root(cfg), "2010")
-        self.base = base
-        self.set_items_from_list(
-            base / "ImageSets" / "SegmentationContext" / f"{split}.txt",
-            base / "JPEGImages", ".jpg",
-            base / "SegmentationClassContext", ".png",
-            strict,
-        )
+    def find_base(self, root: Path) -> Path:
+        return find_voc(root, "2010")
+
+    def find_items(self, base: Path, split: str) -> tuple[list[Item], list[MissingFile]]:
+        return self.items_from_list(base / "ImageSets" / "SegmentationContext" / f"{split}.txt",
+                                    base / "JPEGImages", ".jpg", base / "SegmentationClassContext", ".png")
 
 
 @DATASETS.register("context60")

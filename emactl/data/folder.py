@@ -12,10 +12,12 @@ name instead. Class names come from ``data.class_names`` and the class count fro
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import DataConfig
 from ..errors import UserError
 from .base import DATASETS, ImageListDataset
-from .paths import resolve_root, scan_pairs
+from .paths import Item, MissingFile, scan_pairs
 
 
 @DATASETS.register("folder")
@@ -42,21 +44,23 @@ class FolderDataset(ImageListDataset):
         ignore_value: int = 255,
         reduce_zero_label: bool = False,
     ) -> None:
-        super().__init__(cfg, split, train)
         self.stored_ignore = ignore_value
         self.reduce_zero_label = reduce_zero_label
-        root = resolve_root(cfg)
-        self.base = root
-        images, masks = root / image_dir, root / mask_dir
-        list_file = root / list_dir / f"{split}.txt"
+        self.dirs = (image_dir, mask_dir, list_dir)
+        self.suffixes = (image_suffix, mask_suffix)
+        super().__init__(cfg, split, train, strict)
+
+    def find_items(self, base: Path, split: str) -> tuple[list[Item], list[MissingFile]]:
+        image_dir, mask_dir, list_dir = self.dirs
+        image_suffix, mask_suffix = self.suffixes
+        images, masks = base / image_dir, base / mask_dir
+        list_file = base / list_dir / f"{split}.txt"
         if list_file.is_file():
-            self.set_items_from_list(list_file, images, image_suffix, masks, mask_suffix, strict)
-        elif (images / split).is_dir():
-            self.set_items(*scan_pairs(images / split, image_suffix, masks / split, mask_suffix),
-                           strict)
-        else:
-            raise UserError(
-                f"split {split!r}: neither the split list {list_file} nor the directory "
-                f"{images / split} exists (set data.args.list_dir or data.args.image_dir to "
-                "match your layout)"
-            )
+            return self.items_from_list(list_file, images, image_suffix, masks, mask_suffix)
+        if (images / split).is_dir():
+            return scan_pairs(images / split, image_suffix, masks / split, mask_suffix)
+        raise UserError(
+            f"split {split!r}: neither the split list {list_file} nor the directory "
+            f"{images / split} exists (set data.args.list_dir or data.args.image_dir to "
+            "match your layout)"
+        )

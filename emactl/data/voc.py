@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import DataConfig
 from .base import DATASETS, ImageListDataset
 from .classes import VOC
-from .paths import HOW_TO_SET, find_dir, resolve_root
+from .paths import HOW_TO_SET, Item, MissingFile, find_dir
 
 
 def find_voc(root: Path, year: str = "2012", how: str = HOW_TO_SET) -> Path:
@@ -29,17 +28,12 @@ class VOCDataset(ImageListDataset):
     label_dir = "SegmentationClass"
     hint = ""
 
-    def __init__(self, cfg: DataConfig, split: str, train: bool, strict: bool = True) -> None:
-        super().__init__(cfg, split, train)
-        base = find_voc(resolve_root(cfg))
-        self.base = base
-        self.set_items_from_list(
-            base / "ImageSets" / "Segmentation" / f"{split}.txt",
-            base / "JPEGImages", ".jpg",
-            base / self.label_dir, ".png",
-            strict,
-            self.hint,
-        )
+    def find_base(self, root: Path) -> Path:
+        return find_voc(root)
+
+    def find_items(self, base: Path, split: str) -> tuple[list[Item], list[MissingFile]]:
+        return self.items_from_list(base / "ImageSets" / "Segmentation" / f"{split}.txt",
+                                    base / "JPEGImages", ".jpg", base / self.label_dir, ".png", self.hint)
 
 
 @DATASETS.register("voc_aug")

@@ -24,22 +24,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..data import Sample
 from ..errors import UserError
 from ..lists import items
-from .common import (
-    PANEL,
-    RESP_CMAP,
-    class_legend,
-    label_colours,
-    new_figure,
-    output_dir,
-    present_classes,
-    save,
-    show_image,
-    suptitle,
-    unique_names,
-)
-from .samples import ImageSet, Recorded, forward_record, load_images, load_run, require_ema
+from .common import PANEL, RESP_CMAP, class_legend, label_colours, new_figure, present_classes, show_image, suptitle
+from .samples import ImageSet, PerImage, Recorded, draw_per_image
 
 DEFAULT_TOP = 4
 MAX_COLS = 4
@@ -183,18 +172,12 @@ def draw_bases(
     """Write ``bases_<image>.png`` per image; return the paths."""
     if bases and top is not None:
         raise UserError("--bases and --top exclude each other: name the bases or let --top pick them")
-    run, dev, run_dir = load_run(path, overrides, device)
-    unit = require_ema(run, "bases")
-    image_set = load_images(run.recipe, images, split, count)
-    out_dir = output_dir(out, run_dir)
-    written = []
-    names = unique_names(s.name for s in image_set.samples)
-    for sample, name in zip(image_set.samples, names):
-        rec = forward_record(run, unit, sample.image, dev)
-        chosen = choose_bases(rec.resp, bases, top if top is not None else DEFAULT_TOP, rec.pred)
-        how = "chosen bases" if bases else "the bases that best mark a predicted class each"
-        title = f"{sample.name} — {run.recipe.name}, iteration {run.iteration} ({how})"
-        fig = bases_figure(sample.image, sample.label, rec, chosen, image_set, title)
-        written.append(save(fig, out_dir / f"bases_{name}.png"))
-    return written
+    how = "chosen bases" if bases else "the bases that best mark a predicted class each"
 
+    def figure(context: PerImage, sample: Sample) -> Figure:
+        rec = context.record(sample.image)
+        chosen = choose_bases(rec.resp, bases, top if top is not None else DEFAULT_TOP, rec.pred)
+        return bases_figure(sample.image, sample.label, rec, chosen, context.images,
+                            f"{context.title(sample)} ({how})")
+
+    return draw_per_image("bases", figure, path, images, out, split, count, overrides, device, ema_command="bases")

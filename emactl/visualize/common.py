@@ -22,7 +22,6 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from ..data.palette import colorize  # noqa: E402
-from ..errors import UserError  # noqa: E402
 from ..io import save_figure  # noqa: E402
 
 DPI = 100
@@ -68,25 +67,6 @@ def unique_names(names: Iterable[str]) -> list[str]:
 def output_dir(out: str | os.PathLike | None, default_parent: Path) -> Path:
     """``out`` when given, else ``<default_parent>/figures``."""
     return Path(out) if out is not None else default_parent / FIGURES_DIR
-
-
-def latest_run(runs_dir: str | os.PathLike = "runs") -> Path:
-    """The run in ``runs_dir`` whose newest checkpoint was written last.
-
-    Used when a command is given no run: it is the run a user most likely just trained.
-    """
-    from ..engine.checkpoint import latest_checkpoint
-
-    root = Path(runs_dir)
-    candidates = []
-    if root.is_dir():
-        for run in root.iterdir():
-            ckpt = latest_checkpoint(run) if run.is_dir() else None
-            if ckpt is not None:
-                candidates.append((ckpt.stat().st_mtime, run))
-    if not candidates:
-        raise UserError(f"{root}: no run directory with checkpoints found; pass a run directory or checkpoint")
-    return max(candidates, key=lambda c: c[0])[1]
 
 
 # --------------------------------------------------------------------------------------------

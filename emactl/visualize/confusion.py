@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..engine.evaluate import EVAL_DIR, run_dir_of
+from ..engine.evaluate import EVAL_DIR, describe_setting, run_dir_of
 from ..errors import UserError
 from .common import HEAT_CMAP, new_figure, output_dir, save, wrap_title
 from .samples import resolve_run
@@ -74,8 +74,6 @@ def read_confusion(csv: Path) -> pd.DataFrame:
 def _summary_note(csv: Path) -> str:
     """``mIoU 71.20 %, whole image, scales 0.75/1/1.25 + flip, T=3, iteration 30000`` from the
     ``summary.csv`` beside the confusion matrix, when it is there."""
-    from ..engine.evaluate import describe_setting
-
     try:
         row = pd.read_csv(csv.parent / "summary.csv").iloc[0]
     except (OSError, IndexError, pd.errors.ParserError, pd.errors.EmptyDataError):

@@ -16,20 +16,9 @@ from matplotlib.figure import Figure
 
 from ..engine.evaluate import resolve_eval_config
 from ..predict import predict_label
-from .common import (
-    PANEL,
-    class_legend,
-    error_map,
-    new_figure,
-    output_dir,
-    overlay,
-    present_classes,
-    save,
-    show_image,
-    suptitle,
-    unique_names,
-)
-from .samples import ImageSet, load_images, load_run
+from ..data import Sample
+from .common import PANEL, class_legend, error_map, new_figure, overlay, present_classes, show_image, suptitle
+from .samples import ImageSet, PerImage, draw_per_image
 
 
 def figure_size(has_label: bool) -> tuple[float, float]:
@@ -71,14 +60,10 @@ def draw_predictions(
     device: str = "auto",
 ) -> list[Path]:
     """Write ``predictions_<image>.png`` per image; return the paths."""
-    run, dev, run_dir = load_run(path, overrides, device)
-    cfg = resolve_eval_config(run.recipe)
-    image_set = load_images(run.recipe, images, split, count)
-    out_dir = output_dir(out, run_dir)
-    written = []
-    for sample, name in zip(image_set.samples, unique_names(s.name for s in image_set.samples)):
-        pred = predict_label(run.model, sample.image, run.recipe, cfg, dev)
-        title = f"{sample.name} — {run.recipe.name}, iteration {run.iteration}"
-        fig = predictions_figure(sample.image, sample.label, pred, image_set, title)
-        written.append(save(fig, out_dir / f"predictions_{name}.png"))
-    return written
+
+    def figure(context: PerImage, sample: Sample) -> Figure:
+        recipe = context.run.recipe
+        pred = predict_label(context.run.model, sample.image, recipe, resolve_eval_config(recipe), context.device)
+        return predictions_figure(sample.image, sample.label, pred, context.images, context.title(sample))
+
+    return draw_per_image("predictions", figure, path, images, out, split, count, overrides, device)

@@ -22,8 +22,9 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .common import PANEL, new_figure, output_dir, save, show_image, suptitle, unique_names
-from .samples import Recorded, forward_record, load_images, load_run, require_ema
+from ..data import Sample
+from .common import PANEL, new_figure, show_image, suptitle
+from .samples import PerImage, Recorded, draw_per_image
 
 FIGSIZE = (4 * PANEL + 1.5, PANEL + 0.6)
 SPECTRUM_FLOOR = 1e-7  # relative singular values below this are numerical zeros
@@ -113,13 +114,8 @@ def draw_recon(
     device: str = "auto",
 ) -> list[Path]:
     """Write ``recon_<image>.png`` per image; return the paths."""
-    run, dev, run_dir = load_run(path, overrides, device)
-    unit = require_ema(run, "recon")
-    image_set = load_images(run.recipe, images, split, count)
-    out_dir = output_dir(out, run_dir)
-    written = []
-    for sample, name in zip(image_set.samples, unique_names(s.name for s in image_set.samples)):
-        rec = forward_record(run, unit, sample.image, dev)
-        title = f"{sample.name} — {run.recipe.name}, iteration {run.iteration}"
-        written.append(save(recon_figure(sample.image, rec, title), out_dir / f"recon_{name}.png"))
-    return written
+
+    def figure(context: PerImage, sample: Sample) -> Figure:
+        return recon_figure(sample.image, context.record(sample.image), context.title(sample))
+
+    return draw_per_image("recon", figure, path, images, out, split, count, overrides, device, ema_command="recon")

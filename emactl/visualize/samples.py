@@ -11,22 +11,24 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..config import Recipe
 from ..data import Sample, build_dataset, build_transforms, read_image
 from ..data.base import DATASETS
-from ..engine.checkpoint import LoadedRun
+from ..engine.checkpoint import LoadedRun, latest_checkpoint
 from ..engine.evaluate import load_for_eval, run_dir_of
 from ..engine.inference import pad_to_multiple_plus_one
 from ..errors import UserError
 from ..nn.ema import EMAU
 from ..nn.emanet import ema_units
-from .common import latest_run
+from ..predict import dataset_palette, list_images
+from .common import output_dir, save, unique_names
 
 
 @dataclass
@@ -55,6 +57,23 @@ class Recorded:
     bases: Tensor
     resp: Tensor
     input_size: tuple[int, int]
+
+
+def latest_run(runs_dir: str | os.PathLike = "runs") -> Path:
+    """The run in ``runs_dir`` whose newest checkpoint was written last.
+
+    Used when a command is given no run: it is the run a user most likely just trained.
+    """
+    root = Path(runs_dir)
+    candidates = []
+    if root.is_dir():
+        for run in root.iterdir():
+            ckpt = latest_checkpoint(run) if run.is_dir() else None
+            if ckpt is not None:
+                candidates.append((ckpt.stat().st_mtime, run))
+    if not candidates:
+        raise UserError(f"{root}: no run directory with checkpoints found; pass a run directory or checkpoint")
+    return max(candidates, key=lambda c: c[0])[1]
 
 
 def resolve_run(path: str | os.PathLike | None) -> Path:
@@ -98,8 +117,6 @@ def recipe_class_names(recipe: Recipe) -> list[str]:
 
 
 def _list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    from ..predict import list_images
-
     files: list[Path] = []
     for path in paths:
         files.extend(list_images(path))
@@ -111,8 +128,6 @@ def load_images(recipe: Recipe, images: Sequence[str | os.PathLike] | None, spli
     if count < 1:
         raise UserError(f"--count: must be >= 1, got {count}")
     if images:
-        from ..predict import dataset_palette
-
         samples = [Sample(read_image(p), None, p.stem) for p in _list_images(images)]
         return ImageSet(samples, recipe_class_names(recipe), dataset_palette(recipe), recipe.data.ignore_index)
     split = split or recipe.data.val_split
@@ -157,3 +172,51 @@ def forward_record(run: LoadedRun, unit: EMAU, image: np.ndarray, device: torch.
         resp=last.resp[0].float().cpu().reshape(h, w, -1),
         input_size=(int(x.shape[-2]), int(x.shape[-1])),
     )
+
+
+@dataclass
+class PerImage:
+    """What a per-image figure draws from: the loaded run, its device, its EMA unit (when the
+    figure needs one) and the chosen images."""
+
+    run: LoadedRun
+    device: torch.device
+    unit: EMAU | None
+    images: ImageSet
+
+    def title(self, sample: Sample) -> str:
+        """``<image> — <run name>, iteration <n>``: the first line of every per-image figure."""
+        return f"{sample.name} — {self.run.recipe.name}, iteration {self.run.iteration}"
+
+    def record(self, image: np.ndarray) -> Recorded:
+        """One recorded forward of ``image`` through the run's EMA unit."""
+        assert self.unit is not None, "record() needs draw_per_image(..., ema_command=...)"
+        return forward_record(self.run, self.unit, image, self.device)
+
+
+def draw_per_image(
+    prefix: str,
+    figure: Callable[[PerImage, Sample], Figure],
+    path: str | os.PathLike | None,
+    images: Sequence[str | os.PathLike] | None,
+    out: str | os.PathLike | None,
+    split: str | None,
+    count: int,
+    overrides: Sequence[str],
+    device: str,
+    ema_command: str | None = None,
+) -> list[Path]:
+    """Load the run and the images once, then write ``<prefix>_<image>.png`` per image from
+    ``figure(context, sample)``; return the paths.
+
+    With ``ema_command`` the model must have an EMA unit (else one line naming the command).
+    """
+    run, dev, run_dir = load_run(path, overrides, device)
+    unit = require_ema(run, ema_command) if ema_command is not None else None
+    image_set = load_images(run.recipe, images, split, count)
+    context = PerImage(run, dev, unit, image_set)
+    out_dir = output_dir(out, run_dir)
+    written = []
+    for sample, name in zip(image_set.samples, unique_names(s.name for s in image_set.samples)):
+        written.append(save(figure(context, sample), out_dir / f"{prefix}_{name}.png"))
+    return written
