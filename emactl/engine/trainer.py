@@ -317,14 +317,14 @@ class StopSignals:
         self._restore()
 
 
-def stop_flags(signals: StopSignals) -> Tensor:
+def stop_vote(signals: StopSignals) -> Tensor:
     """This rank's vote to stop: ``[SIGINT received, SIGTERM received]`` as 0/1 floats."""
     return torch.tensor([float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)])
 
 
 def agreed_stop(votes: list[float]) -> int | None:
-    """The signal every rank stops on, from :func:`stop_flags` summed over ranks: SIGTERM
-    (a scheduler's notice) wins over SIGINT; None when no rank voted."""
+    """The signal every rank stops on, from :func:`stop_vote` summed over ranks (SIGTERM when
+    ranks received different ones); None when no rank voted to stop."""
     sigint, sigterm = votes
     if sigterm:
         return int(signal.SIGTERM)
@@ -699,7 +699,7 @@ class _Trainer:
     def step(self, stop_flags: Tensor) -> StepResult:
         """One optimiser step over ``accum_steps`` micro-batches.
 
-        ``stop_flags`` (this rank's vote, see :func:`stop_flags`) is all-reduced together with
+        ``stop_flags`` (this rank's vote, see :func:`stop_vote`) is all-reduced together with
         the loss, so every rank gets the same global mean loss and the same stop decision.
         A non-finite loss raises before the update is applied.
         """
@@ -858,7 +858,7 @@ class _Trainer:
         """Train up to ``train.iters``; the signal that stopped the run early, or None.
 
         Each iteration: one step, its train log line and progress, the periodic validation,
-        the checkpoint when one is due or a stop was voted, and the stop itself.
+        then either the stop a rank voted for (saving first) or the checkpoint when one is due.
         """
         cfg = self.cfg
         rate = Throughput()
@@ -867,11 +867,11 @@ class _Trainer:
                 lr = self._base_lr()
                 started = time.perf_counter()
                 with cudnn_benchmark(cfg.cudnn_benchmark):
-                    result = self.step(stop_flags(signals))
+                    result = self.step(stop_vote(signals))
                 self.elapsed += time.perf_counter() - started
                 self._log_train(logger, rate, result.loss, lr)
                 bar.update(self.iteration, result.loss, lr, rate.ips)
-                if cfg.val_every and self.iteration % cfg.val_every == 0 and self.iteration < cfg.iters:
+                if self._validation_due():
                     stopped = self._validate_during_training(logger)
                     if stopped is not None:
                         return stopped
@@ -882,7 +882,7 @@ class _Trainer:
         return None
 
     def _stop(self, signum: int) -> int:
-        """Save the state after this step (a voted stop is only acted on between steps)."""
+        """Stop on a signal all ranks agreed on: save the state after this step, say how to continue."""
         path = self.save()
         if self.main:
             _console.print(f"stopped by {signal.Signals(signum).name} at iteration {self.iteration}; "
@@ -932,6 +932,10 @@ class _Trainer:
             _console.print(f"iter {self.iteration}: " + "  ".join(f"{k} {v:.2f}" for k, v in result.summary.items()))
         return None
 
+    def _validation_due(self) -> bool:
+        """Every ``train.val_every`` iterations, except at the end, where the final evaluation runs."""
+        return bool(self.cfg.val_every) and self.iteration % self.cfg.val_every == 0 and self.iteration < self.cfg.iters
+
     def _checkpoint_due(self) -> bool:
         return self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iters
 
@@ -946,7 +950,7 @@ class _Trainer:
 
     def _agreed_signal(self, signals: StopSignals) -> int | None:
         """A signal that arrived after the last step's flags were taken, agreed by all ranks."""
-        return agreed_stop(D.all_reduce(stop_flags(signals).to(self.device), "sum").tolist())
+        return agreed_stop(D.all_reduce(stop_vote(signals).to(self.device), "sum").tolist())
 
     def _log_val(self, logger: MetricsLogger, summary: dict[str, float]) -> None:
         logger.log({"kind": "val", "iter": self.iteration, **{k: float(v) for k, v in summary.items()}})
