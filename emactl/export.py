@@ -40,8 +40,12 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .config import EvalConfig, Recipe, to_dict
+from .engine.evaluate import load_for_eval
+from .engine.inference import predict_logits
 from .errors import UserError
 from .io import atomic_path
+from .nn.emanet import ema_units
+from .predict import normalise
 
 FORMATS = ("onnx", "torchscript", "exported")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
@@ -153,6 +157,7 @@ def export_network(model: nn.Module, pad_multiple: int | None) -> ExportNet:
 
 def metadata(recipe: Recipe, cfg: EvalConfig, em_iters: int | None) -> dict[str, str]:
     """The ONNX metadata properties (see the module docstring), every value JSON."""
+    # Not at the top: importing emactl.visualize loads matplotlib, which exporting does not otherwise need.
     from .visualize.samples import recipe_class_names
 
     data = recipe.data
@@ -255,9 +260,6 @@ def compare(a: Tensor, b: Tensor) -> tuple[float, float]:
 def check_onnx(path: Path, run: Any, cfg: EvalConfig, device: torch.device, size: tuple[int, int],
                image: np.ndarray | None = None) -> Agreement:
     """Segment one image with ``emactl predict``'s code on the run and on the ONNX file."""
-    from .engine.inference import predict_logits
-    from .predict import normalise
-
     recipe = run.recipe
     image = sample_image(size) if image is None else image
     tensor = normalise(image, recipe)
@@ -318,9 +320,6 @@ def export_run(run_path: str | os.PathLike, fmt: str, out: str | os.PathLike, si
                dynamic: bool = False, overrides: list[str] | None = None, device: str = "cpu",
                check: bool = True) -> Agreement | None:
     """Export a run (see the module docstring); for ONNX, return the check on a sample image."""
-    from .engine.evaluate import load_for_eval
-    from .nn.emanet import ema_units
-
     if fmt not in FORMATS:
         raise UserError(f"--format: got {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_size(size, dynamic)

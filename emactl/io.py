@@ -22,6 +22,16 @@ import torch
 
 from .errors import UserError
 
+# POSIX only: without fcntl there is no run-folder lock, without resource no file size limit to report.
+try:
+    import fcntl
+except ImportError:
+    fcntl = None  # type: ignore[assignment]
+try:
+    import resource
+except ImportError:
+    resource = None  # type: ignore[assignment]
+
 LOCK_FILE = ".lock"
 
 
@@ -61,14 +71,9 @@ def write_failure(path: Path, e: BaseException, needed: int | None = None) -> Us
     """The one-line error for a failed write of ``path``: the reason, the space, the fix."""
     need = f"needs {_size(needed)}, " if needed is not None else ""
     limit = ""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if soft != resource.RLIM_INFINITY:
-            limit = f", file size limit (ulimit -f) {_size(soft)}"
-    except (ImportError, OSError, ValueError):
-        pass
+    soft = _file_size_limit()
+    if soft is not None:
+        limit = f", file size limit (ulimit -f) {_size(soft)}"
     return UserError(
         f"{path}: cannot write ({_reason(e)}; {need}{_free_space(path.parent)}{limit}); "
         "free space or choose a writable location, then run again"
@@ -189,15 +194,21 @@ def _torch_write_error(folder: Path, needed: int) -> OSError:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     except OSError:
         pass
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if soft != resource.RLIM_INFINITY and soft < needed:
-            return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
-    except (ImportError, OSError, ValueError):
-        pass
+    soft = _file_size_limit()
+    if soft is not None and soft < needed:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
     return OSError(errno.EIO, "write failed")
+
+
+def _file_size_limit() -> int | None:
+    """This process's file size limit (``ulimit -f``) in bytes; None when unlimited or unknown."""
+    if resource is None:
+        return None
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _load_refusal(e: Exception) -> str:
@@ -233,9 +244,7 @@ def folder_lock(folder: str | os.PathLike, command: str, fix: str) -> Iterator[N
     ``fcntl`` (not POSIX) there is no locking.
     """
     folder = ensure_dir(folder)
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         yield
         return
     with open(folder / LOCK_FILE, "a+") as f:

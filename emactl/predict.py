@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from .config import EvalConfig, Recipe, dump_yaml
+from .config import EvalConfig, Recipe, dump_yaml, with_overrides
 from .data import DATASETS, build_transforms, colorize, read_image, save_palette_png, voc_palette
 from .data.palette import palette_from
-from .engine.evaluate import load_for_eval
+from .engine.evaluate import load_for_eval, resolve_eval_config
 from .engine.inference import predict_logits
 from .errors import UserError
 from .io import atomic_path, write_text
@@ -106,8 +106,7 @@ def load_predictor(
     if Path(path).suffix.lower() != ".onnx":
         run, cfg, dev = load_for_eval(path, overrides, device=device)
         return run.model, run.recipe, cfg, dev
-    from .config import with_overrides
-    from .engine.evaluate import resolve_eval_config
+    # Not at the top: emactl.export imports this module (it checks an export against predict's code).
     from .export import OnnxModel, onnx_eval_config
 
     session = OnnxModel(path)

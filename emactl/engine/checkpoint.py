@@ -10,12 +10,15 @@ one with the highest iteration.
 from __future__ import annotations
 
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from rich.console import Console
 from torch import nn
 
 from ..config import Recipe, to_dict, with_overrides
@@ -101,8 +104,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _warn(message: str) -> None:
-    from rich.console import Console
-
     Console(stderr=True, soft_wrap=True).print(f"warning: {message}", markup=False, highlight=False)
 
 
@@ -196,10 +197,6 @@ def rng_state(device: torch.device | None = None) -> dict[str, Any]:
     Covers torch's CPU generator, the CUDA generator of ``device`` (when it is a CUDA device),
     Python's ``random`` and numpy's legacy global generator.
     """
-    import random
-
-    import numpy as np
-
     version, internal, gauss_next = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
@@ -224,10 +221,6 @@ def rng_state(device: torch.device | None = None) -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     """Restore what :func:`rng_state` captured (the CUDA state only onto a CUDA ``device``)."""
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"].cpu())
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))

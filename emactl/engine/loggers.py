@@ -117,9 +117,7 @@ class MLflowLogger:
 
     def __init__(self, run_dir: Path, recipe: Recipe) -> None:
         mlflow = _import("mlflow")
-        from mlflow.entities import Metric
-
-        self._metric = Metric
+        self._metric = _import("mlflow", "mlflow.entities").Metric
         run_dir = Path(run_dir).resolve()
         uri = recipe.train.mlflow_tracking_uri
         artifacts = None  # a server's own default

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import Recipe
+from ..data import build_dataset
+from ..data.check import check_split
 from ..errors import UserError
 from . import distributed as D
 
@@ -171,9 +173,6 @@ def loss_for(recipe: Recipe, num_classes: int, ignore_index: int, progress: bool
     pixels = None
     if recipe.train.class_weights == "frequency":
         if D.is_main_process():
-            from ..data import build_dataset
-            from ..data.check import check_split
-
             data = recipe.data
             dataset = build_dataset(data, data.train_split, train=False)
             pixels = check_split(dataset, max(1, data.workers), progress).pixels.tolist()

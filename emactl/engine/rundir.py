@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torchvision
 
+from .. import __version__
 from ..config import Recipe, dump_yaml
 from ..errors import UserError
 from ..io import write_failure, write_json, write_text
@@ -62,8 +63,6 @@ def write_recipe(run_dir: Path, recipe: Recipe) -> Path:
 
 def code_version() -> dict[str, Any]:
     """emactl's version and, in a git checkout, its commit and whether files were modified."""
-    from .. import __version__
-
     out: dict[str, Any] = {"emactl": __version__, "git_commit": None, "git_dirty": None}
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():  # an installed copy, not a checkout: no commit to name

@@ -70,6 +70,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..config import Recipe, to_dict
+from ..data import build_dataset
 from ..data.loading import next_batch, stop_workers
 from ..errors import UserError
 from ..io import ensure_dir, folder_lock
@@ -93,6 +94,16 @@ from .checkpoint import (
     set_rng_state,
 )
 from .cudnn import cudnn_benchmark
+from .evaluate import (
+    EvalResult,
+    describe_setting,
+    eval_meta,
+    evaluate,
+    print_eval,
+    resolve_eval_config,
+    summary_frame,
+    write_eval,
+)
 from .loggers import build_loggers, require_loggers
 from .losses import SegLoss, loss_for
 from .optim import build_optimizer, build_scheduler
@@ -306,6 +317,82 @@ class StopSignals:
         self._restore()
 
 
+def stop_vote(signals: StopSignals) -> Tensor:
+    """This rank's vote to stop: ``[SIGINT received, SIGTERM received]`` as 0/1 floats."""
+    return torch.tensor([float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)])
+
+
+def agreed_stop(votes: list[float]) -> int | None:
+    """The signal every rank stops on, from :func:`stop_vote` summed over ranks (SIGTERM when
+    ranks received different ones); None when no rank voted to stop."""
+    sigint, sigterm = votes
+    if sigterm:
+        return int(signal.SIGTERM)
+    return int(signal.SIGINT) if sigint else None
+
+
+# --------------------------------------------------------------------------------------------
+# What a step found, and how the loop shows it.
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimiser step, as every rank agreed on it (the values are all-reduced).
+
+    ``loss`` is the global mean loss; ``stop`` the signal a rank voted to stop on, or None.
+    """
+
+    loss: float
+    stop: int | None = None
+
+
+@dataclass
+class Throughput:
+    """Images per second over each ``train.log_every`` window (``ips`` is None until the
+    first window is measured, and the progress bar shows "–" until then)."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    iters: int = 0
+    ips: float | None = None
+
+    def measure(self, batch_size: int) -> float:
+        """Close the current window: its rate, and a new window from now."""
+        now = time.perf_counter()
+        self.ips = self.iters * batch_size / max(now - self.start, 1e-9)
+        self.start, self.iters = now, 0
+        return self.ips
+
+
+class TrainProgress:
+    """The training progress bar: iterations, the last step's loss, the lr and img/s, and an
+    ETA from this session's mean step time (a resumed run starts part-way)."""
+
+    def __init__(self, total: int, completed: int, enabled: bool) -> None:
+        columns = (
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
+            TimeElapsedColumn(),
+            MeanRateETA(),
+        )
+        self.progress = Progress(*columns, console=_console, disable=not enabled)
+        self.total, self.completed = total, completed
+
+    def __enter__(self) -> "TrainProgress":
+        self.progress.__enter__()
+        self.task = self.progress.add_task("train", total=self.total, completed=self.completed, loss="–",
+                                           lr="–", ips="–", first=self.completed)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, iteration: int, loss: float, lr: float, ips: float | None) -> None:
+        self.progress.update(self.task, completed=iteration, loss=f"{loss:.4f}", lr=_fmt_lr(lr),
+                             ips="–" if ips is None else f"{ips:.1f}")
+
+
 # --------------------------------------------------------------------------------------------
 # Model helpers.
 
@@ -427,16 +514,11 @@ class _Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-        from ..data import build_dataset
-        from .evaluate import resolve_eval_config
-
         data = recipe.data
         self.train_set = build_dataset(data, data.train_split, train=True)
         self.val_set = build_dataset(data, data.val_split, train=False)
         self.num_classes = self.train_set.num_classes
         self.ignore_index = self.train_set.ignore_index
-        if self.num_classes != data.num_classes:
-            raise UserError(f"data.num_classes={data.num_classes} but dataset {data.name!r} has {self.num_classes} classes")
         if len(self.val_set) == 0:
             raise UserError(f"dataset {data.name!r} split {data.val_split!r} holds no images")
         self.eval_cfg = resolve_eval_config(recipe)
@@ -614,11 +696,12 @@ class _Trainer:
         self.compile_pending = False
         return out
 
-    def step(self, stop_flags: Tensor) -> float:
-        """One optimiser step over ``accum_steps`` micro-batches; returns the global mean loss.
+    def step(self, stop_flags: Tensor) -> StepResult:
+        """One optimiser step over ``accum_steps`` micro-batches.
 
-        ``stop_flags`` (this rank's [SIGINT, SIGTERM] flags) is all-reduced together with the
-        loss so every rank agrees on both.
+        ``stop_flags`` (this rank's vote, see :func:`stop_vote`) is all-reduced together with
+        the loss, so every rank gets the same global mean loss and the same stop decision.
+        A non-finite loss raises before the update is applied.
         """
         cfg, dev = self.cfg, self.device
         loss_sum = torch.zeros((), device=dev)
@@ -641,19 +724,21 @@ class _Trainer:
         values = stats.tolist()
         loss_value = values[0] / self.info.world_size
         if not math.isfinite(loss_value):
-            kept = latest_checkpoint(self.run_dir)
-            raise UserError(
-                f"loss is {loss_value} at iteration {self.iteration + 1}; stopped without applying or "
-                f"saving that step (last good checkpoint: {kept if kept else 'none'}); "
-                "lower train.lr, add warm-up or try train.amp=none"
-            )
-        self.stop_votes = values[1:]
+            raise self._non_finite(f"loss is {loss_value}", self.iteration + 1, "applying or saving that step")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.iteration += 1
-        return loss_value
+        return StepResult(loss_value, agreed_stop(values[1:]))
+
+    def _non_finite(self, what: str, iteration: int, skipped: str) -> UserError:
+        kept = latest_checkpoint(self.run_dir)
+        return UserError(
+            f"{what} at iteration {iteration}; stopped without {skipped} "
+            f"(last good checkpoint: {kept if kept else 'none'}); "
+            "lower train.lr, add warm-up or try train.amp=none"
+        )
 
     def save(self) -> Path:
         """Checkpoint the current state (collective: every rank contributes its RNG states).
@@ -667,12 +752,7 @@ class _Trainer:
         weights = model_state(self.model)
         bad = first_non_finite(weights) or first_non_finite(self.optimizer.state_dict()["state"])
         if bad is not None:
-            kept = latest_checkpoint(self.run_dir)
-            raise UserError(
-                f"{bad} holds NaN or inf at iteration {self.iteration}; stopped without saving it "
-                f"(last good checkpoint: {kept if kept else 'none'}); "
-                "lower train.lr, add warm-up or try train.amp=none"
-            )
+            raise self._non_finite(f"{bad} holds NaN or inf", self.iteration, "saving it")
         if self.main:
             state = {
                 "model": weights,
@@ -691,13 +771,11 @@ class _Trainer:
             prune_checkpoints(self.run_dir, self.cfg.keep_ckpts)
         return path
 
-    def validate(self, progress: bool) -> Any:
+    def validate(self, progress: bool) -> EvalResult:
         """Evaluate on the val split (all ranks; the confusion matrix is reduced across them).
 
         Runs inside ``fork_rng`` so that validating does not change the training trajectory.
         """
-        from .evaluate import evaluate
-
         average_bn_stats(self.model)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -714,32 +792,13 @@ class _Trainer:
         self.model.train()
         return result
 
-    # ---- the loop
+    # ---- the run
 
     def run(self) -> TrainResult:
         start = time.perf_counter()
-        cfg, main = self.cfg, self.main
-        logger = MetricsLogger(self.run_dir, enabled=main, tensorboard=False)
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(self.run_dir)
-            write_recipe(self.run_dir, self.recipe)
-            resumed = self.iteration if self.resume_from is not None else None
-            env = capture_env(self.device, self.info.world_size, cfg.amp, resumed)
-            if self.resume_changes:
-                env["resume_changes"] = {
-                    k: {"checkpoint": old, "now": new} for k, (old, new) in self.resume_changes.items()
-                }
-                listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())
-                _console.print(f"resuming with changed settings: {listed}", markup=False, highlight=False)
-            write_env(self.run_dir, env)
-            logger.truncate(self.iteration, keep_val_at=self.iteration < cfg.iters)
-            logger.attach(build_loggers(self.run_dir, self.recipe))
-            where = f"resuming {self.resume_from} at iteration {self.iteration}" if resumed is not None else "training"
-            _console.print(
-                f"{where} → {self.run_dir} on {self.device} × {self.info.world_size} "
-                f"(global batch {cfg.batch_size} = {self.info.world_size} × {cfg.accum_steps} × {self.micro})"
-            )
+        logger = MetricsLogger(self.run_dir, enabled=self.main, tensorboard=False)
+        if self.main:
+            self._begin(logger)
         stopped_by: int | None = None
         metrics: dict[str, float] | None = None
         self.model.train()
@@ -749,9 +808,8 @@ class _Trainer:
                 if stopped_by is None:
                     stopped_by = self._agreed_signal(signals)
                     if stopped_by is not None:
-                        self._say(f"stopped by {signal.Signals(stopped_by).name} at iteration {self.iteration}, "
-                                  f"before the final evaluation; training is complete and saved in "
-                                  f"{latest_checkpoint(self.run_dir)}; `emactl eval {self.run_dir}` writes the tables")
+                        self._say_complete(f"stopped by {signal.Signals(stopped_by).name} at iteration "
+                                           f"{self.iteration}, before the final evaluation")
                     else:
                         signals.immediate = True
                         metrics = self._final(logger)
@@ -762,115 +820,142 @@ class _Trainer:
                 self._say(f"stopped by a second {name} at iteration {self.iteration}, without saving; the last "
                           f"checkpoint is {latest_checkpoint(self.run_dir) or 'none'} (continue with --resume)")
             else:
-                self._say(f"stopped by {name} during the final evaluation; training is complete and saved in "
-                          f"{latest_checkpoint(self.run_dir)}; `emactl eval {self.run_dir}` writes the tables")
+                self._say_complete(f"stopped by {name} during the final evaluation")
         finally:
             self.loader.close()
             logger.close()
         seconds = time.perf_counter() - start
-        if main and metrics is not None:
+        if self.main and metrics is not None:
             _console.print(f"total time {hms(seconds)}; the training steps took {hms(self.elapsed)} "
                            "(summed over resumes)", highlight=False)
         return TrainResult(self.run_dir, self.iteration, seconds, metrics, stopped_by)
 
-    def _loop(self, signals: StopSignals, logger: MetricsLogger) -> int | None:
-        cfg, main = self.cfg, self.main
-        columns = (
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[ips]} img/s"),
-            TimeElapsedColumn(),
-            MeanRateETA(),
+    def _begin(self, logger: MetricsLogger) -> None:
+        """Rank 0: write recipe.yaml and env.json, trim metrics.jsonl to the resumed
+        iteration, attach the recipe's loggers and say what runs where."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.run_dir)
+        write_recipe(self.run_dir, self.recipe)
+        resumed = self.iteration if self.resume_from is not None else None
+        env = capture_env(self.device, self.info.world_size, cfg.amp, resumed)
+        if self.resume_changes:
+            env["resume_changes"] = {
+                k: {"checkpoint": old, "now": new} for k, (old, new) in self.resume_changes.items()
+            }
+            listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())
+            _console.print(f"resuming with changed settings: {listed}", markup=False, highlight=False)
+        write_env(self.run_dir, env)
+        logger.truncate(self.iteration, keep_val_at=self.iteration < cfg.iters)
+        logger.attach(build_loggers(self.run_dir, self.recipe))
+        where = f"resuming {self.resume_from} at iteration {self.iteration}" if resumed is not None else "training"
+        _console.print(
+            f"{where} → {self.run_dir} on {self.device} × {self.info.world_size} "
+            f"(global batch {cfg.batch_size} = {self.info.world_size} × {cfg.accum_steps} × {self.micro})"
         )
-        progress = Progress(*columns, console=_console, disable=not self.show_progress)
-        window_start, window_iters = time.perf_counter(), 0
-        ips: float | None = None  # shown once the first log_every window is measured
-        with progress:
-            task = progress.add_task("train", total=cfg.iters, completed=self.iteration, loss="–", lr="–", ips="–",
-                                     first=self.iteration)
+
+    def _loop(self, signals: StopSignals, logger: MetricsLogger) -> int | None:
+        """Train up to ``train.iters``; the signal that stopped the run early, or None.
+
+        Each iteration: one step, its train log line and progress, the periodic validation,
+        then either the stop a rank voted for (saving first) or the checkpoint when one is due.
+        """
+        cfg = self.cfg
+        rate = Throughput()
+        with TrainProgress(cfg.iters, self.iteration, enabled=self.show_progress) as bar:
             while self.iteration < cfg.iters:
-                t0 = time.perf_counter()
-                lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
-                flags = torch.tensor(
-                    [float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)]
-                )
+                lr = self._base_lr()
+                started = time.perf_counter()
                 with cudnn_benchmark(cfg.cudnn_benchmark):
-                    loss = self.step(flags)
-                it = self.iteration
-                self.elapsed += time.perf_counter() - t0
-                self.window[0] += loss
-                self.window[1] += 1
-                window_iters += 1
-                if it % cfg.log_every == 0:
-                    now = time.perf_counter()
-                    ips = window_iters * cfg.batch_size / max(now - window_start, 1e-9)
-                    logger.log(
-                        {
-                            "kind": "train",
-                            "iter": it,
-                            "loss": self.window[0] / max(self.window[1], 1),
-                            "lr": lr,
-                            "img_per_s": ips,
-                            "time": round(self.elapsed, 3),
-                        }
-                    )
-                    self.window = [0.0, 0]
-                    window_start, window_iters = now, 0
-                progress.update(task, completed=it, loss=f"{loss:.4f}", lr=_fmt_lr(lr),
-                                ips="–" if ips is None else f"{ips:.1f}")
-                if cfg.val_every and it % cfg.val_every == 0 and it < cfg.iters:
-                    try:
-                        result = self.validate(progress=False)
-                    except StopNow as e:
-                        # Validation changes no training state (eval mode, fork_rng): the state
-                        # after this step is whole, so it is saved rather than lost.
-                        path = self.save()
-                        name = signal.Signals(e.signum).name
-                        self._say(f"stopped by {name} during validation at iteration {it}; saved {path} "
-                                  "(continue with --resume)")
-                        return e.signum
-                    self._log_val(logger, result.summary)
-                    if main:
-                        progress.console.print(
-                            f"iter {it}: " + "  ".join(f"{k} {v:.2f}" for k, v in result.summary.items())
-                        )
-                saved = False
-                if it % cfg.ckpt_every == 0 or it == cfg.iters:
+                    result = self.step(stop_vote(signals))
+                self.elapsed += time.perf_counter() - started
+                self._log_train(logger, rate, result.loss, lr)
+                bar.update(self.iteration, result.loss, lr, rate.ips)
+                if self._validation_due():
+                    stopped = self._validate_during_training(logger)
+                    if stopped is not None:
+                        return stopped
+                if result.stop is not None:
+                    return self._stop(result.stop)
+                if self._checkpoint_due():
                     self.save()
-                    saved = True
-                sigint, sigterm = self.stop_votes
-                if sigint or sigterm:
-                    if not saved:
-                        self.save()
-                    signum = int(signal.SIGTERM if sigterm else signal.SIGINT)
-                    if main:
-                        progress.console.print(
-                            f"stopped by {signal.Signals(signum).name} at iteration {it}; "
-                            f"saved {checkpoint_path(self.run_dir, it)} (continue with --resume)"
-                        )
-                    return signum
         return None
+
+    def _stop(self, signum: int) -> int:
+        """Stop on a signal all ranks agreed on: save the state after this step, say how to continue."""
+        path = self.save()
+        if self.main:
+            _console.print(f"stopped by {signal.Signals(signum).name} at iteration {self.iteration}; "
+                           f"saved {path} (continue with --resume)")
+        return signum
+
+    def _base_lr(self) -> float:
+        """The schedule's learning rate (the first group's, without its ``lr_mult``)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_mult", 1.0)
+
+    def _log_train(self, logger: MetricsLogger, rate: Throughput, loss: float, lr: float) -> None:
+        """Add the step's loss to the window; every ``train.log_every`` iterations write its
+        mean as a train line of metrics.jsonl and start a new window."""
+        self.window[0] += loss
+        self.window[1] += 1
+        rate.iters += 1
+        if self.iteration % self.cfg.log_every:
+            return
+        logger.log(
+            {
+                "kind": "train",
+                "iter": self.iteration,
+                "loss": self.window[0] / max(self.window[1], 1),
+                "lr": lr,
+                "img_per_s": rate.measure(self.cfg.batch_size),
+                "time": round(self.elapsed, 3),
+            }
+        )
+        self.window = [0.0, 0]
+
+    def _validate_during_training(self, logger: MetricsLogger) -> int | None:
+        """The periodic validation; the signal that stopped it, or None.
+
+        A second signal during it saves first: validation changes no training state (eval
+        mode, fork_rng), so the state after this step is whole and is saved rather than lost.
+        """
+        try:
+            result = self.validate(progress=False)
+        except StopNow as e:
+            path = self.save()
+            self._say(f"stopped by {signal.Signals(e.signum).name} during validation at iteration "
+                      f"{self.iteration}; saved {path} (continue with --resume)")
+            return e.signum
+        self._log_val(logger, result.summary)
+        if self.main:
+            _console.print(f"iter {self.iteration}: " + "  ".join(f"{k} {v:.2f}" for k, v in result.summary.items()))
+        return None
+
+    def _validation_due(self) -> bool:
+        """Every ``train.val_every`` iterations, except at the end, where the final evaluation runs."""
+        return bool(self.cfg.val_every) and self.iteration % self.cfg.val_every == 0 and self.iteration < self.cfg.iters
+
+    def _checkpoint_due(self) -> bool:
+        return self.iteration % self.cfg.ckpt_every == 0 or self.iteration == self.cfg.iters
 
     def _say(self, message: str) -> None:
         if self.main:
             _console.print(message, markup=False, highlight=False)
 
+    def _say_complete(self, stopped: str) -> None:
+        """A stop once training is complete: the final checkpoint is saved; only the tables are not."""
+        self._say(f"{stopped}; training is complete and saved in {latest_checkpoint(self.run_dir)}; "
+                  f"`emactl eval {self.run_dir}` writes the tables")
+
     def _agreed_signal(self, signals: StopSignals) -> int | None:
         """A signal that arrived after the last step's flags were taken, agreed by all ranks."""
-        flags = torch.tensor([float(signals.signum == signal.SIGINT), float(signals.signum == signal.SIGTERM)],
-                             device=self.device)
-        sigint, sigterm = D.all_reduce(flags, "sum").tolist()
-        if sigterm:
-            return int(signal.SIGTERM)
-        return int(signal.SIGINT) if sigint else None
+        return agreed_stop(D.all_reduce(stop_vote(signals).to(self.device), "sum").tolist())
 
     def _log_val(self, logger: MetricsLogger, summary: dict[str, float]) -> None:
         logger.log({"kind": "val", "iter": self.iteration, **{k: float(v) for k, v in summary.items()}})
 
     def _final(self, logger: MetricsLogger) -> dict[str, float]:
-        from .evaluate import describe_setting, eval_meta, print_eval, summary_frame, write_eval
-
         result = self.validate(progress=self.show_progress)
         ckpt = checkpoint_path(self.run_dir, self.iteration)
         result.meta.update(eval_meta(self.eval_cfg, self.recipe.data.val_split, self.model, self.iteration,
