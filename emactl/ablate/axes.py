@@ -51,6 +51,23 @@ class AxisSpec:
     ema_only: bool
     parse: Callable[[str, str], Any]
     label: Callable[[Any], str]
+    example: str = ""  # the values the help shows, e.g. "1,3,5" (choice axes list theirs)
+    meaning: str = ""  # the rest of the help, e.g. ": number of bases K."
+    values: Callable[[], Sequence[str]] | None = None  # a choice axis's allowed values
+
+    @property
+    def param(self) -> str:
+        """The keyword this axis takes in :func:`parse_axes` and the CLI: ``--bases-update`` → ``bases_update``."""
+        return self.option.lstrip("-").replace("-", "_")
+
+    def help(self) -> str:
+        listed = ",".join(self.values()) if self.values is not None else self.example
+        return f"Comma-separated list, e.g. {listed}{self.meaning}"
+
+
+def _choices(values: Callable[[], Sequence[str]]) -> dict[str, Any]:
+    """The parser and the help listing of an axis whose values are ``values()``."""
+    return {"parse": _choice_parser(values), "values": values}
 
 
 def _int_value(option: str, text: str) -> int:
@@ -102,17 +119,22 @@ def _num(v: Any) -> str:
 AXES: dict[str, AxisSpec] = {
     a.column: a
     for a in (
-        AxisSpec("train_iters", "--train-iters", "model.ema.iters", True, _int_value, lambda v: f"T{v}"),
-        AxisSpec("eval_iters", "--eval-iters", None, True, _int_value, lambda v: f"evalT{v}"),
-        AxisSpec("bases_update", "--bases-update", "model.ema.bases_update", True,
-                 _choice_parser(BASES_UPDATES), lambda v: f"update-{v}"),
-        AxisSpec("norm", "--norm", "model.ema.norm", True,
-                 _choice_parser(NORMS), lambda v: f"norm-{v}"),
-        AxisSpec("grad", "--grad", "model.ema.grad", True,
-                 _choice_parser(GRAD_MODES), lambda v: f"grad-{v}"),
-        AxisSpec("head", "--heads", "model.head", False, _choice_parser(_head_names), lambda v: f"head-{v}"),
-        AxisSpec("bases", "--bases", "model.ema.bases", True, _int_value, lambda v: f"K{v}"),
-        AxisSpec("momentum", "--momentum", "model.ema.momentum", True, _momentum_value, lambda v: f"m{_num(v)}"),
+        AxisSpec("train_iters", "--train-iters", "model.ema.iters", True, _int_value, lambda v: f"T{v}",
+                 "1,3,5", ": T in training (with --eval-iters: the train T × eval T grid)."),
+        AxisSpec("eval_iters", "--eval-iters", None, True, _int_value, lambda v: f"evalT{v}",
+                 "1,2,3,4,5", ": T at test time; every trained cell is evaluated at each, no training."),
+        AxisSpec("bases_update", "--bases-update", "model.ema.bases_update", True, label=lambda v: f"update-{v}",
+                 meaning=" (backprop cells train with grad=full).", **_choices(lambda: BASES_UPDATES)),
+        AxisSpec("norm", "--norm", "model.ema.norm", True, label=lambda v: f"norm-{v}",
+                 meaning=": normalisation of the bases.", **_choices(lambda: NORMS)),
+        AxisSpec("grad", "--grad", "model.ema.grad", True, label=lambda v: f"grad-{v}",
+                 meaning=": gradient through the EM iterations.", **_choices(lambda: GRAD_MODES)),
+        AxisSpec("head", "--heads", "model.head", False, label=lambda v: f"head-{v}",
+                 meaning=": the context module.", **_choices(_head_names)),
+        AxisSpec("bases", "--bases", "model.ema.bases", True, _int_value, lambda v: f"K{v}",
+                 "16,32,64,128", ": number of bases K."),
+        AxisSpec("momentum", "--momentum", "model.ema.momentum", True, _momentum_value, lambda v: f"m{_num(v)}",
+                 "0.5,0.9", ": weight of the old bases in the moving average."),
     )
 }
 TRAIN_SIDE = [c for c in AXES if c != "eval_iters"]
@@ -155,40 +177,30 @@ class Axes:
         return {"values": self.values, "iter_mode": self.iter_mode, "overrides": list(self.overrides)}
 
 
-def parse_axes(
-    *,
-    iters: str | None = None,
-    train_iters: str | None = None,
-    eval_iters: str | None = None,
-    bases_update: str | None = None,
-    norm: str | None = None,
-    grad: str | None = None,
-    heads: str | None = None,
-    bases: str | None = None,
-    momentum: str | None = None,
-    sets: Sequence[str] = (),
-) -> Axes:
-    """Turn the CLI's strings into :class:`Axes`; every bad value is a one-line UserError."""
+def parse_axes(*, iters: str | None = None, sets: Sequence[str] = (), **texts: str | None) -> Axes:
+    """Turn the CLI's strings into :class:`Axes`; every bad value is a one-line UserError.
+
+    ``texts`` holds each axis's comma-separated values by its :attr:`AxisSpec.param`
+    (``train_iters="1,3"``, ``heads="ema,fcn"``); ``iters`` sets train and eval T together.
+    """
+    by_param = {spec.param: spec for spec in AXES.values()}
+    unknown = sorted(set(texts) - set(by_param))
+    if unknown:
+        raise TypeError(f"parse_axes: unknown axes {unknown}; known: {sorted(by_param)}")
     axes = Axes()
     if iters is not None:
-        if train_iters is not None or eval_iters is not None:
+        if texts.get("train_iters") is not None or texts.get("eval_iters") is not None:
             raise UserError("--iters sets train and eval T together; use it alone, or --train-iters with --eval-iters")
         ts = parse_list("--iters", iters, _int_value)
         axes.values["train_iters"] = ts
         axes.values["eval_iters"] = list(ts)
         axes.iter_mode = "diagonal"
-    else:
-        if train_iters is not None:
-            axes.values["train_iters"] = parse_list("--train-iters", train_iters, _int_value)
-        if eval_iters is not None:
-            axes.values["eval_iters"] = parse_list("--eval-iters", eval_iters, _int_value)
-            axes.iter_mode = "grid"
-    given = {"bases_update": bases_update, "norm": norm, "grad": grad, "head": heads, "bases": bases,
-             "momentum": momentum}
-    for column, text in given.items():
+    for param, spec in by_param.items():
+        text = texts.get(param)
         if text is not None:
-            spec = AXES[column]
-            axes.values[column] = parse_list(spec.option, text, spec.parse)
+            axes.values[spec.column] = parse_list(spec.option, text, spec.parse)
+    if iters is None and "eval_iters" in axes.values:
+        axes.iter_mode = "grid"
     named_keys = {spec.key: spec for spec in AXES.values() if spec.key}
     for item in sets:
         if "=" not in item or not item.split("=", 1)[0].strip():

@@ -7,17 +7,13 @@ from typing import Any, Optional
 
 import typer
 
-from ..config import EMAConfig, LauncherConfig, choices
+from ..config import LauncherConfig, choices
 from ..errors import UserError
 from ..options import DerivedCommand, device_option, out_option, progress_option, set_option, threads_option
 
 LIST = "Comma-separated list, e.g. "
 HELP = {
     "iters": LIST + "1,3,5: EM iterations T in training and evaluation alike.",
-    "train_iters": LIST + "1,3,5: T in training (with --eval-iters: the train T × eval T grid).",
-    "eval_iters": LIST + "1,2,3,4,5: T at test time; every trained cell is evaluated at each, no training.",
-    "bases": LIST + "16,32,64,128: number of bases K.",
-    "momentum": LIST + "0.5,0.9: weight of the old bases in the moving average.",
     "set": "KEY=V1,V2 sweeps any recipe key; KEY=V is a plain override, e.g. train.iters=100 (repeatable).",
     "recipe": "Recipe to train the cells from (default: recipes/shapes.yaml).",
     "from": "Trained run dir or checkpoint: evaluate it at --eval-iters (no training).",
@@ -35,47 +31,33 @@ HELP = {
     "status": "Show each cell of the sweep in DIR (done, queued, running at iteration N, failed) and exit.",
 }
 
-# the axes whose values the library registers: their help lists them (see AblateCommand)
-CHOICE_HELP = {
-    "bases_update": " (backprop cells train with grad=full).",
-    "norm": ": normalisation of the bases.",
-    "grad": ": gradient through the EM iterations.",
-    "heads": ": the context module.",
-}
-
-
 def _axis(option: str, help: str | None = None) -> Any:
     return typer.Option(None, option, help=help, metavar="LIST", show_default=False)
 
 
 class AblateCommand(DerivedCommand):
-    """``emactl ablate``, whose ``--heads``, ``--norm``, ``--grad`` and ``--bases-update`` list the
-    registered context modules and the EMA unit's choices."""
+    """``emactl ablate``, with one option per ablation axis of :data:`emactl.ablate.axes.AXES`
+    (after ``--iters``), each listing the values it takes."""
 
     def parameters(self) -> list[inspect.Parameter]:
-        from ..nn.heads import CONTEXTS  # torch: only when the command runs or shows its help
+        from ..ablate.axes import AXES  # choice axes list the head registry, which imports torch
 
-        values = {name: choices(EMAConfig, name) for name in ("bases_update", "norm", "grad")}
-        values["heads"] = tuple(CONTEXTS.names())
+        axes = [
+            inspect.Parameter(spec.param, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=_axis(spec.option, spec.help()),
+                              annotation=Optional[str])
+            for spec in AXES.values()
+        ]
         parameters = []
         for p in inspect.signature(self.function).parameters.values():
-            if p.name in CHOICE_HELP:
-                help = LIST + ",".join(values[p.name]) + CHOICE_HELP[p.name]
-                p = p.replace(default=_axis(p.default.param_decls[0], help))
-            parameters.append(p)
+            if p.kind is not inspect.Parameter.VAR_KEYWORD:
+                parameters.append(p)
+            if p.name == "iters":
+                parameters += axes
         return parameters
 
 
 def ablate(
     iters: Optional[str] = _axis("--iters", HELP["iters"]),
-    train_iters: Optional[str] = _axis("--train-iters", HELP["train_iters"]),
-    eval_iters: Optional[str] = _axis("--eval-iters", HELP["eval_iters"]),
-    bases_update: Optional[str] = _axis("--bases-update"),
-    norm: Optional[str] = _axis("--norm"),
-    grad: Optional[str] = _axis("--grad"),
-    heads: Optional[str] = _axis("--heads"),
-    bases: Optional[str] = _axis("--bases", HELP["bases"]),
-    momentum: Optional[str] = _axis("--momentum", HELP["momentum"]),
     set_: list[str] = set_option(HELP["set"]),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help=HELP["recipe"], metavar="RECIPE",
                                           show_default=False),
@@ -99,6 +81,7 @@ def ablate(
     wait: bool = typer.Option(True, "--wait/--no-wait", help=HELP["wait"]),
     status: Optional[Path] = typer.Option(None, "--status", help=HELP["status"], metavar="DIR",
                                           show_default=False),
+    **axes: Optional[str],
 ) -> None:
     """Train and evaluate one run per cell of the axes' grid; write tidy tables, pivots and a plot.
 
@@ -109,8 +92,7 @@ def ablate(
     if status is not None:
         given = [o for o, v in (("--recipe", recipe), ("--from", source), ("--out", out), ("--launcher", launcher))
                  if v is not None]
-        if given or any(v is not None for v in (iters, train_iters, eval_iters, bases_update, norm, grad, heads,
-                                                bases, momentum)) or set_:
+        if given or iters is not None or any(v is not None for v in axes.values()) or set_:
             raise UserError(f"--status DIR only shows a sweep; drop {', '.join(given) or 'the axes'}")
         _show_status(status)
         return
@@ -127,11 +109,7 @@ def ablate(
     for option, value in (("--seeds", seeds), ("--jobs", jobs), ("--threads", threads)):
         if value is not None and value < 1:
             raise UserError(f"{option}: must be >= 1, got {value}")
-    axes = parse_axes(
-        iters=iters, train_iters=train_iters, eval_iters=eval_iters, bases_update=bases_update, norm=norm,
-        grad=grad, heads=heads, bases=bases, momentum=momentum, sets=set_,
-    )
-    result = run_ablation(axes, recipe=recipe, source=source, seeds=seeds, out=out, jobs=jobs, device=device,
+    result = run_ablation(parse_axes(iters=iters, sets=set_, **axes), recipe=recipe, source=source, seeds=seeds, out=out, jobs=jobs, device=device,
                           progress=progress, threads=threads, wait=wait,
                           launcher={"kind": launcher, "partition": slurm_partition, "gpus_per_cell": slurm_gpus,
                                     "time_min": slurm_time, "account": slurm_account})

@@ -15,7 +15,6 @@ import pandas as pd
 from rich.console import Console
 
 from ..config import DataConfig
-from ..engine.losses import frequency_weights
 from ..tables import print_table, save_table
 from .base import SegDataset, build_dataset
 from .progress import progress_bar
@@ -91,6 +90,22 @@ class CheckReport:
         rows = [{"split": s.split, "kind": p.kind, "path": p.path, "detail": p.detail}
                 for s in self.splits for p in s.problems]
         return pd.DataFrame(rows, columns=["split", "kind", "path", "detail"])
+
+
+ENET_C = 1.02
+
+
+def frequency_weights(pixels: Sequence[int] | np.ndarray) -> list[float]:
+    """ENet class weights ``1 / ln(1.02 + f_c)`` from per-class pixel counts, mean 1 over the
+    classes present (absent classes: 1)."""
+    counts = np.asarray(pixels, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return [1.0] * len(counts)
+    present = counts > 0
+    weights = 1.0 / np.log(ENET_C + counts / total)
+    weights = np.where(present, weights / weights[present].mean(), 1.0)
+    return [round(float(w), 4) for w in weights]
 
 
 def _scan_sample(ds: SegDataset, i: int) -> tuple[np.ndarray | None, int, Problem | None]:

@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,24 +31,10 @@ from torch import Tensor
 
 from ..config import Recipe
 from ..data import build_dataset
-from ..data.check import check_split
+from ..data.check import check_split, frequency_weights
 from ..errors import UserError
 from . import distributed as D
 
-ENET_C = 1.02
-
-
-def frequency_weights(pixels: Sequence[int] | np.ndarray) -> list[float]:
-    """ENet class weights ``1 / ln(1.02 + f_c)`` from per-class pixel counts, mean 1 over the
-    classes present (absent classes: 1)."""
-    counts = np.asarray(pixels, dtype=np.float64)
-    total = counts.sum()
-    if total <= 0:
-        return [1.0] * len(counts)
-    present = counts > 0
-    weights = 1.0 / np.log(ENET_C + counts / total)
-    weights = np.where(present, weights / weights[present].mean(), 1.0)
-    return [round(float(w), 4) for w in weights]
 
 
 def _world() -> int:

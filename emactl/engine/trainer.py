@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..config import Recipe, to_dict
 from ..data import build_dataset
 from ..data.loading import next_batch, stop_workers
+from ..device import amp_dtype, autocast
 from ..errors import UserError
 from ..io import ensure_dir, folder_lock
 from ..nn.emanet import build_model, ema_units
@@ -109,7 +110,6 @@ from .losses import SegLoss, loss_for
 from .optim import build_optimizer, build_scheduler
 from .rundir import MetricsLogger, capture_env, check_run_dir, remove_stale_temps, write_env, write_recipe
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "iteration", "loader", "ranks")
 # Recipe keys ``--resume`` may change (a prefix ending in "." covers a section): the length and
 # cadence of the run, where it runs and reads from, and how it evaluates. Any other change
@@ -446,11 +446,6 @@ def _no_buffer_broadcast() -> dict[str, bool]:
     return {"broadcast_buffers": False}
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
-
 
 def _fmt_lr(lr: float) -> str:
     return f"{lr:.3e}"
@@ -714,7 +709,7 @@ class _Trainer:
             last = k == cfg.accum_steps - 1
             sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
             with sync:
-                with _autocast(dev, cfg.amp):
+                with autocast(dev, amp_dtype(cfg.amp)):
                     outputs = self._forward(images)
                 loss = seg_loss(outputs, labels, self.criterion)
                 self.scaler.scale(loss / cfg.accum_steps).backward()

@@ -340,7 +340,7 @@ class EMAU(nn.Module):
         """conv2 then BN on the (B, C, N) reconstruction; in eval without autograd, one product
         with the BN folded in. On the CPU conv2 runs by the method :func:`em_cpu.conv1x1`
         measured fastest (``self.method="bmm"``: the plain batched product)."""
-        bn, (b, c, n) = self.bn, y.shape
+        bn, (b, c, _) = self.bn, y.shape
         folded = not (self.training or torch.is_grad_enabled() or not bn.track_running_stats or bn.running_var is None)
         weight, shift = self.conv2.weight.view(c, c), None
         if folded:

@@ -17,7 +17,8 @@ from ..config import EMAConfig, ModelConfig
 from ..nn.emanet import build_context
 from .counting import count_module, count_params
 from .memory import peak_memory
-from .timing import autocast, measure_many
+from ..device import autocast
+from .timing import measure_many
 
 
 def head_config(channels: int, bases: int, iters: int) -> ModelConfig:

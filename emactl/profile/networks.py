@@ -19,7 +19,8 @@ from torch import nn
 from ..config import EMAConfig, ModelConfig
 from ..nn.emanet import build_model
 from .counting import count_module, count_params
-from .timing import autocast, measure_many
+from ..device import autocast
+from .timing import measure_many
 
 NETWORKS = ("emanet", "psp", "deeplabv3", "fcn")
 _EMACTL_HEADS = {"emanet": "ema", "psp": "psp"}

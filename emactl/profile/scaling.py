@@ -16,7 +16,8 @@ from rich.console import Console
 
 from .heads import build_head
 from .memory import peak_memory
-from .timing import autocast, measure_many
+from ..device import autocast
+from .timing import measure_many
 
 
 def fit_exponent(n: Sequence[float], y: Sequence[float]) -> tuple[float, float]:

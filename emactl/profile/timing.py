@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
-from ..device import autocast  # noqa: F401  (the profile's sections time their calls under it)
 
 # torch.utils.benchmark imports cpp_extension, which warns on CUDA-less machines that have a
 # CUDA_HOME; that warning is about compiling extensions, which we never do.

@@ -38,7 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..engine.cudnn import cudnn_benchmark
 from .emattention import DTYPE_NAMES, SQUARE
 from .networks import _step_fns, build_network
-from .timing import autocast, measure_many
+from ..device import autocast
+from .timing import measure_many
 
 TRAIN_NETWORKS = ("emanet", "deeplabv3")
 DISPLAY = {"emanet": "EMANet", "deeplabv3": "DeepLabV3"}

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from ..nn.ema import EMAU
 from .reference import reference_em_attention
-from .timing import Timing, autocast, measure_many
+from ..device import autocast
+from .timing import Timing, measure_many
 
 UNITS = ("emactl", "emactl unfolded", "emactl plain products", "reference")
 
