@@ -487,3 +487,24 @@ def test_cells_left_running_are_returned():
     assert drive(executor)[0] == (2, ["a", "b", "c"]) and executor.interrupts == [(["a", "b", "c"], 1)]
     executor = FakeExecutor([], slots=3, wait=False)  # --no-wait
     assert drive(executor)[0] == (None, ["a", "b", "c"])
+
+
+def test_every_axis_is_an_option_of_ablate_with_its_help(monkeypatch, capsys):
+    """The CLI derives one option per AxisSpec: a new axis needs no edit in commands/ablate.py."""
+    from emactl.ablate.axes import AXES, AxisSpec
+    from emactl.commands import ablate as command
+
+    extra = AxisSpec("temperature", "--temperature", "model.ema.temperature", True, lambda o, t: float(t),
+                     lambda v: f"lam{v}", "0.5,1", ": the E step's λ.")
+    monkeypatch.setitem(AXES, "temperature", extra)
+    names = [p.name for p in command.AblateCommand("ablate", callback=command.ablate).parameters()]
+    assert names[: len(AXES) + 1] == ["iters", *(spec.param for spec in AXES.values())]
+    assert "axes" not in names
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = cli(["ablate", "--help"], capsys)
+    assert code == 0
+    for spec in AXES.values():
+        assert spec.option in out
+    assert "the E step's λ" in out
+    axes = parse_axes(temperature="0.5,1", iters="1,3")
+    assert axes.values["temperature"] == [0.5, 1.0] and axes.iter_mode == "diagonal"

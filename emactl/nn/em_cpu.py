@@ -1,31 +1,29 @@
-"""Faster EM iterations on the CPU, for the iterations that need no gradient.
+"""Faster products on the CPU: the EM iterations that need no gradient, and the unit's conv2.
 
 :func:`emactl.nn.ema.em_attention` writes an iteration as two batched matrix products
-(``torch.bmm``) with a softmax and a normalisation between them. On a CPU two things make that
-slower than it needs to be, and each method here removes one:
+(``torch.bmm``) with a softmax and a normalisation between them. On a CPU the same products can
+run faster another way, and which way wins depends on the processor, the dtype and the thread
+count (docs/BENCHMARKS.md has the figures and the commands that measured them):
 
-* ``conv``: PyTorch runs fp32 matrix products through MKL's sgemm, and convolutions through
-  oneDNN. On the 2-core AMD EPYC (Zen 5) this was measured on, with both threads, at the
-  paper's shapes (C=512, K=64, N=65²), sgemm ran the products at 140–180 GFLOP/s, while a 1×1
-  convolution ran the E step at 220–350 and the M step at about 220 (a square 2048³ product:
-  217 against 348). On one thread the two tie (94 against 95 for the E step). So
-  :func:`conv_iterations` writes both products as 1×1 convolutions over one sample's pixels,
-  each operand a view of the tensors as they are.
-* ``blocked``: the plain order reads all of ``x`` twice per iteration; :func:`blocked_iterations`
-  reads it once, block of pixels by block.
+* ``conv``: both products as 1×1 convolutions over one sample's pixels (oneDNN instead of
+  MKL's sgemm), each operand a view of the tensors as they are (:func:`conv_iterations`);
+* ``blocked``: the plain order reads all of ``x`` twice per iteration;
+  :func:`blocked_iterations` reads it once, block of pixels by block.
 
 ``auto`` considers them for large products only, of at least :data:`LARGE` multiply-adds per
 sample (C·N·K; the paper's 512·65²·64 is 138 M): below that their per-call overheads cost more
-than they save (at 512·33²·64, conv and bmm tied; at the shapes demo's 64·16²·16, conv took 5×
-as long). Which one wins depends on the processor and the thread count: with two threads, conv
-ran 1.4–1.6× faster than bmm on one 2-core EPYC and 10 % slower than it on another, and on one
-thread they tie. So ``auto`` measures: the first call of a signature (shapes, dtype, iterations,
-threads) runs each candidate twice on its own inputs and keeps the fastest for later calls
-(:func:`tune_methods`); the last run's result is returned, so no call is wasted. There it takes ``conv`` for contiguous fp32 features on an x86 CPU with oneDNN,
-``blocked`` for other fp32 or fp64 CPU features, and leaves everything else (bf16, whose products
-already go through oneDNN; GPUs; autograd; torch.compile) to the batched products. Only the summation
-order changes, so results agree with the plain order to rounding (the tests hold them to 1e-5).
+than they save. Above it, ``auto`` measures: the first call of a signature (shapes, dtype,
+iterations, threads) runs each candidate twice on its own inputs and keeps the fastest for later
+calls (:func:`tune_methods`); the last run's result is returned, so no call is wasted. It takes
+``conv`` into account for contiguous fp32 features on an x86 CPU with oneDNN, ``blocked`` for
+fp32 or fp64 CPU features, and leaves everything else (bf16, GPUs, autograd, torch.compile) to
+the batched products. Only the summation order changes, so results agree with the plain order
+to rounding (the tests hold them to 1e-5).
+
+:func:`conv1x1` does the same for the unit's conv2, a (C, C) weight applied to every pixel of
+the (B, C, N) reconstruction, choosing among ``conv2d``, ``bmm`` and pixel-blocked ``bmm``.
 """
+
 from __future__ import annotations
 
 import functools
