@@ -408,16 +408,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data) if data else {}
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"--set {item!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_path(data, path, value, repr(item))
     return data
+
+
+def set_path(data: dict, path: list[str], value: Any, what: str) -> None:
+    """``data[a][b][c] = value`` for the path [a, b, c], making missing sections; ``what`` names
+    the override in the error when a step of the path is a value, not a section."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {what}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
 
 
 def _duplicate_key(node: yaml.Node) -> tuple[str, yaml.Mark] | None:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
-from ..config import apply_overrides, from_dict
+from ..config import apply_overrides, from_dict, set_path
 from ..errors import UserError
 from ..lists import split_values
 from ..nn.choices import BASES_UPDATES, GRAD_MODES, NORMS
@@ -249,16 +249,7 @@ class Cell:
 
 
 def _set_key(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise UserError(f"--set {key}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
+    set_path(data, key.split("."), value, key)
 
 
 def _get_key(data: dict[str, Any], key: str) -> Any:
