@@ -14,10 +14,10 @@ from rich.console import Console
 from torch import nn
 
 from ..config import EMAConfig, ModelConfig
+from ..device import autocast
 from ..nn.emanet import build_context
 from .counting import count_module, count_params
 from .memory import peak_memory
-from ..device import autocast
 from .timing import measure_many
 
 

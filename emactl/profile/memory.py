@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 MEASURED_NOTE = {
     "cuda": "peak memory: torch.cuda.max_memory_allocated during the call minus memory allocated before it",
@@ -55,7 +56,6 @@ def _native_stderr_silenced() -> Iterator[None]:
 
 
 def _cpu_peak(fn: Callable[[], Any]) -> int:
-    from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _native_stderr_silenced():

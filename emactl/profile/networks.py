@@ -17,9 +17,9 @@ from rich.console import Console
 from torch import nn
 
 from ..config import EMAConfig, ModelConfig
+from ..device import autocast
 from ..nn.emanet import build_model
 from .counting import count_module, count_params
-from ..device import autocast
 from .timing import measure_many
 
 NETWORKS = ("emanet", "psp", "deeplabv3", "fcn")

@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 from rich.console import Console
 
+from ..device import autocast
 from .heads import build_head
 from .memory import peak_memory
-from ..device import autocast
 from .timing import measure_many
 
 

@@ -35,10 +35,10 @@ from rich.console import Console
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..device import autocast
 from ..engine.cudnn import cudnn_benchmark
 from .emattention import DTYPE_NAMES, SQUARE
 from .networks import _step_fns, build_network
-from ..device import autocast
 from .timing import measure_many
 
 TRAIN_NETWORKS = ("emanet", "deeplabv3")

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.ema import EMAU
-from .reference import reference_em_attention
 from ..device import autocast
+from ..nn.ema import EMAU
+from .emattention import DTYPE_NAMES
+from .reference import reference_em_attention
 from .timing import Timing, measure_many
 
 UNITS = ("emactl", "emactl unfolded", "emactl plain products", "reference")
@@ -144,7 +145,6 @@ def profile_unit(
 
     The spread of a ratio a/b is [q1(a)/q3(b), q3(a)/q1(b)] over the interleaved rounds.
     """
-    from .emattention import DTYPE_NAMES
 
     torch.manual_seed(1)
     x = torch.randn(batch, channels, size, size, device=device).relu()  # after the head's conv + BN + ReLU
