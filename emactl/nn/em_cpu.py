@@ -64,13 +64,13 @@ def candidates(x: Tensor) -> tuple[str, ...]:
 
 def tune_methods(methods: Sequence[str], run: Callable[[str], Any], clock: Callable[[], float] = time.perf_counter,
                  repeats: int = 2) -> tuple[str, Any]:
-    """Run each method ``repeats`` times and return the fastest (best of its runs) with the
-    result of the last run: the tuning costs no wasted call."""
-    best: dict[str, float] = {}
+    """Run each method ``repeats`` times, in interleaved rounds (a burst of load then slows
+    every method of a round alike), and return the fastest (best of its runs) with the result
+    of the last run: the tuning costs no wasted call."""
+    best = {method: math.inf for method in methods}
     result = None
-    for method in methods:
-        best[method] = math.inf
-        for _ in range(repeats):
+    for _ in range(repeats):
+        for method in methods:
             start = clock()
             result = run(method)
             best[method] = min(best[method], clock() - start)
@@ -226,7 +226,7 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
         method = TUNED_CONV.get(key, "tune")
         if method == "tune":
             with torch.no_grad():
-                method, result = tune_methods(CONV_METHODS, lambda m: _conv1x1(m, weight, y, shift))
+                method, result = tune_methods(CONV_METHODS, lambda m: _conv1x1(m, weight, y, shift), repeats=3)
             TUNED_CONV[key] = method
             if not needs_grad:
                 return result
