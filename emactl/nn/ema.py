@@ -249,6 +249,10 @@ class EMAU(nn.Module):
     ``fold`` folds conv1 into the EM products (:func:`em_attention`'s ``weight``/``bias``)
     wherever that saves work (:meth:`folds`): conv1's output, an N·C·C product, is then never
     formed; outputs and gradients are the same. ``fold=False`` always runs conv1 as written.
+
+    On the CPU the EM iterations without gradient and conv2 run by the methods
+    :mod:`emactl.nn.em_cpu` measures fastest; setting the attribute ``method = "bmm"`` runs every
+    product as a plain batched one instead (the profile's ``emactl plain products`` row).
     """
 
     def __init__(
@@ -282,7 +286,7 @@ class EMAU(nn.Module):
         self.momentum, self.renorm = momentum, renorm
         self.zero_init = zero_init
         self.fold = fold
-        self.method = "auto"  # CPU only: "auto" runs the fastest method measured, "bmm" the plain products
+        self.method = "auto"
         self.record = False  # when True, keep the last responsibilities for visualisation
         self.last: EMAOutput | None = None
         self._buffer: Tensor | None = None
