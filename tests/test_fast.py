@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emactl.nn.ema import EMAU, em_attention, init_bases, m_step
+from emactl.nn.ema import EMAU, Reusable, em_attention, init_bases, m_step
 
 from reference import reference_em, rel_err
 
@@ -291,7 +291,7 @@ def test_emau_eval_fast_paths_match_fp32_contiguous(channels_last, amp, tol):
         fast = eval_outputs(unit, fast_x, amp=amp)
         for name, ours, theirs in zip(("output", "recon", "bases"), fast, ref):
             assert rel_err(ours, theirs) <= tol, name
-    assert ref[1].dtype == torch.float32 and unit._buffer is not None
+    assert ref[1].dtype == torch.float32 and "recon" in unit._reusable.kept
 
 
 def train_step(unit: EMAU, x: torch.Tensor, weight: torch.Tensor, amp: bool) -> torch.Tensor:
@@ -323,15 +323,14 @@ def test_emau_buffer_reuse_keeps_gradients(channels_last, amp):
     fresh2 = copy.deepcopy(fresh1)  # the copy sees the bases the unit's second forward sees
     fresh2.mu.copy_(unit.mu)
     loss = loss + train_step(unit, a2, w2, amp)  # overwrites the buffer of the first forward
-    assert unit._buffer is not None
+    assert "recon" in unit._reusable.kept
     loss.backward()
     reused = grads(unit, a1, a2)
 
     b1, b2 = x1.clone().requires_grad_(), x2.clone().requires_grad_()
     train_step(fresh1, b1, w1, amp).backward()
     train_step(fresh2, b2, w2, amp).backward()
-    assert fresh1._buffer is not None and fresh2._buffer is not None
-    assert not shares_storage(fresh1._buffer, fresh2._buffer)
+    assert not shares_storage(fresh1._reusable.kept["recon"], fresh2._reusable.kept["recon"])
     expected = grads(fresh1, b1)
     expected["input1"] = b2.grad.clone()
     for name, p in fresh2.named_parameters():
@@ -348,7 +347,7 @@ def test_emau_buffer_reuse_keeps_gradients(channels_last, amp):
     for x, w in ((x1, w1), (x2, w2)):
         unit.zero_grad(set_to_none=True)
         fresh = copy.deepcopy(fresh)
-        fresh._buffer = None
+        fresh._reusable = Reusable()
         fresh.mu.copy_(unit.mu)
         fresh.zero_grad(set_to_none=True)
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -477,3 +476,111 @@ def test_em_attention_cuda_fp32_and_bf16_match_reference(norm, lam):
     check(em_attention(xc, muc, 3, lam, norm, out=out), ref, FP32_TOL)
     if (norm, lam) == ("l2", 1.0):  # the bf16 bound holds for the default only, as on the CPU (above)
         check(em_attention(xc.to(BF16), muc.to(BF16), 3, lam, norm), ref, BF16_TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# The training tail (conv2 → BN → + identity → ReLU as one Function over kept tensors).
+
+
+def training_run(unit: EMAU, x: torch.Tensor, probe: torch.Tensor, amp: bool = False) -> dict[str, torch.Tensor]:
+    """Output, every gradient and the BN state after one training forward + backward."""
+    unit.train()
+    xi = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=BF16, enabled=amp):
+        out = unit(xi)
+    out.backward(probe)
+    found = {"output": out.detach().clone(), "input grad": xi.grad.clone()}
+    found.update({f"{n} grad": p.grad.clone() for n, p in unit.named_parameters() if p.grad is not None})
+    found.update({n: b.clone() for n, b in unit.bn.named_buffers()})
+    return found
+
+
+@pytest.mark.parametrize("grad", ["none", "last", "full"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("zero_init", [False, True], ids=["bn1", "bn0"])
+def test_training_tail_equals_separate_layers_float64(grad, momentum, zero_init):
+    """Outputs, gradients (input, conv1/conv2/BN/bases) and BN running statistics of the fused
+    tail equal those of the separate layers, in float64, over two steps."""
+    unit = make_unit(grad=grad, zero_init=zero_init, bases_update="backprop" if grad == "full" else "moving_average")
+    unit.bn.momentum = momentum
+    unit = unit.double()
+    layers = copy.deepcopy(unit)
+    layers.fuse_tail = False
+    for step in range(2):
+        x, probe = unit_input(seed=step).double(), torch.randn(2, C, 5, 6, dtype=torch.float64)
+        unit.zero_grad(set_to_none=True), layers.zero_grad(set_to_none=True)
+        fused, separate = training_run(unit, x, probe), training_run(layers, x, probe)
+        assert set(fused) == set(separate)
+        assert ("conv1.weight grad" in fused) == (grad != "none")
+        for name in separate:
+            torch.testing.assert_close(fused[name], separate[name], rtol=1e-12, atol=1e-12, msg=f"step {step}: {name}")
+
+
+def test_training_tail_bf16_matches_separate_layers():
+    unit = make_unit()
+    layers = copy.deepcopy(unit)
+    layers.fuse_tail = False
+    x, probe = unit_input(), torch.randn(2, C, 5, 6)
+    fused, separate = training_run(unit, x, probe, amp=True), training_run(layers, x, probe, amp=True)
+    for name in separate:
+        assert rel_err(fused[name], separate[name]) <= BF16_TOL, name
+
+
+def test_training_tail_gradcheck():
+    from emactl.nn.em_cpu import TrainingTail
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).relu().requires_grad_()
+    identity = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    stats = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    kept = Reusable()
+
+    def tail(y, identity, weight, gamma, beta):
+        return TrainingTail.apply(y, identity, weight, gamma, beta, *stats, 0.1, 1e-5, "bmm", kept)
+
+    assert torch.autograd.gradcheck(tail, (y, identity, weight, gamma, beta))
+
+
+def test_training_reuses_kept_tensors_and_never_overwrites_held_ones():
+    """Step after step the unit writes into the same memory; a tensor someone still holds
+    (the last output, a gradient kept as .grad) is never overwritten."""
+    unit = make_unit().train()
+    probe = torch.randn(2, C, 5, 6)
+
+    def step(seed: int) -> tuple[torch.Tensor, dict[str, int]]:
+        x = unit_input(seed=seed).requires_grad_()
+        out = unit(x)
+        out.backward(probe)
+        return out, {name: t.data_ptr() for name, t in unit._reusable.kept.items()}
+
+    step(0)
+    first = step(1)[1]
+    second = step(2)[1]  # the output of step 1 (and through its graph, the input and its .grad) is gone
+    assert {"recon", "conv2", "out", "grad_in"} <= set(first)
+    assert first == second  # nothing held them between the steps: the same memory again
+    held, _ = step(3)
+    snapshot = held.detach().clone()
+    later, _ = step(4)  # the output of step 3 is still referenced: step 4 must not write into it
+    assert later.data_ptr() != held.data_ptr() and torch.equal(held, snapshot)
+
+
+def test_reusable_hands_out_memory_only_when_nothing_refers_to_it():
+    kept, like = Reusable(), torch.empty(3)
+    a = kept.get("x", (3,), like)
+    b = kept.get("x", (3,), like)  # a is alive: b is new
+    assert not shares_storage(a, b)
+    view = b[1:]
+    del b
+    assert not shares_storage(kept.get("x", (3,), like), view)  # a view keeps it too
+    del a, view
+    c = kept.get("x", (3,), like)
+    address = c.data_ptr()
+    del c
+    assert kept.get("x", (3,), like).data_ptr() == address  # free again: reused
+    assert kept.get("x", (4,), like).shape == (4,) and kept.get("x", (4,), like, torch.float64).dtype == torch.float64
+    with torch.inference_mode():
+        inside = kept.get("x", (4,), like)
+    assert inside.is_inference() and not kept.get("x", (4,), like).is_inference()

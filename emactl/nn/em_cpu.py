@@ -22,6 +22,8 @@ to rounding (the tests hold them to 1e-5).
 
 :func:`conv1x1` does the same for the unit's conv2, a (C, C) weight applied to every pixel of
 the (B, C, N) reconstruction, choosing among ``conv2d``, ``bmm`` and pixel-blocked ``bmm``.
+In training, :class:`TrainingTail` runs conv2, BN, the residual add and the ReLU as one autograd
+Function over tensors the unit keeps, instead of new tensors at every layer.
 """
 
 from __future__ import annotations
@@ -222,14 +224,9 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     """
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or y.requires_grad)
     if method == "auto":
-        key = (tuple(y.shape), y.dtype, tuple(weight.shape), shift is None, torch.get_num_threads())
-        method = TUNED_CONV.get(key, "tune")
-        if method == "tune":
-            with torch.no_grad():
-                method, result = tune_methods(CONV_METHODS, lambda m: _conv1x1(m, weight, y, shift), repeats=3)
-            TUNED_CONV[key] = method
-            if not needs_grad:
-                return result
+        method, result = conv_method(weight, y, shift)
+        if result is not None and not needs_grad:
+            return result
     if needs_grad:
         if shift is not None and shift.requires_grad:
             raise ValueError("conv1x1: shift takes no gradient")
@@ -238,7 +235,20 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     return _conv1x1(method, weight, y, shift)
 
 
-def _conv1x1(method: str, weight: Tensor, y: Tensor, shift: Tensor | None) -> Tensor:
+def conv_method(weight: Tensor, y: Tensor, shift: Tensor | None = None) -> tuple[str, Tensor | None]:
+    """The :data:`CONV_METHODS` entry measured fastest for this signature, timing them (without
+    autograd) on its first call; then also the last timed result, else ``None``."""
+    key = (tuple(y.shape), y.dtype, tuple(weight.shape), shift is None, torch.get_num_threads())
+    if key in TUNED_CONV:
+        return TUNED_CONV[key], None
+    with torch.no_grad():
+        method, result = tune_methods(CONV_METHODS, lambda m: _conv1x1(m, weight, y, shift), repeats=3)
+    TUNED_CONV[key] = method
+    return method, result
+
+
+def _conv1x1(method: str, weight: Tensor, y: Tensor, shift: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """The product by ``method``; ``bmm`` and ``blocked`` write into ``out`` (B, C_out, N) when given."""
     b, c_in, n = y.shape
     c = weight.shape[0]
     if method == "conv2d":
@@ -246,8 +256,8 @@ def _conv1x1(method: str, weight: Tensor, y: Tensor, shift: Tensor | None) -> Te
     w = weight.expand(b, c, c_in)
     bias = shift.view(1, c, 1) if shift is not None else None
     if method == "bmm":
-        return torch.bmm(w, y) if bias is None else torch.baddbmm(bias, w, y)
-    out = y.new_empty(b, c, n)
+        return torch.bmm(w, y, out=out) if bias is None else torch.baddbmm(bias, w, y, out=out)
+    out = y.new_empty(b, c, n) if out is None else out
     for start in range(0, n, CONV_BLOCK):
         part, dest = y[:, :, start : start + CONV_BLOCK], out[:, :, start : start + CONV_BLOCK]
         if bias is None:
@@ -276,3 +286,58 @@ class Conv1x1(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_y = torch.bmm(weight.t().expand(y.shape[0], -1, -1), grad)
         return grad_weight, grad_y, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The unit's end in training: conv2 → BN with batch statistics → + identity → ReLU.
+
+
+class TrainingTail(torch.autograd.Function):
+    """conv2, BN in training mode, the residual add and the ReLU as one autograd Function.
+
+    Through the separate layers, autograd makes every intermediate a new tensor: conv2's
+    output, BN's output (and its fp32 copy under autocast), the sum, the gradients of each. At
+    the paper's shapes each is tens of MB, which the CPU allocator maps fresh and page-faults on
+    every call; those passes then cost about as much as conv2's products (docs/BENCHMARKS.md).
+    Here every one of them, the output and the input's gradient included, is a tensor the unit
+    keeps (``kept``, an :class:`emactl.nn.ema.Reusable`), reused whenever nothing else still
+    refers to it.
+
+    BN is torch's own kernel (``native_batch_norm`` and its backward), so batch statistics,
+    running statistics and gradients are those of ``nn.BatchNorm2d``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, y: Tensor, identity: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, running_mean: Tensor,
+        running_var: Tensor, momentum: float, eps: float, method: str, kept: Any,
+    ) -> Tensor:
+        shape = tuple(identity.shape)
+        v = _conv1x1(method, weight, y, None, out=kept.get("conv2", tuple(y.shape), y)).view(shape)
+        out = kept.get("out", shape, identity)
+        normed = out if v.dtype == out.dtype else kept.get("normed", shape, v)
+        stats = v.new_empty(2, v.shape[1], dtype=torch.promote_types(v.dtype, torch.float32))  # save_mean, save_invstd
+        torch.ops.aten.native_batch_norm.out(
+            v, gamma, beta, running_mean, running_var, True, momentum, eps, out=normed, save_mean=stats[0], save_invstd=stats[1]
+        )
+        if normed is not out:
+            out.copy_(normed)
+        out.add_(identity).relu_()
+        ctx.save_for_backward(y, v, weight, gamma, stats, out)
+        ctx.eps, ctx.kept = eps, kept
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        y, v, weight, gamma, stats, out = ctx.saved_tensors
+        needs, kept = ctx.needs_input_grad, ctx.kept
+        g = torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=kept.get("grad_in", tuple(out.shape), out))
+        g_bn = g if g.dtype == v.dtype else kept.get("grad_normed", tuple(v.shape), v).copy_(g)
+        grad_v, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            g_bn, v, gamma, None, None, stats[0], stats[1], True, ctx.eps, [True, needs[3], needs[4]]
+        )
+        gv = grad_v.view(y.shape)
+        grad_weight = torch.bmm(gv, y.transpose(1, 2)).sum(0) if needs[2] else None
+        grad_y = torch.bmm(weight.t().expand(y.shape[0], -1, -1), gv) if needs[0] else None
+        return (grad_y, g if needs[1] else None, grad_weight, grad_gamma if needs[3] else None,
+                grad_beta if needs[4] else None, *(None,) * 6)

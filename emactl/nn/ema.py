@@ -222,6 +222,57 @@ def init_bases(channels: int, k: int, norm: str = "l2") -> Tensor:
     return normalize_bases(mu, "l2" if norm == "none" else norm)
 
 
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: nothing is ever reused
+
+
+def _references(t: Tensor) -> int:
+    """How many tensors and storage handles refer to ``t``'s memory (the handle made here included)."""
+    storage = t.untyped_storage()
+    return _use_count(storage._cdata)
+
+
+_ALONE = _references(torch.empty(1)) if _use_count is not None else 0
+
+
+def alone(t: Tensor) -> bool:
+    """Whether nothing but ``t`` itself refers to its memory: no view, no caller, no autograd graph."""
+    return _use_count is not None and _references(t) <= _ALONE
+
+
+class Reusable:
+    """The big tensors a unit keeps from call to call instead of allocating them anew.
+
+    At the paper's shapes the unit's intermediates are tens of MB each. On the CPU the allocator
+    maps each such tensor fresh and page-faults on its first write, on every call; writing into a
+    kept tensor costs only the write (docs/BENCHMARKS.md has the figures).
+
+    :meth:`get` hands out an alias of a kept tensor only when nothing else refers to its memory
+    any more: not the caller that received it last time, not an autograd graph that saved it
+    (until its backward has run), not a view. Otherwise it keeps a new one, and the old one
+    stays with whoever holds it.
+    """
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """A tensor of ``shape`` (``like``'s device, ``dtype`` or ``like``'s) to overwrite: the kept
+        ``name`` when free, else a new one that is kept instead."""
+        dtype = like.dtype if dtype is None else dtype
+        buf = self.kept.get(name)
+        fits = (
+            buf is not None
+            and buf.shape == shape
+            and buf.dtype == dtype
+            and buf.device == like.device
+            # an inference-mode tensor cannot be written outside inference mode (and back)
+            and buf.is_inference() == torch.is_inference_mode_enabled()
+        )
+        if not (fits and alone(buf)):
+            buf = self.kept[name] = torch.empty(shape, dtype=dtype, device=like.device)
+        return buf.detach()  # an alias: while it lives, the kept tensor is not alone
+
+
 class EMAU(nn.Module):
     """The EMA Unit: 1×1 conv → EMA → ReLU → 1×1 conv + BN → residual add → ReLU.
 
@@ -252,7 +303,10 @@ class EMAU(nn.Module):
 
     On the CPU the EM iterations without gradient and conv2 run by the methods
     :mod:`emactl.nn.em_cpu` measures fastest; setting the attribute ``method = "bmm"`` runs every
-    product as a plain batched one instead (the profile's ``emactl plain products`` row).
+    product as a plain batched one instead (the profile's ``emactl plain products`` row). In
+    training on the CPU, conv2 → BN → residual → ReLU run as one autograd Function
+    (:class:`emactl.nn.em_cpu.TrainingTail`) over tensors the unit keeps (:class:`Reusable`);
+    ``fuse_tail = False`` runs them as separate layers (the ``emactl unfused tail`` row).
     """
 
     def __init__(
@@ -287,9 +341,10 @@ class EMAU(nn.Module):
         self.zero_init = zero_init
         self.fold = fold
         self.method = "auto"
+        self.fuse_tail = True
         self.record = False  # when True, keep the last responsibilities for visualisation
         self.last: EMAOutput | None = None
-        self._buffer: Tensor | None = None
+        self._reusable = Reusable()
 
         mu = init_bases(channels, bases, norm)
         if bases_update == "backprop":
@@ -334,6 +389,8 @@ class EMAU(nn.Module):
             self.update_bases(out.bases)
         if self.record:
             self.last = EMAOutput(*(t.detach().clone() for t in out))
+        if not traced and self._fuses_tail(x):
+            return self._training_tail(out.recon, identity)
         # in place without autograd only: conv2 saves its input, and the buffer is overwritten next call
         y = F.relu(out.recon) if torch.is_grad_enabled() else torch.relu_(out.recon)
         y = self._conv2_bn(y, h, w)
@@ -341,6 +398,36 @@ class EMAU(nn.Module):
         # bf16 and the input fp32: casting y first and adding in place runs about twice as fast
         # as a type-promoting add (docs/BENCHMARKS.md), with the same result.
         return torch.relu_(y.to(torch.promote_types(y.dtype, identity.dtype)).add_(identity))
+
+    def _fuses_tail(self, x: Tensor) -> bool:
+        """Whether this forward ends in :class:`em_cpu.TrainingTail`: training with autograd on the
+        CPU, with the unit's own BatchNorm2d in training mode (SyncBatchNorm or a frozen BN take
+        the separate layers)."""
+        bn = self.bn
+        return (
+            self.fuse_tail and self.training and bn.training and torch.is_grad_enabled() and x.device.type == "cpu"
+            and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+            and not torch.compiler.is_compiling()
+        )
+
+    def _training_tail(self, recon: Tensor, identity: Tensor) -> Tensor:
+        """ReLU → conv2 → BN → + identity → ReLU as one autograd Function over kept tensors."""
+        from .em_cpu import TrainingTail, conv_method
+
+        b, c, n = recon.shape
+        # without a gradient the reconstruction (a kept tensor) is ReLU'd in place; the graph saves it for conv2's weight gradient
+        y = F.relu(recon) if recon.requires_grad else torch.relu_(recon)
+        weight = self.conv2.weight.view(c, c)
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            y, weight = y.to(dtype), weight.to(dtype)
+        method = "bmm" if self.method == "bmm" else conv_method(weight, y)[0]
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        with torch.autocast("cpu", enabled=False):
+            return TrainingTail.apply(y, identity, weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                      momentum, bn.eps, method, self._reusable)
 
     def _conv2_bn(self, y: Tensor, h: int, w: int) -> Tensor:
         """conv2 then BN on the (B, C, N) reconstruction; in eval without autograd, one product
@@ -371,25 +458,11 @@ class EMAU(nn.Module):
         return self.fold and pixels > 2 * self.current_iters * self.k
 
     def _recon_buffer(self, b: int, c: int, n: int, like: Tensor) -> Tensor | None:
-        """A reusable (B, C, N) reconstruction buffer, when the reconstruction needs no gradient.
-
-        Only the EMA branch's own output lives here; nothing autograd saves refers to it (the
-        ReLU after it saves its own output), so the next forward may overwrite it.
-        """
+        """A kept (B, C, N) tensor for the reconstruction (see :class:`Reusable`), when the
+        reconstruction needs no gradient."""
         if (torch.is_grad_enabled() and self.grad != "none") or torch.compiler.is_compiling():
             return None
-        buf = self._buffer
-        stale = (
-            buf is None
-            or buf.shape != (b, c, n)
-            or buf.dtype != like.dtype
-            or buf.device != like.device
-            # an inference-mode tensor cannot be written outside inference mode (and back)
-            or buf.is_inference() != torch.is_inference_mode_enabled()
-        )
-        if stale:
-            buf = self._buffer = torch.empty(b, c, n, dtype=like.dtype, device=like.device)
-        return buf
+        return self._reusable.get("recon", (b, c, n), like)
 
     @torch.no_grad()
     def update_bases(self, bases: Tensor) -> None:

@@ -277,12 +277,14 @@ def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
             "T EM iterations under no_grad, ReLU, conv2 + BN, residual, ReLU; its training script's moving average",
             "emactl: EMAU as the recipes build it (conv1 folded into the EM products, grad=none, renorm=false); "
             "emactl unfolded: the same with model.ema.fold=false; emactl plain products: folded, but every product a plain "
-            "torch.bmm (no measured CPU method for the EM iterations or conv2); all share weights, bases and BN state",
+            "torch.bmm (no measured CPU method for the EM iterations or conv2); emactl unfused tail: conv2, BN, residual "
+            "and ReLU in training as separate layers on new tensors (EMAU.fuse_tail=False; the fused tail runs on the CPU "
+            "only); all share weights, bases and BN state",
             "eval: forward under no_grad in eval mode; train: training-mode forward, backward from a fixed random output "
             "gradient (as the layers after the unit hand it one; no loss is timed) and the bases update; bf16: under torch.autocast (parameters fp32), fp32 inputs",
             "low, high: the spread of a ratio over the rounds, q1(emactl)/q3(reference) and q3(emactl)/q1(reference)",
             "train output vs float64: max |fp32 output - float64 output| / max |float64 output| of one training-mode "
-            "forward of each unit against a float64 copy of itself, on the first two images",
+            "forward with autograd of each unit against a float64 copy of itself, on the first two images",
             TIMING_NOTE,
         ],
     )
