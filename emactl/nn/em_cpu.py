@@ -210,7 +210,7 @@ CONV_BLOCK = 512  # pixels per block of ``blocked``: the best of 256–1024 on o
 TUNED_CONV: dict[tuple, str] = {}  # the fastest conv method measured for each signature
 
 
-def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str = "auto") -> Tensor:
+def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str = "auto", out: Tensor | None = None) -> Tensor:
     """``weight`` (C_out, C_in) applied to every pixel of ``y`` (B, C_in, N), plus ``shift``
     (C_out,): the (B, C_out, N) output, contiguous, as a 1×1 convolution gives it.
 
@@ -220,7 +220,8 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     times them on the first call of a signature, as :func:`run_fast` does for the EM
     iterations, and keeps the fastest. Under autograd the chosen forward runs inside
     :class:`Conv1x1`, whose backward is one batched product per gradient; ``shift`` is for the
-    eval path (a BN folded in) and takes no gradient.
+    eval path (a BN folded in) and takes no gradient. Without autograd the product goes into
+    ``out`` (B, C_out, N) where the method allows.
     """
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or y.requires_grad)
     if method == "auto":
@@ -230,9 +231,9 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     if needs_grad:
         if shift is not None and shift.requires_grad:
             raise ValueError("conv1x1: shift takes no gradient")
-        out = Conv1x1.apply(weight, y, method)
-        return out if shift is None else out + shift.view(1, -1, 1)
-    return _conv1x1(method, weight, y, shift)
+        product = Conv1x1.apply(weight, y, method)
+        return product if shift is None else product + shift.view(1, -1, 1)
+    return _conv1x1(method, weight, y, shift, out)
 
 
 def conv_method(weight: Tensor, y: Tensor, shift: Tensor | None = None) -> tuple[str, Tensor | None]:

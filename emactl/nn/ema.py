@@ -374,7 +374,13 @@ class EMAU(nn.Module):
         if not traced and self.folds(h * w):  # conv1 lives in the products: its output never exists
             feats = x.reshape(b, c, h * w)
             if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):  # cast once, not per product
-                feats = feats.to(torch.get_autocast_dtype(x.device.type))
+                dtype = torch.get_autocast_dtype(x.device.type)
+                if (self.grad == "none" or not torch.is_grad_enabled()) and not (traced or torch.compiler.is_compiling()):
+                    # only EM iterations without autograd read them: a kept tensor will do
+                    with torch.no_grad():
+                        feats = self._reusable.get("feats", tuple(feats.shape), feats, dtype).copy_(feats)
+                else:
+                    feats = feats.to(dtype)
             proj = {"weight": self.conv1.weight.view(c, c), "bias": self.conv1.bias}
         else:
             feats, proj = self.conv1(x).reshape(b, c, h * w), {}
@@ -394,10 +400,13 @@ class EMAU(nn.Module):
         # in place without autograd only: conv2 saves its input, and the buffer is overwritten next call
         y = F.relu(out.recon) if torch.is_grad_enabled() else torch.relu_(out.recon)
         y = self._conv2_bn(y, h, w)
-        # y is a fresh tensor that nothing saves: add and ReLU in place. Under autocast y is
-        # bf16 and the input fp32: casting y first and adding in place runs about twice as fast
-        # as a type-promoting add (docs/BENCHMARKS.md), with the same result.
-        return torch.relu_(y.to(torch.promote_types(y.dtype, identity.dtype)).add_(identity))
+        # nothing saves y: add and ReLU in place. Under autocast y is bf16 and the input fp32:
+        # casting y first and adding in place runs about twice as fast as a type-promoting add
+        # (docs/BENCHMARKS.md), with the same result.
+        dtype = torch.promote_types(y.dtype, identity.dtype)
+        if y.dtype != dtype:
+            y = self._reusable.get("out", tuple(identity.shape), identity, dtype).copy_(y) if self._keeps() else y.to(dtype)
+        return torch.relu_(y.add_(identity))
 
     def _fuses_tail(self, x: Tensor) -> bool:
         """Whether this forward ends in :class:`em_cpu.TrainingTail`: training with autograd on the
@@ -446,10 +455,15 @@ class EMAU(nn.Module):
                 dtype = torch.get_autocast_dtype("cpu")
                 y, weight = y.to(dtype), weight.to(dtype)
                 shift = shift.to(dtype) if shift is not None else None
-            v = conv1x1(weight, y, shift, self.method).view(b, c, h, w)
+            dest = self._reusable.get("conv2", tuple(y.shape), y) if folded and self._keeps() else None
+            v = conv1x1(weight, y, shift, self.method, out=dest).view(b, c, h, w)
         else:
             v = F.conv2d(y.view(b, c, h, w), weight.view(c, c, 1, 1), shift)
         return v if folded else bn(v)
+
+    def _keeps(self) -> bool:
+        """Whether this forward writes its intermediates into kept tensors (:class:`Reusable`)."""
+        return not (torch.is_grad_enabled() or exporting() or torch.compiler.is_compiling())
 
     def folds(self, pixels: int) -> bool:
         """Whether a forward over ``pixels`` folds conv1 into the products: where that saves
