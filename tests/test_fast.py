@@ -516,14 +516,21 @@ def test_training_tail_equals_separate_layers_float64(grad, momentum, zero_init)
             torch.testing.assert_close(fused[name], separate[name], rtol=1e-12, atol=1e-12, msg=f"step {step}: {name}")
 
 
-def test_training_tail_bf16_matches_separate_layers():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_training_tail_bf16_matches_separate_layers(channels_last):
     unit = make_unit()
     layers = copy.deepcopy(unit)
     layers.fuse_tail = False
-    x, probe = unit_input(), torch.randn(2, C, 5, 6)
-    fused, separate = training_run(unit, x, probe, amp=True), training_run(layers, x, probe, amp=True)
-    for name in separate:
-        assert rel_err(fused[name], separate[name]) <= BF16_TOL, name
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, probe = unit_input().contiguous(memory_format=fmt), torch.randn(2, C, 5, 6).contiguous(memory_format=fmt)
+    for _ in range(2):  # the second step writes into the kept tensors of the first
+        fused, separate = training_run(unit, x, probe, amp=True), training_run(layers, x, probe, amp=True)
+        for name in separate:
+            assert rel_err(fused[name], separate[name]) <= BF16_TOL, name
+    if channels_last:  # the output (and the input's gradient) keep the input's layout
+        with torch.autocast("cpu", dtype=BF16):
+            out = unit.train()(x.clone().requires_grad_())
+        assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_training_tail_gradcheck():

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ema import finish_m_step, plain_iterations, softmax_bases
+from .ema import finish_m_step, memory_format_of, plain_iterations, softmax_bases
 
 BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half a core's L2 here
 LARGE = 1 << 26  # multiply-adds per sample and product (C·N·K) from which auto leaves bmm
@@ -315,8 +315,10 @@ class TrainingTail(torch.autograd.Function):
     ) -> Tensor:
         shape = tuple(identity.shape)
         v = _conv1x1(method, weight, y, None, out=kept.get("conv2", tuple(y.shape), y)).view(shape)
-        out = kept.get("out", shape, identity)
-        normed = out if v.dtype == out.dtype else kept.get("normed", shape, v)
+        if v.dtype == identity.dtype:  # BN writes the output itself
+            out = normed = kept.get("out", shape, identity)
+        else:  # BN's output is copied to the input's dtype, and to its memory layout on the way
+            out, normed = kept.get("out", shape, identity, memory_format=memory_format_of(identity)), kept.get("normed", shape, v)
         stats = v.new_empty(2, v.shape[1], dtype=torch.promote_types(v.dtype, torch.float32))  # save_mean, save_invstd
         torch.ops.aten.native_batch_norm.out(
             v, gamma, beta, running_mean, running_var, True, momentum, eps, out=normed, save_mean=stats[0], save_invstd=stats[1]
@@ -332,7 +334,9 @@ class TrainingTail(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         y, v, weight, gamma, stats, out = ctx.saved_tensors
         needs, kept = ctx.needs_input_grad, ctx.kept
-        g = torch.ops.aten.threshold_backward.grad_input(grad, out, 0, grad_input=kept.get("grad_in", tuple(out.shape), out))
+        g = torch.ops.aten.threshold_backward.grad_input(
+            grad, out, 0, grad_input=kept.get("grad_in", tuple(out.shape), out, memory_format=memory_format_of(out))
+        )
         g_bn = g if g.dtype == v.dtype else kept.get("grad_normed", tuple(v.shape), v).copy_(g)
         grad_v, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
             g_bn, v, gamma, None, None, stats[0], stats[1], True, ctx.eps, [True, needs[3], needs[4]]

@@ -239,6 +239,11 @@ def alone(t: Tensor) -> bool:
     return _use_count is not None and _references(t) <= _ALONE
 
 
+def memory_format_of(t: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D tensor laid out so, else ``torch.contiguous_format``."""
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 class Reusable:
     """The big tensors a unit keeps from call to call instead of allocating them anew.
 
@@ -255,7 +260,10 @@ class Reusable:
     def __init__(self) -> None:
         self.kept: dict[str, Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    def get(
+        self, name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> Tensor:
         """A tensor of ``shape`` (``like``'s device, ``dtype`` or ``like``'s) to overwrite: the kept
         ``name`` when free, else a new one that is kept instead."""
         dtype = like.dtype if dtype is None else dtype
@@ -265,11 +273,12 @@ class Reusable:
             and buf.shape == shape
             and buf.dtype == dtype
             and buf.device == like.device
+            and buf.is_contiguous(memory_format=memory_format)
             # an inference-mode tensor cannot be written outside inference mode (and back)
             and buf.is_inference() == torch.is_inference_mode_enabled()
         )
         if not (fits and alone(buf)):
-            buf = self.kept[name] = torch.empty(shape, dtype=dtype, device=like.device)
+            buf = self.kept[name] = torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format)
         return buf.detach()  # an alias: while it lives, the kept tensor is not alone
 
 
@@ -372,15 +381,7 @@ class EMAU(nn.Module):
         b, c, h, w = x.shape
         traced = exporting()
         if not traced and self.folds(h * w):  # conv1 lives in the products: its output never exists
-            feats = x.reshape(b, c, h * w)
-            if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):  # cast once, not per product
-                dtype = torch.get_autocast_dtype(x.device.type)
-                if (self.grad == "none" or not torch.is_grad_enabled()) and not (traced or torch.compiler.is_compiling()):
-                    # only EM iterations without autograd read them: a kept tensor will do
-                    with torch.no_grad():
-                        feats = self._reusable.get("feats", tuple(feats.shape), feats, dtype).copy_(feats)
-                else:
-                    feats = feats.to(dtype)
+            feats = self._features(x)
             proj = {"weight": self.conv1.weight.view(c, c), "bias": self.conv1.bias}
         else:
             feats, proj = self.conv1(x).reshape(b, c, h * w), {}
@@ -405,8 +406,27 @@ class EMAU(nn.Module):
         # (docs/BENCHMARKS.md), with the same result.
         dtype = torch.promote_types(y.dtype, identity.dtype)
         if y.dtype != dtype:
-            y = self._reusable.get("out", tuple(identity.shape), identity, dtype).copy_(y) if self._keeps() else y.to(dtype)
+            if self._keeps():  # cast and layout change in one pass
+                y = self._reusable.get("out", tuple(identity.shape), identity, dtype, memory_format_of(identity)).copy_(y)
+            else:
+                y = y.to(dtype)
         return torch.relu_(y.add_(identity))
+
+    def _features(self, x: Tensor) -> Tensor:
+        """The input as (B, C, N) features for the folded products, contiguous and in the autocast
+        dtype (cast once, not per product). Where that takes a copy and only EM iterations
+        without autograd read it, the copy goes into a kept tensor."""
+        b, c, h, w = x.shape
+        autocasting = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocasting else x.dtype
+        if dtype == x.dtype and x.is_contiguous():
+            return x.view(b, c, h * w)
+        if (self.grad == "none" or not torch.is_grad_enabled()) and not (exporting() or torch.compiler.is_compiling()):
+            with torch.no_grad():
+                feats = self._reusable.get("feats", (b, c, h * w), x, dtype)
+                feats.view(b, c, h, w).copy_(x)  # cast and layout change in one pass
+            return feats
+        return x.to(dtype=dtype, memory_format=torch.contiguous_format).view(b, c, h * w)
 
     def _fuses_tail(self, x: Tensor) -> bool:
         """Whether this forward ends in :class:`em_cpu.TrainingTail`: training with autograd on the
