@@ -282,6 +282,13 @@ class Reusable:
         return buf.detach()  # an alias: while it lives, the kept tensor is not alone
 
 
+def relu_reconstruction(recon: Tensor) -> Tensor:
+    """The ReLU after EM: in place when the reconstruction needs no gradient (it is then a kept
+    tensor, or a new one; a graph that saves the result for conv2's weight gradient keeps it
+    from being reused, see :class:`Reusable`)."""
+    return F.relu(recon) if recon.requires_grad else torch.relu_(recon)
+
+
 class EMAU(nn.Module):
     """The EMA Unit: 1×1 conv → EMA → ReLU → 1×1 conv + BN → residual add → ReLU.
 
@@ -398,9 +405,7 @@ class EMAU(nn.Module):
             self.last = EMAOutput(*(t.detach().clone() for t in out))
         if not traced and self._fuses_tail(x):
             return self._training_tail(out.recon, identity)
-        # in place without autograd only: conv2 saves its input, and the buffer is overwritten next call
-        y = F.relu(out.recon) if torch.is_grad_enabled() else torch.relu_(out.recon)
-        y = self._conv2_bn(y, h, w)
+        y = self._conv2_bn(relu_reconstruction(out.recon), h, w)
         # nothing saves y: add and ReLU in place. Under autocast y is bf16 and the input fp32:
         # casting y first and adding in place runs about twice as fast as a type-promoting add
         # (docs/BENCHMARKS.md), with the same result.
@@ -444,8 +449,7 @@ class EMAU(nn.Module):
         from .em_cpu import TrainingTail, conv_method
 
         b, c, n = recon.shape
-        # without a gradient the reconstruction (a kept tensor) is ReLU'd in place; the graph saves it for conv2's weight gradient
-        y = F.relu(recon) if recon.requires_grad else torch.relu_(recon)
+        y = relu_reconstruction(recon)
         weight = self.conv2.weight.view(c, c)
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
