@@ -498,16 +498,19 @@ def training_run(unit: EMAU, x: torch.Tensor, probe: torch.Tensor, amp: bool = F
 @pytest.mark.parametrize("grad", ["none", "last", "full"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 @pytest.mark.parametrize("zero_init", [False, True], ids=["bn1", "bn0"])
-def test_training_tail_equals_separate_layers_float64(grad, momentum, zero_init):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_training_tail_equals_separate_layers_float64(grad, momentum, zero_init, channels_last):
     """Outputs, gradients (input, conv1/conv2/BN/bases) and BN running statistics of the fused
     tail equal those of the separate layers, in float64, over two steps."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     unit = make_unit(grad=grad, zero_init=zero_init, bases_update="backprop" if grad == "full" else "moving_average")
     unit.bn.momentum = momentum
     unit = unit.double()
     layers = copy.deepcopy(unit)
     layers.fuse_tail = False
     for step in range(2):
-        x, probe = unit_input(seed=step).double(), torch.randn(2, C, 5, 6, dtype=torch.float64)
+        x = unit_input(seed=step).double().contiguous(memory_format=fmt)
+        probe = torch.randn(2, C, 5, 6, dtype=torch.float64).contiguous(memory_format=fmt)
         unit.zero_grad(set_to_none=True), layers.zero_grad(set_to_none=True)
         fused, separate = training_run(unit, x, probe), training_run(layers, x, probe)
         assert set(fused) == set(separate)
