@@ -396,14 +396,14 @@ class EMAU(nn.Module):
         # mu0 for backward (grad="full", or "last" with one iteration), so hand it a copy.
         updating = self.training and self.bases_update in AVERAGED
         mu0 = self.mu.to(feats.dtype, copy=updating)
-        buffer = None if traced else self._recon_buffer(b, c, h * w, feats)
+        buffer = self._recon_buffer(b, c, h * w, feats)
         out = em_attention(feats, mu0, self.current_iters, self.temperature, self.norm, self.grad, buffer,
                            method="bmm" if traced else self.method, **proj)
         if updating:
             self.update_bases(out.bases)
         if self.record:
             self.last = EMAOutput(*(t.detach().clone() for t in out))
-        if not traced and self._fuses_tail(x):
+        if self._fuses_tail(x):
             return self._training_tail(out.recon, identity)
         y = self._conv2_bn(relu_reconstruction(out.recon), h, w)
         # nothing saves y: add and ReLU in place. Under autocast y is bf16 and the input fp32:
@@ -426,7 +426,7 @@ class EMAU(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if autocasting else x.dtype
         if dtype == x.dtype and x.is_contiguous():
             return x.view(b, c, h * w)
-        if (self.grad == "none" or not torch.is_grad_enabled()) and not (exporting() or torch.compiler.is_compiling()):
+        if (self.grad == "none" or not torch.is_grad_enabled()) and self._may_keep():
             with torch.no_grad():
                 feats = self._reusable.get("feats", (b, c, h * w), x, dtype)
                 feats.view(b, c, h, w).copy_(x)  # cast and layout change in one pass
@@ -440,8 +440,7 @@ class EMAU(nn.Module):
         bn = self.bn
         return (
             self.fuse_tail and self.training and bn.training and torch.is_grad_enabled() and x.device.type == "cpu"
-            and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
-            and not torch.compiler.is_compiling()
+            and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and self._may_keep()
         )
 
     def _training_tail(self, recon: Tensor, identity: Tensor) -> Tensor:
@@ -485,9 +484,15 @@ class EMAU(nn.Module):
             v = F.conv2d(y.view(b, c, h, w), weight.view(c, c, 1, 1), shift)
         return v if folded else bn(v)
 
+    def _may_keep(self) -> bool:
+        """Whether this forward may use kept tensors (:class:`Reusable`): not while torch.compile
+        or an exporter traces it, which must see one plain graph."""
+        return not (exporting() or torch.compiler.is_compiling())
+
     def _keeps(self) -> bool:
-        """Whether this forward writes its intermediates into kept tensors (:class:`Reusable`)."""
-        return not (torch.is_grad_enabled() or exporting() or torch.compiler.is_compiling())
+        """Whether this forward writes its intermediates, the output included, into kept tensors:
+        without autograd, where nothing but the caller holds them."""
+        return not torch.is_grad_enabled() and self._may_keep()
 
     def folds(self, pixels: int) -> bool:
         """Whether a forward over ``pixels`` folds conv1 into the products: where that saves
@@ -498,7 +503,7 @@ class EMAU(nn.Module):
     def _recon_buffer(self, b: int, c: int, n: int, like: Tensor) -> Tensor | None:
         """A kept (B, C, N) tensor for the reconstruction (see :class:`Reusable`), when the
         reconstruction needs no gradient."""
-        if (torch.is_grad_enabled() and self.grad != "none") or torch.compiler.is_compiling():
+        if (torch.is_grad_enabled() and self.grad != "none") or not self._may_keep():
             return None
         return self._reusable.get("recon", (b, c, n), like)
 
