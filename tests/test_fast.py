@@ -594,3 +594,24 @@ def test_reusable_hands_out_memory_only_when_nothing_refers_to_it():
     with torch.inference_mode():
         inside = kept.get("x", (4,), like)
     assert inside.is_inference() and not kept.get("x", (4,), like).is_inference()
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_eval_output_held_by_the_caller_is_never_overwritten(amp):
+    """Without autograd the unit's output is a kept tensor too: the next call writes elsewhere
+    while the caller still holds it, and into the same memory once it is dropped."""
+    unit = make_unit().eval()
+    unit.method = "bmm"  # conv2 into a kept tensor whatever the timing would pick (conv2d makes its own)
+    fresh = copy.deepcopy(unit)
+    x1, x2 = unit_input(seed=1), unit_input(seed=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=amp):
+        first = unit(x1)
+        snapshot = first.clone()
+        second = unit(x2)
+        assert second.data_ptr() != first.data_ptr() and torch.equal(first, snapshot)
+        address = second.data_ptr()
+        del first, second
+        third = unit(x1)
+        want = fresh(x1)
+    assert third.data_ptr() == address  # nothing held it any more: reused
+    assert torch.equal(third, want) and torch.equal(third, snapshot)
