@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from emactl.nn.em_cpu import onednn_products
 from emactl.nn.ema import EMAU, Reusable, em_attention, init_bases, m_step
 
 from reference import reference_em, rel_err
@@ -21,6 +22,7 @@ from reference import reference_em, rel_err
 BF16 = torch.bfloat16
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
+ONEDNN = pytest.mark.skipif(not onednn_products(), reason="needs oneDNN's fp32 matrix product on an x86 CPU")
 
 
 def features(b: int = 2, c: int = 24, n: int = 40, seed: int = 0) -> torch.Tensor:
@@ -68,7 +70,11 @@ def test_em_attention_grad_modes_fp32_match_reference(grad):
 # with small blocks, since its automatic block (about 1 MiB of a sample) covers these inputs whole
 
 
-@pytest.mark.parametrize("method,block", [("conv", None), ("blocked", 16), ("blocked", 7)], ids=["conv", "blocked16", "blocked7"])
+@pytest.mark.parametrize(
+    "method,block",
+    [("conv", None), ("blocked", 16), ("blocked", 7), pytest.param("onednn", None, marks=ONEDNN)],
+    ids=["conv", "blocked16", "blocked7", "onednn"],
+)
 @pytest.mark.parametrize("grad", ["none", "last", "full"])
 @pytest.mark.parametrize("norm,lam", CASES)
 def test_fast_cpu_methods_match_reference(norm, lam, grad, method, block):
@@ -79,7 +85,7 @@ def test_fast_cpu_methods_match_reference(norm, lam, grad, method, block):
     check(ours, reference_em(x, mu0, 3, lam, norm), FP32_TOL)
 
 
-@pytest.mark.parametrize("method", ["conv", "blocked"])
+@pytest.mark.parametrize("method", ["conv", "blocked", pytest.param("onednn", marks=ONEDNN)])
 def test_fast_cpu_methods_per_image_bases_and_channels_last_features(method):
     x = features(3).transpose(1, 2).contiguous().transpose(1, 2)  # (B, C, N) stored as (B, N, C)
     mu0 = torch.cat([init_bases(24, 5) for _ in range(3)])
@@ -120,6 +126,9 @@ def test_pick_method():
         with torch.autocast("cpu", dtype=BF16):
             assert pick_method(x, mu) == "bmm"  # fp32 inputs under bf16 autocast: autocast's choice
             assert pick_method(x.to(BF16), mu.to(BF16), "conv") == "conv"
+        assert pick_method(x.double(), mu.double(), "onednn") == "bmm"  # oneDNN's product: fp32 only
+        assert pick_method(x.to(BF16), mu.to(BF16), "onednn") == "bmm"
+        assert pick_method(x, mu, "onednn") == ("onednn" if onednn_products() else "bmm")
     assert pick_method(x, mu) == "bmm"  # autograd needs the batched products
     with pytest.raises(ValueError, match="unknown method"):
         em_attention(features(), init_bases(24, 6), method="fast")
@@ -153,6 +162,25 @@ def test_auto_tunes_once_per_signature_and_matches_the_reference(monkeypatch):
         second = em_attention(x, mu0, 3)
     check(first, reference_em(x, mu0), FP32_TOL)
     check(second, reference_em(x, mu0), FP32_TOL)
+
+
+def test_auto_leaves_onednn_out_when_autograd_records_the_call(monkeypatch):
+    """A training step's iterations are tuned apart, among methods that round as MKL does."""
+    from emactl.nn import em_cpu
+
+    monkeypatch.setattr(em_cpu, "LARGE", 1)
+    monkeypatch.setattr(em_cpu, "TUNED", {})
+    timed = []
+    real = em_cpu.tune_methods
+    monkeypatch.setattr(em_cpu, "tune_methods", lambda methods, run: timed.append(methods) or real(methods, run))
+    x, mu0 = features(), init_bases(24, 6)
+    with torch.no_grad():
+        em_attention(x, mu0, 3)
+    out = em_attention(x.clone().requires_grad_(), mu0, 3, grad="last")
+    assert timed == [em_cpu.candidates(x), em_cpu.candidates(x, training=True)]
+    assert "onednn" not in timed[1] and ("onednn" in timed[0]) == onednn_products()
+    assert sorted(key[6] for key in em_cpu.TUNED) == [False, True]  # the signature's training flag
+    check(out, reference_em(x, mu0), FP32_TOL)
 
 
 def test_em_attention_per_image_bases_match_reference():
@@ -399,7 +427,31 @@ def conv_operands(b: int = 2, c: int = 6, n: int = 1100, seed: int = 3):
     return torch.randn(c, c, generator=g), torch.randn(b, c, n, generator=g).relu(), torch.randn(c, generator=g)
 
 
-@pytest.mark.parametrize("method", ["conv2d", "bmm", "blocked"])
+@ONEDNN
+@pytest.mark.parametrize("batched", [False, True], ids=["shared-a", "batched-a"])
+def test_onednn_bmm_matches_a_float64_loop(batched):
+    """Every operand as a view (a transposed b, a sliced out), a shift per row, against sums
+    written out one entry at a time in float64."""
+    from emactl.nn.em_cpu import onednn_bmm
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3 if batched else 1, 7, 5, generator=g)
+    b = torch.randn(3, 9, 5, generator=g).transpose(1, 2)  # (B, K, N) as a view of (B, N, K)
+    shift = torch.randn(a.shape[0], 7, generator=g)
+    want = torch.empty(3, 7, 9, dtype=torch.float64)
+    for s in range(3):
+        ai = a[s if batched else 0].double()
+        for i in range(7):
+            for j in range(9):
+                want[s, i, j] = sum(ai[i, k] * b[s, k, j].double() for k in range(5)) + shift[s if batched else 0, i]
+    store = torch.full((3, 7, 12), float("nan"))
+    got = onednn_bmm(a, b, out=store[:, :, :9], shift=shift)
+    assert got.data_ptr() == store.data_ptr() and store[:, :, 9:].isnan().all()
+    assert rel_err(got, want) <= FP32_TOL
+    assert rel_err(onednn_bmm(a, b), want - shift.double()[:, :, None]) <= FP32_TOL
+
+
+@pytest.mark.parametrize("method", ["conv2d", "bmm", "blocked", pytest.param("onednn", marks=ONEDNN)])
 def test_conv1x1_methods_match_float64(method):
     from emactl.nn.em_cpu import conv1x1
 
@@ -425,6 +477,39 @@ def test_conv1x1_gradients_match_float64(method):
         assert rel_err(a, b) <= 1e-12
     small_w, small_y = weight[:3, :3].detach().clone().requires_grad_(), y[:1, :3, :5].detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda w, x: conv1x1(w, x, method=method), (small_w, small_y))
+
+
+@ONEDNN
+def test_conv1x1_onednn_gradients_match_float64():
+    """oneDNN's product runs fp32 only: its forward and both gradients against float64."""
+    from emactl.nn.em_cpu import conv1x1
+
+    weight, y, _ = conv_operands(n=600)
+    weight.requires_grad_(), y.requires_grad_()
+    exact_w, exact_y = weight.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    probe = torch.randn(2, 6, 600)
+    ours = conv1x1(weight, y, method="onednn")
+    theirs = torch.einsum("oc,bcn->bon", exact_w, exact_y)
+    assert rel_err(ours, theirs) <= FP32_TOL
+    got = torch.autograd.grad((ours * probe).sum(), (weight, y))
+    want = torch.autograd.grad((theirs * probe.double()).sum(), (exact_w, exact_y))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and rel_err(a, b) <= FP32_TOL
+
+
+def test_conv1x1_methods_apply_by_dtype_and_mode():
+    """oneDNN's product is a candidate for fp32 outside training only (its rounding would
+    reach BN's batch statistics); asked for where it does not apply, ``bmm`` runs."""
+    from emactl.nn.em_cpu import conv1x1, conv_methods
+
+    weight, y, _ = conv_operands()
+    assert "onednn" not in conv_methods(y.double(), weight.double())
+    assert "onednn" not in conv_methods(y.to(BF16), weight.to(BF16))
+    assert "onednn" not in conv_methods(y, weight, training=True)
+    assert ("onednn" in conv_methods(y, weight)) == onednn_products()
+    want = torch.einsum("oc,bcn->bon", weight.double(), y.double())
+    assert rel_err(conv1x1(weight.double(), y.double(), method="onednn"), want) <= 1e-12
+    assert rel_err(conv1x1(weight, y, method="conv"), want) <= FP32_TOL  # the EM methods' name for conv2d
 
 
 def test_conv1x1_auto_times_each_method_once_per_signature(monkeypatch):

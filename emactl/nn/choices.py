@@ -11,4 +11,4 @@ NORMS = ("l2", "layernorm", "none")  # how each basis is normalised over the cha
 GRAD_MODES = ("none", "last", "full")  # which EM iterations back-propagate
 BASES_UPDATES = ("moving_average", "normed_moving_average", "backprop", "none")  # how the initial bases evolve
 AVERAGED = ("moving_average", "normed_moving_average")  # the updates that keep a moving average
-METHODS = ("auto", "bmm", "blocked", "conv")  # how iterations without gradient run (em_cpu)
+METHODS = ("auto", "bmm", "blocked", "conv", "onednn")  # how iterations without gradient run (em_cpu)

@@ -8,20 +8,26 @@ count (docs/BENCHMARKS.md has the figures and the commands that measured them):
 * ``conv``: both products as 1×1 convolutions over one sample's pixels (oneDNN instead of
   MKL's sgemm), each operand a view of the tensors as they are (:func:`conv_iterations`);
 * ``blocked``: the plain order reads all of ``x`` twice per iteration;
-  :func:`blocked_iterations` reads it once, block of pixels by block.
+  :func:`blocked_iterations` reads it once, block of pixels by block;
+* ``onednn``: every product by oneDNN's fp32 matrix product (the op torch.compile uses for a
+  linear layer on the CPU) one sample at a time, each operand a view of the tensors as they are
+  (:func:`onednn_bmm`). Where MKL's sgemm runs these skinny products below its square rate,
+  oneDNN's kernels can run them near it; the reconstruction ``mu zᵀ`` then runs the same way.
 
 ``auto`` considers them for large products only, of at least :data:`LARGE` multiply-adds per
 sample (C·N·K; the paper's 512·65²·64 is 138 M): below that their per-call overheads cost more
 than they save. Above it, ``auto`` measures: the first call of a signature (shapes, dtype,
 iterations, threads) runs each candidate twice on its own inputs and keeps the fastest for later
 calls (:func:`tune_methods`); the last run's result is returned, so no call is wasted. It takes
-``conv`` into account for contiguous fp32 features on an x86 CPU with oneDNN, ``blocked`` for
-fp32 or fp64 CPU features, and leaves everything else (bf16, GPUs, autograd, torch.compile) to
-the batched products. Only the summation order changes, so results agree with the plain order
-to rounding (the tests hold them to 1e-5).
+``conv`` and ``onednn`` into account for contiguous fp32 features on an x86 CPU with oneDNN
+(``onednn`` outside training only: :func:`candidates`), ``blocked`` for fp32 or fp64 CPU
+features, and leaves everything else (bf16, GPUs, autograd, torch.compile) to the batched
+products. Only the summation order changes, so results agree with the plain order to rounding
+(the tests hold them to 1e-5).
 
 :func:`conv1x1` does the same for the unit's conv2, a (C, C) weight applied to every pixel of
-the (B, C, N) reconstruction, choosing among ``conv2d``, ``bmm`` and pixel-blocked ``bmm``.
+the (B, C, N) reconstruction, choosing among ``conv2d``, ``bmm``, pixel-blocked ``bmm`` and, for
+fp32 outside training, ``onednn``; its backward's products run by the same method.
 In training, :class:`TrainingTail` runs conv2, BN, the residual add and the ReLU as one autograd
 Function over tensors the unit keeps, instead of new tensors at every layer.
 """
@@ -50,18 +56,58 @@ def onednn_on_x86() -> bool:
     return torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
+@functools.cache
+def onednn_products() -> bool:
+    """Whether oneDNN's matrix product op (``torch.ops.mkldnn._linear_pointwise``) is here."""
+    return onednn_on_x86() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_bmm(a: Tensor, b: Tensor, out: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """``a`` (B|1, M, K) times ``b`` (B, K, N), plus ``shift`` (B|1, M) on every row's entries,
+    by oneDNN's fp32 matrix product, one sample at a time, into ``out`` (B, M, N) when given.
+
+    The op computes ``input · weightᵀ``; ``b``'s sample transposed is a view, so no operand is
+    copied. It has no ``out=`` form: each sample's result (at most a few MB) is copied in.
+    """
+    product = torch.ops.mkldnn._linear_pointwise
+    bt = b.transpose(1, 2)
+    out = b.new_empty(b.shape[0], a.shape[1], b.shape[2]) if out is None else out
+    for s in range(b.shape[0]):
+        result = product(a[s if a.shape[0] > 1 else 0], bt[s], None, "none", [], "")
+        if shift is None:
+            out[s].copy_(result)
+        else:
+            torch.add(result, shift[s if shift.shape[0] > 1 else 0].unsqueeze(1), out=out[s])
+    return out
+
+
+def batched_product(method: str, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a`` (B|1, M, K) times ``b`` (B, K, N): by :func:`onednn_bmm` for ``onednn``, else ``torch.bmm``."""
+    if method == "onednn":
+        return onednn_bmm(a, b, out)
+    return torch.bmm(a.expand(b.shape[0], -1, -1), b, out=out)
+
+
 TUNED: dict[tuple, str] = {}  # the fastest method measured for each signature (see tune_methods)
 
 
-def signature(x: Tensor, mu: Tensor, iters: int, folded: bool) -> tuple:
-    """What the speed of the methods depends on: shapes, strides, dtype, iterations, threads."""
-    return (tuple(x.shape), x.stride(), x.dtype, tuple(mu.shape), iters, folded, torch.get_num_threads())
+def signature(x: Tensor, mu: Tensor, iters: int, folded: bool, training: bool = False) -> tuple:
+    """What the speed of the methods depends on: shapes, strides, dtype, iterations, threads;
+    and whether a training step runs them (see :func:`candidates`)."""
+    return (tuple(x.shape), x.stride(), x.dtype, tuple(mu.shape), iters, folded, training, torch.get_num_threads())
 
 
-def candidates(x: Tensor) -> tuple[str, ...]:
-    """The methods ``auto`` chooses among for large fp32/fp64 products on the CPU."""
-    fast = ("conv",) if x.dtype == torch.float32 and onednn_on_x86() and x[0].is_contiguous() else ()
-    return ("bmm", "blocked", *fast)
+def candidates(x: Tensor, training: bool = False) -> tuple[str, ...]:
+    """The methods ``auto`` chooses among for large fp32/fp64 products on the CPU.
+
+    ``onednn`` only outside training: its products lie about 1.5× further from float64 than
+    MKL's, and in a training step BN's batch statistics carry that into the unit's output,
+    which then lay further from a float64 run than the public code's (``emactl profile
+    --sections unit``, row ``train output vs float64``)."""
+    fp32 = x.dtype == torch.float32 and x[0].is_contiguous()
+    fast = ("conv",) if fp32 and onednn_on_x86() else ()
+    onednn = ("onednn",) if fp32 and onednn_products() and not training else ()
+    return ("bmm", "blocked", *fast, *onednn)
 
 
 def tune_methods(methods: Sequence[str], run: Callable[[str], Any], clock: Callable[[], float] = time.perf_counter,
@@ -79,7 +125,8 @@ def tune_methods(methods: Sequence[str], run: Callable[[str], Any], clock: Calla
     return min(best, key=best.get), result
 
 
-def pick_method(x: Tensor, mu: Tensor, method: str = "auto", iters: int = 3, folded: bool = False) -> str:
+def pick_method(x: Tensor, mu: Tensor, method: str = "auto", iters: int = 3, folded: bool = False,
+                training: bool = False) -> str:
     """The method that will run iterations on ``x``: ``bmm`` wherever the fast ones do not apply
     (autograd, torch.compile, another device, mixed dtypes, inputs autocast would cast); for
     large fp32/fp64 products under ``auto``, the one measured fastest for this signature, or
@@ -90,21 +137,24 @@ def pick_method(x: Tensor, mu: Tensor, method: str = "auto", iters: int = 3, fol
         return "bmm"
     if torch.is_autocast_enabled("cpu") and x.dtype != torch.get_autocast_dtype("cpu"):
         return "bmm"  # fp32 inputs under bf16 autocast: leave the precision to autocast
+    if method == "onednn" and not (x.dtype == torch.float32 and onednn_products()):
+        return "bmm"
     if method != "auto":
         return method
     if x.shape[1] * x.shape[2] * mu.shape[2] < LARGE or x.dtype not in (torch.float32, torch.float64):
         return "bmm"
-    return TUNED.get(signature(x, mu, iters, folded), "tune")
+    return TUNED.get(signature(x, mu, iters, folded, training), "tune")
 
 
 def run_fast(
     x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, method: str, block: int | None = None,
-    weight: Tensor | None = None, bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor] | None:
-    """(last responsibilities (B, K, N), final bases (B, C, K)) by a fast method, or ``None``
-    where :func:`pick_method` leaves the iterations to the batched products. ``weight`` and
-    ``bias`` fold a 1×1 convolution in, as in :func:`emactl.nn.ema.em_attention`."""
-    chosen = pick_method(x, mu, method, iters, weight is not None)
+    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+) -> tuple[Tensor, Tensor, str] | None:
+    """(last responsibilities (B, K, N), final bases (B, C, K), the method that ran) by a fast
+    method, or ``None`` where :func:`pick_method` leaves the iterations to the batched products.
+    ``weight`` and ``bias`` fold a 1×1 convolution in, as in :func:`emactl.nn.ema.em_attention`;
+    ``training``: a training step runs them (see :func:`candidates`)."""
+    chosen = pick_method(x, mu, method, iters, weight is not None, training)
     if weight is not None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         chosen = "bmm"
     if chosen == "bmm":
@@ -113,6 +163,8 @@ def run_fast(
     def run(m: str) -> tuple[Tensor, Tensor]:
         if m == "conv":
             return conv_iterations(x, mu, iters, temperature, norm, weight, bias)
+        if m == "onednn":
+            return onednn_iterations(x, mu, iters, temperature, norm, weight, bias)
         if m == "blocked":
             size = block or max(128, BLOCK_BYTES // (x.shape[1] * x.element_size()) // 64 * 64)
             return blocked_iterations(x, mu, iters, temperature, norm, size, weight, bias)
@@ -120,10 +172,11 @@ def run_fast(
 
     with torch.autocast("cpu", enabled=False):
         if chosen != "tune":
-            return run(chosen)
-        fastest, result = tune_methods(candidates(x), run)
-        TUNED[signature(x, mu, iters, weight is not None)] = fastest
-        return result
+            return (*run(chosen), chosen)
+        methods = candidates(x, training)
+        fastest, result = tune_methods(methods, run)
+        TUNED[signature(x, mu, iters, weight is not None, training)] = fastest
+        return (*result, methods[-1])  # the result of the last method timed
 
 
 def _folded(mu: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -171,6 +224,21 @@ def conv_iterations(
     return z, bases
 
 
+def onednn_iterations(
+    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, weight: Tensor | None = None, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """EM iterations as written (:func:`emactl.nn.ema.plain_iterations`), every product by
+    :func:`onednn_bmm`: the logits ``(weightᵀ mu)ᵀ x + muᵀ bias`` (B, K, N), then ``x zᵀ``."""
+    for _ in range(iters):
+        nu, shift = _folded(mu, weight, bias)
+        logits = onednn_bmm(nu.transpose(1, 2), x, shift=shift)
+        if temperature != 1.0:
+            logits.mul_(temperature)
+        z = softmax_bases(logits)
+        mu = finish_m_step(onednn_bmm(x, z.transpose(1, 2)), z, norm, weight, bias)
+    return z, mu
+
+
 def blocked_iterations(
     x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, block: int,
     weight: Tensor | None = None, bias: Tensor | None = None,
@@ -205,7 +273,7 @@ def blocked_iterations(
 # ---------------------------------------------------------------------------------------------
 # The unit's conv2: a 1×1 convolution of the (B, C, N) reconstruction.
 
-CONV_METHODS = ("conv2d", "bmm", "blocked")
+CONV_METHODS = ("conv2d", "bmm", "blocked", "onednn")
 CONV_BLOCK = 512  # pixels per block of ``blocked``: the best of 256–1024 on one thread here
 TUNED_CONV: dict[tuple, str] = {}  # the fastest conv method measured for each signature
 
@@ -214,8 +282,10 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     """``weight`` (C_out, C_in) applied to every pixel of ``y`` (B, C_in, N), plus ``shift``
     (C_out,): the (B, C_out, N) output, contiguous, as a 1×1 convolution gives it.
 
-    Three ways compute the same products: ``conv2d`` (oneDNN), ``bmm`` (one batched sgemm or
-    bf16 GEMM) and ``blocked`` (the batched product over blocks of :data:`CONV_BLOCK` pixels).
+    Four ways compute the same products: ``conv2d`` (oneDNN's convolution; the EM methods'
+    ``conv`` names it too), ``bmm`` (one batched sgemm or bf16 GEMM), ``blocked`` (the batched
+    product over blocks of :data:`CONV_BLOCK` pixels) and, for fp32, ``onednn``
+    (:func:`onednn_bmm`; elsewhere ``bmm`` runs instead).
     Which is fastest depends on the processor, the dtype and the thread count, so ``auto``
     times them on the first call of a signature, as :func:`run_fast` does for the EM
     iterations, and keeps the fastest. Under autograd the chosen forward runs inside
@@ -224,8 +294,10 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     ``out`` (B, C_out, N) where the method allows.
     """
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or y.requires_grad)
+    if method == "onednn" and method not in conv_methods(y, weight):
+        method = "bmm"  # asked for where oneDNN's fp32 product does not apply
     if method == "auto":
-        method, result = conv_method(weight, y, shift)
+        method, result = conv_method(weight, y, shift, training=needs_grad)
         if result is not None and not needs_grad:
             return result
     if needs_grad:
@@ -236,14 +308,21 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     return _conv1x1(method, weight, y, shift, out)
 
 
-def conv_method(weight: Tensor, y: Tensor, shift: Tensor | None = None) -> tuple[str, Tensor | None]:
-    """The :data:`CONV_METHODS` entry measured fastest for this signature, timing them (without
+def conv_methods(y: Tensor, weight: Tensor, training: bool = False) -> tuple[str, ...]:
+    """The :data:`CONV_METHODS` that apply to these operands: ``onednn`` for fp32 on an x86
+    CPU, and not in training, for the reason :func:`candidates` gives."""
+    fp32 = y.dtype == weight.dtype == torch.float32 and y.device.type == "cpu" and onednn_products()
+    return tuple(m for m in CONV_METHODS if m != "onednn" or (fp32 and not training))
+
+
+def conv_method(weight: Tensor, y: Tensor, shift: Tensor | None = None, training: bool = False) -> tuple[str, Tensor | None]:
+    """The :func:`conv_methods` entry measured fastest for this signature, timing them (without
     autograd) on its first call; then also the last timed result, else ``None``."""
-    key = (tuple(y.shape), y.dtype, tuple(weight.shape), shift is None, torch.get_num_threads())
+    key = (tuple(y.shape), y.dtype, tuple(weight.shape), shift is None, training, torch.get_num_threads())
     if key in TUNED_CONV:
         return TUNED_CONV[key], None
     with torch.no_grad():
-        method, result = tune_methods(CONV_METHODS, lambda m: _conv1x1(m, weight, y, shift), repeats=3)
+        method, result = tune_methods(conv_methods(y, weight, training), lambda m: _conv1x1(m, weight, y, shift), repeats=3)
     TUNED_CONV[key] = method
     return method, result
 
@@ -252,8 +331,10 @@ def _conv1x1(method: str, weight: Tensor, y: Tensor, shift: Tensor | None, out: 
     """The product by ``method``; ``bmm`` and ``blocked`` write into ``out`` (B, C_out, N) when given."""
     b, c_in, n = y.shape
     c = weight.shape[0]
-    if method == "conv2d":
+    if method in ("conv2d", "conv"):  # "conv": the EM iterations' name for the same choice
         return F.conv2d(y.view(b, c_in, 1, n), weight.view(c, c_in, 1, 1), shift).view(b, c, n)
+    if method == "onednn":
+        return onednn_bmm(weight.unsqueeze(0), y, out, shift.unsqueeze(0) if shift is not None else None)
     w = weight.expand(b, c, c_in)
     bias = shift.view(1, c, 1) if shift is not None else None
     if method == "bmm":
@@ -270,11 +351,13 @@ def _conv1x1(method: str, weight: Tensor, y: Tensor, shift: Tensor | None, out: 
 
 class Conv1x1(torch.autograd.Function):
     """:func:`conv1x1` under autograd: the forward by the chosen method, the backward as
-    batched products (the weight gradient Σ_b g_b y_bᵀ, the input gradient weightᵀ g)."""
+    batched products (the weight gradient Σ_b g_b y_bᵀ, the input gradient weightᵀ g), by
+    oneDNN where the forward ran so."""
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, y: Tensor, method: str) -> Tensor:
         ctx.save_for_backward(weight, y)
+        ctx.method = method
         return _conv1x1(method, weight, y, None)
 
     @staticmethod
@@ -283,9 +366,9 @@ class Conv1x1(torch.autograd.Function):
         grad = grad.contiguous()
         grad_weight = grad_y = None
         if ctx.needs_input_grad[0]:
-            grad_weight = torch.bmm(grad, y.transpose(1, 2)).sum(0)
+            grad_weight = batched_product(ctx.method, grad, y.transpose(1, 2)).sum(0)
         if ctx.needs_input_grad[1]:
-            grad_y = torch.bmm(weight.t().expand(y.shape[0], -1, -1), grad)
+            grad_y = batched_product(ctx.method, weight.t().unsqueeze(0), grad)
         return grad_weight, grad_y, None
 
 
@@ -327,7 +410,7 @@ class TrainingTail(torch.autograd.Function):
             out.copy_(normed)
         out.add_(identity).relu_()
         ctx.save_for_backward(y, v, weight, gamma, stats, out)
-        ctx.eps, ctx.kept = eps, kept
+        ctx.eps, ctx.kept, ctx.method = eps, kept, method
         return out
 
     @staticmethod
@@ -342,7 +425,7 @@ class TrainingTail(torch.autograd.Function):
             g_bn, v, gamma, None, None, stats[0], stats[1], True, ctx.eps, [True, needs[3], needs[4]]
         )
         gv = grad_v.view(y.shape)
-        grad_weight = torch.bmm(gv, y.transpose(1, 2)).sum(0) if needs[2] else None
-        grad_y = torch.bmm(weight.t().expand(y.shape[0], -1, -1), gv) if needs[0] else None
+        grad_weight = batched_product(ctx.method, gv, y.transpose(1, 2)).sum(0) if needs[2] else None
+        grad_y = batched_product(ctx.method, weight.t().unsqueeze(0), gv) if needs[0] else None
         return (grad_y, g if needs[1] else None, grad_weight, grad_gamma if needs[3] else None,
                 grad_beta if needs[4] else None, *(None,) * 6)

@@ -100,7 +100,7 @@ def profile_em_ops(
 
 
 def _methods(device: torch.device) -> tuple[str, ...]:
-    return ("bmm", "blocked", "conv") if device.type == "cpu" else ("bmm",)
+    return ("bmm", "blocked", "conv", "onednn") if device.type == "cpu" else ("bmm",)
 
 
 def benchmark_dtypes(device: torch.device, requested: torch.dtype) -> list[torch.dtype]:

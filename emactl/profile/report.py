@@ -244,8 +244,8 @@ def run_ema(s: ProfileSettings, console: Console) -> SectionResult:
             "ema_ops: each op of em_attention timed alone on inputs of its shape, in the same rounds as the whole call; "
             "share = calls x time per call / em_attention time; the ops run on whole tensors, as em_attention does with "
             "method=bmm; em_attention, method=...: each way of running the iterations (emactl.nn.em_cpu), timed in the "
-            "same rounds; the whole call uses method=auto, which on the CPU times bmm, blocked and conv on its first call "
-            "of a shape and keeps the fastest (emactl.nn.em_cpu.tune_methods)",
+            "same rounds; the whole call uses method=auto, which on the CPU times the methods that apply "
+            "(emactl.nn.em_cpu.candidates) on its first call of a shape and keeps the fastest (tune_methods)",
             TIMING_NOTE,
             _threads_note(s),
         ],
