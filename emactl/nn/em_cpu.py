@@ -67,7 +67,9 @@ def onednn_bmm(a: Tensor, b: Tensor, out: Tensor | None = None, shift: Tensor | 
     by oneDNN's fp32 matrix product, one sample at a time, into ``out`` (B, M, N) when given.
 
     The op computes ``input · weightᵀ``; ``b``'s sample transposed is a view, so no operand is
-    copied. It has no ``out=`` form: each sample's result (at most a few MB) is copied in.
+    copied. It has no ``out=`` form: each sample's result (8.6 MB for a reconstruction at the
+    paper's shapes) is copied in, then freed before the next sample's is made, so that the
+    allocator hands the same, already mapped memory back (12.0 → 9.3 ms for that product here).
     """
     product = torch.ops.mkldnn._linear_pointwise
     bt = b.transpose(1, 2)
@@ -78,6 +80,7 @@ def onednn_bmm(a: Tensor, b: Tensor, out: Tensor | None = None, shift: Tensor | 
             out[s].copy_(result)
         else:
             torch.add(result, shift[s if shift.shape[0] > 1 else 0].unsqueeze(1), out=out[s])
+        del result
     return out
 
 
