@@ -199,7 +199,7 @@ def measured_published_memory(device: torch.device, console: Console | None = No
         console.log(f"published: measuring inference memory of the ResNet-101 backbone at {CROP}x{CROP}")
     backbone = build_backbone("resnet101", OUTPUT_STRIDE).to(device).eval()
     rows = [
-        ("ResNet-101, torchvision 7x7 stem", "backbone, on the image", peak(lambda: backbone(image)), published("ResNet-101 backbone"))
+        ("ResNet-101, torchvision 7x7 stem", "backbone, on the image", peak(lambda net=backbone: net(image)), published("ResNet-101 backbone"))
     ]
     del backbone
     for label, net in _NETWORKS.items():
@@ -209,13 +209,13 @@ def measured_published_memory(device: torch.device, console: Console | None = No
         head = model.get_submodule(net.head)
         context = [model.get_submodule(name) for name in net.context]
 
-        def run_context() -> torch.Tensor:
+        def run_context(context: list[torch.nn.Module] = context) -> torch.Tensor:
             y = feats
             for module in context:
                 y = module(y)
             return y
 
-        rows.append((label, f"head ({net.head}), on the features", peak(lambda: head(feats)), published(net.method)))
+        rows.append((label, f"head ({net.head}), on the features", peak(lambda head=head: head(feats)), published(net.method)))
         rows.append((label, f"context: {net.context_label}, on the features", peak(run_context), published(net.method)))
         del model, head, context
     df = pd.DataFrame(
