@@ -322,6 +322,21 @@ def test_emau_eval_fast_paths_match_fp32_contiguous(channels_last, amp, tol):
     assert ref[1].dtype == torch.float32 and "recon" in unit._reusable.kept
 
 
+@ONEDNN
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_emau_eval_with_onednn_products_matches_float64(fold):
+    """The unit as eval runs it with every product by oneDNN (iterations, reconstruction into
+    the unit's buffer, conv2 with the BN folded in), twice, against its float64 copy."""
+    unit = make_unit()
+    unit.fold, unit.method = fold, "onednn"
+    exact = copy.deepcopy(unit).double()
+    x = unit_input()
+    want = eval_outputs(exact, x.double(), amp=False)
+    for _ in range(2):  # the second call writes into the kept reconstruction
+        for name, ours, theirs in zip(("output", "recon", "bases"), eval_outputs(unit, x, amp=False), want):
+            assert ours.dtype == torch.float32 and rel_err(ours, theirs) <= FP32_TOL, name
+
+
 def train_step(unit: EMAU, x: torch.Tensor, weight: torch.Tensor, amp: bool) -> torch.Tensor:
     with torch.autocast("cpu", dtype=BF16, enabled=amp):
         return (unit(x).float() * weight).sum()
