@@ -157,3 +157,8 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     (offline,) = (run / "wandb").glob("offline-run-*")
     assert list(offline.glob("*.wandb"))  # the run's records, for `wandb sync` to upload
     assert [r["iter"] for r in read_metrics(run) if r["kind"] == "train"] == [1, 2]
+    run_id = (run / "wandb" / "emactl-run-id").read_text().strip()
+    assert offline.name.endswith("-" + run_id)
+    train(make_recipe(tmp_path, "train.iters=3", "train.loggers=[jsonl,wandb]"), run, resume=True, progress=False)
+    segments = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(d.name.endswith("-" + run_id) for d in segments)  # one run, synced together

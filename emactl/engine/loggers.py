@@ -18,6 +18,7 @@ Offline by default: wandb runs with ``train.wandb_mode: offline`` (files under
 from __future__ import annotations
 
 import importlib
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -26,6 +27,7 @@ from rich.console import Console
 
 from ..config import Recipe, TrainConfig, to_dict
 from ..errors import UserError
+from ..io import ensure_dir, write_text
 
 # logger name → (module to import, the emactl extra that installs it)
 PACKAGES = {
@@ -96,13 +98,23 @@ class TensorBoardLogger:
 
 
 class WandbLogger:
-    """A Weights & Biases run (offline by default) named after the recipe, with its config."""
+    """A Weights & Biases run (offline by default) named after the recipe, with its config.
+
+    Its id is kept in ``<run_dir>/wandb/emactl-run-id``, so a resumed training logs into the
+    same run: online, wandb resumes it (and ignores the steps it already holds); offline, each
+    segment's directory carries the id and ``wandb sync`` uploads them into one run.
+    """
+
+    ID_FILE = "emactl-run-id"
 
     def __init__(self, run_dir: Path, recipe: Recipe) -> None:
         wandb = _import("wandb")
         t = recipe.train
-        self.run = wandb.init(project=t.wandb_project, name=recipe.name, dir=str(run_dir),
-                              mode=t.wandb_mode, config=to_dict(recipe))
+        id_file = ensure_dir(Path(run_dir) / "wandb") / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
+        write_text(id_file, run_id + "\n")
+        self.run = wandb.init(project=t.wandb_project, name=recipe.name, dir=str(run_dir), id=run_id,
+                              resume="allow", mode=t.wandb_mode, config=to_dict(recipe))
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(scalars(record), step=int(record["iter"]))
