@@ -164,25 +164,6 @@ def test_auto_tunes_once_per_signature_and_matches_the_reference(monkeypatch):
     check(second, reference_em(x, mu0), FP32_TOL)
 
 
-def test_auto_leaves_onednn_out_when_autograd_records_the_call(monkeypatch):
-    """A training step's iterations are tuned apart, among methods that round as MKL does."""
-    from emactl.nn import em_cpu
-
-    monkeypatch.setattr(em_cpu, "LARGE", 1)
-    monkeypatch.setattr(em_cpu, "TUNED", {})
-    timed = []
-    real = em_cpu.tune_methods
-    monkeypatch.setattr(em_cpu, "tune_methods", lambda methods, run: timed.append(methods) or real(methods, run))
-    x, mu0 = features(), init_bases(24, 6)
-    with torch.no_grad():
-        em_attention(x, mu0, 3)
-    out = em_attention(x.clone().requires_grad_(), mu0, 3, grad="last")
-    assert timed == [em_cpu.candidates(x), em_cpu.candidates(x, training=True)]
-    assert "onednn" not in timed[1] and ("onednn" in timed[0]) == onednn_products()
-    assert sorted(key[6] for key in em_cpu.TUNED) == [False, True]  # the signature's training flag
-    check(out, reference_em(x, mu0), FP32_TOL)
-
-
 def test_em_attention_per_image_bases_match_reference():
     x = features(3)
     mu0 = torch.cat([init_bases(24, 5) for _ in range(3)])
@@ -513,14 +494,14 @@ def test_conv1x1_onednn_gradients_match_float64():
 
 
 def test_conv1x1_methods_apply_by_dtype_and_mode():
-    """oneDNN's product is a candidate for fp32 outside training only (its rounding would
-    reach BN's batch statistics); asked for where it does not apply, ``bmm`` runs."""
+    """oneDNN's product is a candidate for fp32, unless its output goes uncentred into BN's
+    batch statistics; asked for where it does not apply, ``bmm`` runs."""
     from emactl.nn.em_cpu import conv1x1, conv_methods
 
     weight, y, _ = conv_operands()
     assert "onednn" not in conv_methods(y.double(), weight.double())
     assert "onednn" not in conv_methods(y.to(BF16), weight.to(BF16))
-    assert "onednn" not in conv_methods(y, weight, training=True)
+    assert "onednn" not in conv_methods(y, weight, into_batch_norm=True)
     assert ("onednn" in conv_methods(y, weight)) == onednn_products()
     want = torch.einsum("oc,bcn->bon", weight.double(), y.double())
     assert rel_err(conv1x1(weight.double(), y.double(), method="onednn"), want) <= 1e-12
@@ -620,16 +601,23 @@ def test_training_tail_equals_separate_layers_float64(grad, momentum, zero_init,
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_training_tail_bf16_matches_separate_layers(channels_last):
+def test_training_tail_bf16_is_as_close_to_float64_as_separate_layers(channels_last):
+    """Under bf16 autocast the fused tail (conv2 on centred input) and the separate layers
+    round differently; every output, gradient and BN statistic of the fused tail lies about as
+    close to a float64 run of the separate layers as theirs does (a ReLU boundary that one of
+    them rounds across moves a gradient by about a percent: BF16_TOL of slack)."""
     unit = make_unit()
     layers = copy.deepcopy(unit)
     layers.fuse_tail = False
+    exact = copy.deepcopy(layers).double()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x, probe = unit_input().contiguous(memory_format=fmt), torch.randn(2, C, 5, 6).contiguous(memory_format=fmt)
+    probe = torch.randn(2, C, 5, 6, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=fmt)
+    x = unit_input().contiguous(memory_format=fmt)
     for _ in range(2):  # the second step writes into the kept tensors of the first
         fused, separate = training_run(unit, x, probe, amp=True), training_run(layers, x, probe, amp=True)
+        want = training_run(exact, x.double(), probe.double())
         for name in separate:
-            assert rel_err(fused[name], separate[name]) <= BF16_TOL, name
+            assert rel_err(fused[name], want[name]) <= 1.25 * rel_err(separate[name], want[name]) + BF16_TOL, name
     if channels_last:  # the output (and the input's gradient) keep the input's layout
         with torch.autocast("cpu", dtype=BF16):
             out = unit.train()(x.clone().requires_grad_())

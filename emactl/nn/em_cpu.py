@@ -20,14 +20,15 @@ than they save. Above it, ``auto`` measures: the first call of a signature (shap
 iterations, threads) runs each candidate twice on its own inputs and keeps the fastest for later
 calls (:func:`tune_methods`); the last run's result is returned, so no call is wasted. It takes
 ``conv`` and ``onednn`` into account for contiguous fp32 features on an x86 CPU with oneDNN
-(``onednn`` outside training only: :func:`candidates`), ``blocked`` for fp32 or fp64 CPU
+(``onednn``: :func:`onednn_bmm`), ``blocked`` for fp32 or fp64 CPU
 features, and leaves everything else (bf16, GPUs, autograd, torch.compile) to the batched
 products. Only the summation order changes, so results agree with the plain order to rounding
 (the tests hold them to 1e-5).
 
 :func:`conv1x1` does the same for the unit's conv2, a (C, C) weight applied to every pixel of
 the (B, C, N) reconstruction, choosing among ``conv2d``, ``bmm``, pixel-blocked ``bmm`` and, for
-fp32 outside training, ``onednn``; its backward's products run by the same method.
+fp32, ``onednn`` (not where conv2's output goes uncentred into BN's batch statistics:
+:func:`conv_methods`); its backward's products run by the same method.
 In training, :class:`TrainingTail` runs conv2, BN, the residual add and the ReLU as one autograd
 Function over tensors the unit keeps, instead of new tensors at every layer.
 """
@@ -94,23 +95,16 @@ def batched_product(method: str, a: Tensor, b: Tensor, out: Tensor | None = None
 TUNED: dict[tuple, str] = {}  # the fastest method measured for each signature (see tune_methods)
 
 
-def signature(x: Tensor, mu: Tensor, iters: int, folded: bool, training: bool = False) -> tuple:
-    """What the speed of the methods depends on: shapes, strides, dtype, iterations, threads;
-    and whether a training step runs them (see :func:`candidates`)."""
-    return (tuple(x.shape), x.stride(), x.dtype, tuple(mu.shape), iters, folded, training, torch.get_num_threads())
+def signature(x: Tensor, mu: Tensor, iters: int, folded: bool) -> tuple:
+    """What the speed of the methods depends on: shapes, strides, dtype, iterations, threads."""
+    return (tuple(x.shape), x.stride(), x.dtype, tuple(mu.shape), iters, folded, torch.get_num_threads())
 
 
-def candidates(x: Tensor, training: bool = False) -> tuple[str, ...]:
-    """The methods ``auto`` chooses among for large fp32/fp64 products on the CPU.
-
-    ``onednn`` only outside training: its products lie about 1.5× further from float64 than
-    MKL's, and in a training step BN's batch statistics carry that into the unit's output,
-    which then lay further from a float64 run than the public code's (``emactl profile
-    --sections unit``, row ``train output vs float64``)."""
+def candidates(x: Tensor) -> tuple[str, ...]:
+    """The methods ``auto`` chooses among for large fp32/fp64 products on the CPU."""
     fp32 = x.dtype == torch.float32 and x[0].is_contiguous()
     fast = ("conv",) if fp32 and onednn_on_x86() else ()
-    onednn = ("onednn",) if fp32 and onednn_products() and not training else ()
-    return ("bmm", "blocked", *fast, *onednn)
+    return ("bmm", "blocked", *fast, *(("onednn",) if fp32 and onednn_products() else ()))
 
 
 def tune_methods(methods: Sequence[str], run: Callable[[str], Any], clock: Callable[[], float] = time.perf_counter,
@@ -128,8 +122,7 @@ def tune_methods(methods: Sequence[str], run: Callable[[str], Any], clock: Calla
     return min(best, key=best.get), result
 
 
-def pick_method(x: Tensor, mu: Tensor, method: str = "auto", iters: int = 3, folded: bool = False,
-                training: bool = False) -> str:
+def pick_method(x: Tensor, mu: Tensor, method: str = "auto", iters: int = 3, folded: bool = False) -> str:
     """The method that will run iterations on ``x``: ``bmm`` wherever the fast ones do not apply
     (autograd, torch.compile, another device, mixed dtypes, inputs autocast would cast); for
     large fp32/fp64 products under ``auto``, the one measured fastest for this signature, or
@@ -146,18 +139,17 @@ def pick_method(x: Tensor, mu: Tensor, method: str = "auto", iters: int = 3, fol
         return method
     if x.shape[1] * x.shape[2] * mu.shape[2] < LARGE or x.dtype not in (torch.float32, torch.float64):
         return "bmm"
-    return TUNED.get(signature(x, mu, iters, folded, training), "tune")
+    return TUNED.get(signature(x, mu, iters, folded), "tune")
 
 
 def run_fast(
     x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, method: str, block: int | None = None,
-    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+    weight: Tensor | None = None, bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, str] | None:
     """(last responsibilities (B, K, N), final bases (B, C, K), the method that ran) by a fast
     method, or ``None`` where :func:`pick_method` leaves the iterations to the batched products.
-    ``weight`` and ``bias`` fold a 1×1 convolution in, as in :func:`emactl.nn.ema.em_attention`;
-    ``training``: a training step runs them (see :func:`candidates`)."""
-    chosen = pick_method(x, mu, method, iters, weight is not None, training)
+    ``weight`` and ``bias`` fold a 1×1 convolution in, as in :func:`emactl.nn.ema.em_attention`."""
+    chosen = pick_method(x, mu, method, iters, weight is not None)
     if weight is not None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         chosen = "bmm"
     if chosen == "bmm":
@@ -176,9 +168,9 @@ def run_fast(
     with torch.autocast("cpu", enabled=False):
         if chosen != "tune":
             return (*run(chosen), chosen)
-        methods = candidates(x, training)
+        methods = candidates(x)
         fastest, result = tune_methods(methods, run)
-        TUNED[signature(x, mu, iters, weight is not None, training)] = fastest
+        TUNED[signature(x, mu, iters, weight is not None)] = fastest
         return (*result, methods[-1])  # the result of the last method timed
 
 
@@ -299,8 +291,8 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or y.requires_grad)
     if method == "onednn" and method not in conv_methods(y, weight):
         method = "bmm"  # asked for where oneDNN's fp32 product does not apply
-    if method == "auto":
-        method, result = conv_method(weight, y, shift, training=needs_grad)
+    if method == "auto":  # under autograd, the separate layers in training: BN's batch statistics follow
+        method, result = conv_method(weight, y, shift, into_batch_norm=needs_grad)
         if result is not None and not needs_grad:
             return result
     if needs_grad:
@@ -311,21 +303,27 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     return _conv1x1(method, weight, y, shift, out)
 
 
-def conv_methods(y: Tensor, weight: Tensor, training: bool = False) -> tuple[str, ...]:
+def conv_methods(y: Tensor, weight: Tensor, into_batch_norm: bool = False) -> tuple[str, ...]:
     """The :data:`CONV_METHODS` that apply to these operands: ``onednn`` for fp32 on an x86
-    CPU, and not in training, for the reason :func:`candidates` gives."""
+    CPU, unless the output goes uncentred into BN's batch statistics (``into_batch_norm``).
+    There its products, about 1.5× further from float64 than MKL's, would reach the unit's
+    output fifty-fold (see :class:`TrainingTail`, which centres conv2's input and may use it):
+    the separate layers' training output would lie twice as far from float64 as the public
+    code's (docs/BENCHMARKS.md)."""
     fp32 = y.dtype == weight.dtype == torch.float32 and y.device.type == "cpu" and onednn_products()
-    return tuple(m for m in CONV_METHODS if m != "onednn" or (fp32 and not training))
+    return tuple(m for m in CONV_METHODS if m != "onednn" or (fp32 and not into_batch_norm))
 
 
-def conv_method(weight: Tensor, y: Tensor, shift: Tensor | None = None, training: bool = False) -> tuple[str, Tensor | None]:
+def conv_method(weight: Tensor, y: Tensor, shift: Tensor | None = None,
+                into_batch_norm: bool = False) -> tuple[str, Tensor | None]:
     """The :func:`conv_methods` entry measured fastest for this signature, timing them (without
     autograd) on its first call; then also the last timed result, else ``None``."""
-    key = (tuple(y.shape), y.dtype, tuple(weight.shape), shift is None, training, torch.get_num_threads())
+    key = (tuple(y.shape), y.dtype, tuple(weight.shape), shift is None, into_batch_norm, torch.get_num_threads())
     if key in TUNED_CONV:
         return TUNED_CONV[key], None
     with torch.no_grad():
-        method, result = tune_methods(conv_methods(y, weight, training), lambda m: _conv1x1(m, weight, y, shift), repeats=3)
+        method, result = tune_methods(conv_methods(y, weight, into_batch_norm), lambda m: _conv1x1(m, weight, y, shift),
+                                      repeats=3)
     TUNED_CONV[key] = method
     return method, result
 
@@ -392,6 +390,15 @@ class TrainingTail(torch.autograd.Function):
 
     BN is torch's own kernel (``native_batch_norm`` and its backward), so batch statistics,
     running statistics and gradients are those of ``nn.BatchNorm2d``.
+
+    conv2 runs on the centred input ``y − ȳ`` (ȳ: the per-channel mean over the batch and the
+    pixels). ``y`` comes out of a ReLU, so conv2's output has a mean about 50 times its standard
+    deviation per channel, and BN's subtraction of the batch mean then cancels all but a
+    fiftieth of it: the products' rounding, relative to their size, grows fifty-fold in BN's
+    output. Centring changes nothing else. BN's output does not move when its input shifts by a
+    constant per channel, so the output and ``y``'s gradient ``Wᵀ g`` are those of the plain
+    order, and so is the weight gradient ``Σ g (y − ȳ)ᵀ = Σ g yᵀ`` (BN's input gradient ``g`` sums
+    to zero per channel); the running mean gets the shift ``W ȳ`` back.
     """
 
     @staticmethod
@@ -400,6 +407,11 @@ class TrainingTail(torch.autograd.Function):
         running_var: Tensor, momentum: float, eps: float, method: str, kept: Any,
     ) -> Tensor:
         shape = tuple(identity.shape)
+        # any constant per channel would do: the pixel sums in y's dtype (bf16's accumulate in
+        # fp32 inside; a bf16 mean over (0, 2) at fp32 runs 20× slower) are near enough
+        wide = torch.promote_types(y.dtype, torch.float32)
+        mean = (y.sum(2).sum(0, dtype=wide) / (y.shape[0] * y.shape[2])).to(y.dtype)
+        y = torch.sub(y, mean.view(1, -1, 1), out=kept.get("centred", tuple(y.shape), y))
         v = _conv1x1(method, weight, y, None, out=kept.get("conv2", tuple(y.shape), y)).view(shape)
         if v.dtype == identity.dtype:  # BN writes the output itself
             out = normed = kept.get("out", shape, identity)
@@ -409,6 +421,7 @@ class TrainingTail(torch.autograd.Function):
         torch.ops.aten.native_batch_norm.out(
             v, gamma, beta, running_mean, running_var, True, momentum, eps, out=normed, save_mean=stats[0], save_invstd=stats[1]
         )
+        running_mean.add_(torch.mv(weight.to(running_mean.dtype), mean.to(running_mean.dtype)), alpha=momentum)
         if normed is not out:
             out.copy_(normed)
         out.add_(identity).relu_()

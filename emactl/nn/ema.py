@@ -145,8 +145,7 @@ def em_attention(
     ``method`` runs the iterations that need no gradient: ``bmm`` as written above, or on the
     CPU ``conv``, ``blocked`` or ``onednn`` (see :mod:`emactl.nn.em_cpu`; with ``onednn`` the
     reconstruction runs by oneDNN too when it needs no gradient); ``auto`` picks the fastest
-    measured for the input, and not ``onednn`` when autograd records the call (a training
-    step: :func:`emactl.nn.em_cpu.candidates` says why). ``block`` is the pixels per block of ``blocked`` (default: about
+    measured for the input. ``block`` is the pixels per block of ``blocked`` (default: about
     1 MiB of a sample's features).
     """
     if x.dim() != 3 or mu0.dim() != 3:
@@ -162,11 +161,10 @@ def em_attention(
     free_iters = {"none": iters, "last": iters - 1, "full": 0}[grad]
     z = None
     proj = (weight, bias)
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, mu0, weight, bias))
     with torch.no_grad() if free_iters else contextlib.nullcontext():
-        z, mu, ran = _iterate(x, mu, free_iters, temperature, norm, z, method, block, proj, training)
+        z, mu, ran = _iterate(x, mu, free_iters, temperature, norm, z, method, block, proj)
     if free_iters < iters:
-        z, mu, ran = _iterate(x, mu, iters - free_iters, temperature, norm, z, method, block, proj, training)
+        z, mu, ran = _iterate(x, mu, iters - free_iters, temperature, norm, z, method, block, proj)
     needs_grad = torch.is_grad_enabled() and (mu.requires_grad or z.requires_grad)
     fits = out is not None and out.shape == (b, mu.shape[1], x.shape[2]) and out.dtype == mu.dtype == z.dtype
     dest = out if fits and not needs_grad and out.is_contiguous() else None
@@ -181,18 +179,17 @@ def em_attention(
 
 def _iterate(
     x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, z: Tensor | None, method: str, block: int | None,
-    proj: tuple[Tensor | None, Tensor | None] = (None, None), training: bool = False,
+    proj: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor | None, Tensor, str]:
     """``iters`` EM iterations from bases ``mu``: a faster CPU method where one applies
     (:mod:`emactl.nn.em_cpu`), else the plain batched products; and the method that ran.
-    ``proj`` is a folded 1×1 convolution's (weight, bias), or (None, None); ``training``:
-    autograd records the call (:func:`emactl.nn.em_cpu.candidates`)."""
+    ``proj`` is a folded 1×1 convolution's (weight, bias), or (None, None)."""
     if iters == 0:
         return z, mu, "bmm"
     if method != "bmm":
         from .em_cpu import run_fast
 
-        fast = run_fast(x, mu, iters, temperature, norm, method, block, *proj, training=training)
+        fast = run_fast(x, mu, iters, temperature, norm, method, block, *proj)
         if fast is not None:
             return fast
     return (*plain_iterations(x, mu, iters, temperature, norm, *proj), "bmm")
@@ -461,7 +458,7 @@ class EMAU(nn.Module):
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
             y, weight = y.to(dtype), weight.to(dtype)
-        method = "bmm" if self.method == "bmm" else conv_method(weight, y, training=True)[0]
+        method = "bmm" if self.method == "bmm" else conv_method(weight, y)[0]
         bn = self.bn
         bn.num_batches_tracked.add_(1)
         momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
