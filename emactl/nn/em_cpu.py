@@ -29,8 +29,9 @@ products. Only the summation order changes, so results agree with the plain orde
 the (B, C, N) reconstruction, choosing among ``conv2d``, ``bmm``, pixel-blocked ``bmm`` and, for
 fp32, ``onednn`` (not where conv2's output goes uncentred into BN's batch statistics:
 :func:`conv_methods`); its backward's products run by the same method.
-In training, :class:`TrainingTail` runs conv2, BN, the residual add and the ReLU as one autograd
-Function over tensors the unit keeps, instead of new tensors at every layer.
+In training, :class:`TrainingTail` runs conv2 (on centred input, for BN's sake), BN, the
+residual add and the ReLU as one autograd Function over tensors the unit keeps, instead of new
+tensors at every layer.
 """
 
 from __future__ import annotations

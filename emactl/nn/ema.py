@@ -326,7 +326,8 @@ class EMAU(nn.Module):
     :mod:`emactl.nn.em_cpu` measures fastest; setting the attribute ``method = "bmm"`` runs every
     product as a plain batched one instead (the profile's ``emactl plain products`` row). In
     training on the CPU, conv2 → BN → residual → ReLU run as one autograd Function
-    (:class:`emactl.nn.em_cpu.TrainingTail`) over tensors the unit keeps (:class:`Reusable`);
+    (:class:`emactl.nn.em_cpu.TrainingTail`, conv2 on centred input) over tensors the unit
+    keeps (:class:`Reusable`);
     ``fuse_tail = False`` runs them as separate layers (the ``emactl unfused tail`` row).
     """
 
