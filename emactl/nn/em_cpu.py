@@ -19,11 +19,10 @@ sample (C·N·K; the paper's 512·65²·64 is 138 M): below that their per-call 
 than they save. Above it, ``auto`` measures: the first call of a signature (shapes, dtype,
 iterations, threads) runs each candidate twice on its own inputs and keeps the fastest for later
 calls (:func:`tune_methods`); the last run's result is returned, so no call is wasted. It takes
-``conv`` and ``onednn`` into account for contiguous fp32 features on an x86 CPU with oneDNN
-(``onednn``: :func:`onednn_bmm`), ``blocked`` for fp32 or fp64 CPU
-features, and leaves everything else (bf16, GPUs, autograd, torch.compile) to the batched
-products. Only the summation order changes, so results agree with the plain order to rounding
-(the tests hold them to 1e-5).
+``conv`` and ``onednn`` into account for contiguous fp32 features on an x86 CPU with oneDNN,
+``blocked`` for fp32 or fp64 CPU features, and leaves everything else (bf16, GPUs, autograd,
+torch.compile) to the batched products. Only the summation order changes, so results agree with
+the plain order to rounding (the tests hold them to 1e-5).
 
 :func:`conv1x1` does the same for the unit's conv2, a (C, C) weight applied to every pixel of
 the (B, C, N) reconstruction, choosing among ``conv2d``, ``bmm``, pixel-blocked ``bmm`` and, for
@@ -292,7 +291,7 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or y.requires_grad)
     if method == "onednn" and method not in conv_methods(y, weight):
         method = "bmm"  # asked for where oneDNN's fp32 product does not apply
-    if method == "auto":  # under autograd, the separate layers in training: BN's batch statistics follow
+    if method == "auto":  # under autograd: the separate layers' conv2, whose output goes uncentred into BN
         method, result = conv_method(weight, y, shift, into_batch_norm=needs_grad)
         if result is not None and not needs_grad:
             return result
