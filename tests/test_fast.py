@@ -9,6 +9,7 @@ and bf16 autocast, channels_last inputs. The reference is the tests' float64 EM
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -598,6 +599,30 @@ def test_training_tail_equals_separate_layers_float64(grad, momentum, zero_init,
         assert ("conv1.weight grad" in fused) == (grad != "none")
         for name in separate:
             torch.testing.assert_close(fused[name], separate[name], rtol=1e-12, atol=1e-12, msg=f"step {step}: {name}")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_separate_layers_centred_conv2_equals_plain_conv2_then_bn_float64(momentum):
+    """The separate layers centre conv2's input before BN's batch statistics; outputs, every
+    gradient and the running statistics equal those of conv2 → BatchNorm2d as written."""
+
+    def plain_conv2_bn(self: EMAU, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        b, c, _ = y.shape
+        return self.bn(F.conv2d(y.view(b, c, h, w), self.conv2.weight))
+
+    unit = make_unit(grad="last")
+    unit.bn.momentum, unit.fuse_tail = momentum, False
+    unit = unit.double()
+    plain = copy.deepcopy(unit)
+    plain._conv2_bn = types.MethodType(plain_conv2_bn, plain)
+    for step in range(2):
+        x = unit_input(seed=step).double()
+        probe = torch.randn(2, C, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        unit.zero_grad(set_to_none=True), plain.zero_grad(set_to_none=True)
+        ours, theirs = training_run(unit, x, probe), training_run(plain, x, probe)
+        assert set(ours) == set(theirs) and "conv2.weight grad" in ours and "running_mean" in ours
+        for name in theirs:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-12, msg=f"step {step}: {name}")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])

@@ -26,8 +26,8 @@ the plain order to rounding (the tests hold them to 1e-5).
 
 :func:`conv1x1` does the same for the unit's conv2, a (C, C) weight applied to every pixel of
 the (B, C, N) reconstruction, choosing among ``conv2d``, ``bmm``, pixel-blocked ``bmm`` and, for
-fp32, ``onednn`` (not where conv2's output goes uncentred into BN's batch statistics:
-:func:`conv_methods`); its backward's products run by the same method.
+fp32, ``onednn`` (not for the separate layers under autograd: :func:`conv_methods`); its
+backward's products run by the same method.
 In training, :class:`TrainingTail` runs conv2 (on centred input, for BN's sake), BN, the
 residual add and the ReLU as one autograd Function over tensors the unit keeps, instead of new
 tensors at every layer.
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ema import finish_m_step, memory_format_of, plain_iterations, softmax_bases
+from .ema import channel_mean, finish_m_step, memory_format_of, plain_iterations, softmax_bases
 
 BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half a core's L2 here
 LARGE = 1 << 26  # multiply-adds per sample and product (C·N·K) from which auto leaves bmm
@@ -291,7 +291,7 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or y.requires_grad)
     if method == "onednn" and method not in conv_methods(y, weight):
         method = "bmm"  # asked for where oneDNN's fp32 product does not apply
-    if method == "auto":  # under autograd: the separate layers' conv2, whose output goes uncentred into BN
+    if method == "auto":  # under autograd: the separate layers' conv2, perhaps before an uncentred SyncBN
         method, result = conv_method(weight, y, shift, into_batch_norm=needs_grad)
         if result is not None and not needs_grad:
             return result
@@ -305,11 +305,10 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
 
 def conv_methods(y: Tensor, weight: Tensor, into_batch_norm: bool = False) -> tuple[str, ...]:
     """The :data:`CONV_METHODS` that apply to these operands: ``onednn`` for fp32 on an x86
-    CPU, unless the output goes uncentred into BN's batch statistics (``into_batch_norm``).
-    There its products, about 1.5× further from float64 than MKL's, would reach the unit's
-    output fifty-fold (see :class:`TrainingTail`, which centres conv2's input and may use it):
-    the separate layers' training output would lie twice as far from float64 as the public
-    code's (docs/BENCHMARKS.md)."""
+    CPU, but not for the separate layers' conv2 under autograd (``into_batch_norm``), which may
+    feed a SyncBatchNorm uncentred: there its products, about 1.5× further from float64 than
+    MKL's, would reach the unit's output fifty-fold (see :class:`TrainingTail`) and take it
+    twice as far from float64 as the public code's (docs/BENCHMARKS.md)."""
     fp32 = y.dtype == weight.dtype == torch.float32 and y.device.type == "cpu" and onednn_products()
     return tuple(m for m in CONV_METHODS if m != "onednn" or (fp32 and not into_batch_norm))
 
@@ -407,10 +406,7 @@ class TrainingTail(torch.autograd.Function):
         running_var: Tensor, momentum: float, eps: float, method: str, kept: Any,
     ) -> Tensor:
         shape = tuple(identity.shape)
-        # any constant per channel would do: the pixel sums in y's dtype (bf16's accumulate in
-        # fp32 inside; a bf16 mean over (0, 2) at fp32 runs 20× slower) are near enough
-        wide = torch.promote_types(y.dtype, torch.float32)
-        mean = (y.sum(2).sum(0, dtype=wide) / (y.shape[0] * y.shape[2])).to(y.dtype)
+        mean = channel_mean(y)
         y = torch.sub(y, mean.view(1, -1, 1), out=kept.get("centred", tuple(y.shape), y))
         v = _conv1x1(method, weight, y, None, out=kept.get("conv2", tuple(y.shape), y)).view(shape)
         if v.dtype == identity.dtype:  # BN writes the output itself

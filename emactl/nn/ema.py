@@ -287,6 +287,16 @@ class Reusable:
         return buf.detach()  # an alias: while it lives, the kept tensor is not alone
 
 
+def channel_mean(y: Tensor) -> Tensor:
+    """The per-channel mean of a (B, C, N) ``y`` over the batch and the pixels, in ``y``'s dtype:
+    the shift that centres conv2's input before BN's batch statistics (see
+    :class:`emactl.nn.em_cpu.TrainingTail`). Any constant per channel would do, so the pixel
+    sums run in ``y``'s dtype (bf16's accumulate in fp32 inside; a bf16 mean over (0, 2)
+    accumulated at fp32 runs 20× slower)."""
+    wide = torch.promote_types(y.dtype, torch.float32)
+    return (y.sum(2).sum(0, dtype=wide) / (y.shape[0] * y.shape[2])).to(y.dtype)
+
+
 def relu_reconstruction(recon: Tensor) -> Tensor:
     """The ReLU after EM: in place when the reconstruction needs no gradient (it is then a kept
     tensor, or a new one; a graph that saves the result for conv2's weight gradient keeps it
@@ -470,10 +480,17 @@ class EMAU(nn.Module):
     def _conv2_bn(self, y: Tensor, h: int, w: int) -> Tensor:
         """conv2 then BN on the (B, C, N) reconstruction; in eval without autograd, one product
         with the BN folded in. On the CPU conv2 runs by the method :func:`em_cpu.conv1x1`
-        measured fastest (``self.method="bmm"``: the plain batched product)."""
+        measured fastest (``self.method="bmm"``: the plain batched product). Where a plain
+        BatchNorm2d takes batch statistics, conv2 runs on centred input, as in
+        :class:`em_cpu.TrainingTail` (SyncBatchNorm would need one shift on every process; under
+        torch.compile or an exporter the plain layers are traced)."""
         bn, (b, c, _) = self.bn, y.shape
         folded = not (self.training or torch.is_grad_enabled() or not bn.track_running_stats or bn.running_var is None)
         weight, shift = self.conv2.weight.view(c, c), None
+        centre = None
+        if type(bn) is nn.BatchNorm2d and (bn.training or bn.running_mean is None) and self._may_keep():
+            centre = channel_mean(y.detach())  # a constant: BN's output and y's gradient do not depend on it
+            y = y - centre.view(1, -1, 1)
         if folded:
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
             weight, shift = weight * scale.view(-1, 1), bn.bias - bn.running_mean * scale
@@ -488,7 +505,17 @@ class EMAU(nn.Module):
             v = conv1x1(weight, y, shift, self.method, out=dest).view(b, c, h, w)
         else:
             v = F.conv2d(y.view(b, c, h, w), weight.view(c, c, 1, 1), shift)
-        return v if folded else bn(v)
+        if folded:
+            return v
+        out = bn(v)
+        if centre is not None and bn.training and bn.running_mean is not None:  # the shift W·ȳ back
+            # BN's autograd node holds running_mean (its training-mode backward never reads it);
+            # through .data the update leaves the version autograd checks at backward alone
+            running = bn.running_mean.data
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            running.add_(torch.mv(self.conv2.weight.detach().view(c, c).to(running.dtype), centre.to(running.dtype)),
+                         alpha=momentum)
+        return out
 
     def _may_keep(self) -> bool:
         """Whether this forward may use kept tensors (:class:`Reusable`): not while torch.compile
