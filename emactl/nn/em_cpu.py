@@ -433,11 +433,9 @@ class TrainingTail(torch.autograd.Function):
             grad, out, 0, grad_input=kept.get("grad_in", tuple(out.shape), out, memory_format=memory_format_of(out))
         )
         g_bn = g if g.dtype == v.dtype else kept.get("grad_normed", tuple(v.shape), v).copy_(g)
-        grad_gamma, grad_beta = torch.empty_like(gamma), torch.empty_like(gamma)  # autograd may keep these as .grad
-        grad_v = torch.ops.aten.native_batch_norm_backward.out(
-            g_bn, v, gamma, None, None, stats[0], stats[1], True, ctx.eps, [True, needs[3], needs[4]],
-            out0=kept.get("grad_conv2", tuple(v.shape), v), out1=grad_gamma, out2=grad_beta,
-        )[0]
+        grad_v, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            g_bn, v, gamma, None, None, stats[0], stats[1], True, ctx.eps, [True, needs[3], needs[4]]
+        )
         gv = grad_v.view(y.shape)
         grad_weight = batched_product(ctx.method, gv, y.transpose(1, 2)).sum(0) if needs[2] else None
         grad_y = batched_product(ctx.method, weight.t().unsqueeze(0), gv) if needs[0] else None
