@@ -448,6 +448,32 @@ def test_onednn_bmm_matches_a_float64_loop(batched):
     assert rel_err(onednn_bmm(a, b), want - shift.double()[:, :, None]) <= FP32_TOL
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="no oneDNN matrix product op")
+@pytest.mark.parametrize("change", ["signature", "result"])
+def test_onednn_left_out_where_the_private_op_changed(monkeypatch, change):
+    """``torch.ops.mkldnn._linear_pointwise`` is private: called another way, or computing
+    another product, it is found out once and ``onednn`` is not offered."""
+    from emactl.nn import em_cpu
+
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def changed(*args):
+        if change == "signature":
+            raise RuntimeError("_linear_pointwise() expected 7 arguments")
+        return real(*args) + 1
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", changed)
+    em_cpu.onednn_products.cache_clear()
+    try:
+        assert not em_cpu.onednn_products()
+        x = features()
+        assert "onednn" not in em_cpu.candidates(x) and "onednn" not in em_cpu.conv_methods(x, torch.randn(24, 24))
+    finally:
+        monkeypatch.undo()
+        em_cpu.onednn_products.cache_clear()
+    assert em_cpu.onednn_products() == em_cpu.onednn_on_x86()
+
+
 @pytest.mark.parametrize("method", ["conv2d", "bmm", "blocked", pytest.param("onednn", marks=ONEDNN)])
 def test_conv1x1_methods_match_float64(method):
     from emactl.nn.em_cpu import conv1x1

@@ -59,8 +59,17 @@ def onednn_on_x86() -> bool:
 
 @functools.cache
 def onednn_products() -> bool:
-    """Whether oneDNN's matrix product op (``torch.ops.mkldnn._linear_pointwise``) is here."""
-    return onednn_on_x86() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether oneDNN's matrix product op (``torch.ops.mkldnn._linear_pointwise``, private to
+    PyTorch) is here and computes ``input · weightᵀ`` as this module calls it: checked once on
+    a small product, so another PyTorch's change of the op leaves ``onednn`` out, not broken."""
+    if not (onednn_on_x86() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    a, b = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
+    try:
+        got = torch.ops.mkldnn._linear_pointwise(a, b.t().contiguous().t(), None, "none", [], "")
+    except (RuntimeError, TypeError):
+        return False
+    return bool(torch.equal(got, a @ b.t()))
 
 
 def onednn_bmm(a: Tensor, b: Tensor, out: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
