@@ -35,7 +35,8 @@ SCIENTIFIC = -1  # column_decimals' answer for a column of tiny values (errors, 
 
 def column_decimals(values: Iterable[Any], column: object = "") -> int:
     """Decimals for a column of floats: 2 for percentages; 0 for whole numbers (a count with a
-    missing value is a float column); :data:`SCIENTIFIC` when every value is below 1e-3; else
+    missing value is a float column); :data:`SCIENTIFIC` when every value is below 1e-3, or
+    when those decimals would show a nonzero value as zero (errors of 1e-6 beside 1e-1); else
     four significant digits of the largest."""
     if is_percent(column):
         return 2
@@ -48,7 +49,10 @@ def column_decimals(values: Iterable[Any], column: object = "") -> int:
     if top < 1e-3:
         return SCIENTIFIC
     digits = math.floor(math.log10(top)) + 1
-    return max(0, min(MAX_DECIMALS, 4 - digits))
+    decimals = max(0, min(MAX_DECIMALS, 4 - digits))
+    if any(0 < v < 0.5 * 10.0 ** -decimals for v in finite):
+        return SCIENTIFIC
+    return decimals
 
 
 def header(column: object) -> str:

@@ -426,10 +426,13 @@ def test_unit_training_output_error_is_no_worse_than_the_reference():
 def test_unit_section_tables():
     from emactl.profile.unit import UNITS, profile_unit
 
-    rows, summary = profile_unit(2, 16, 9, 4, 2, torch.device("cpu"), [torch.float32], [1], repeats=1)
+    rows, summary = profile_unit(2, 16, 9, 4, 2, torch.device("cpu"), [torch.float32, torch.bfloat16], [1], repeats=1)
     assert set(rows["unit"]) == set(UNITS)
     assert set(rows["mode"]) == {"eval", "train"}
     ratios = summary.dropna(subset=["time / reference"])
-    assert len(ratios) == 2 * (len(UNITS) - 1) and (ratios["low"] <= ratios["time / reference"]).all()
+    assert len(ratios) == 2 * 2 * (len(UNITS) - 1) and (ratios["low"] <= ratios["time / reference"]).all()
     assert (ratios["time / reference"] <= ratios["high"]).all()
-    assert summary["rel. error"].notna().sum() == len(UNITS)
+    errors = summary.dropna(subset=["rel. error"])
+    assert len(errors) == 2 * len(UNITS) and set(errors["dtype"]) == {"fp32", "bf16"}
+    fp32, bf16 = (errors[errors["dtype"] == d].set_index("unit")["rel. error"] for d in ("fp32", "bf16"))
+    assert (fp32 < 1e-4).all() and (bf16 > 10 * fp32).all() and (bf16 < 0.2).all()  # bf16 rounds, fp32 barely

@@ -50,3 +50,11 @@ def test_whole_numbers_and_tiny_errors_keep_their_meaning():
     text = formatted(df)
     assert list(text["threads"]) == ["1", "2", "–"]
     assert list(text["rel. error"]) == ["6.50e-06", "–", "1.10e-05"]
+
+
+def test_a_small_value_beside_large_ones_is_never_shown_as_zero():
+    """fp32 errors beside bf16 ones (1e-6 against 1e-1): the column goes scientific rather than
+    printing 0.0000; a column whose smallest value shows with the usual decimals keeps them."""
+    text = formatted(pd.DataFrame({"rel. error": [2.65e-06, 0.0958, None], "ms": [0.25, 512.0, 3.5]}))
+    assert list(text["rel. error"]) == ["2.65e-06", "9.58e-02", "–"]
+    assert list(text["ms"]) == ["0.2", "512.0", "3.5"]

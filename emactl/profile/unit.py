@@ -5,8 +5,8 @@ iterations, reconstruction, 1×1 conv + BN, residual, ReLU), in eval (a forward 
 ``no_grad``) and in training (forward, backward and the moving-average update of the bases).
 :class:`ReferenceEMAU` computes the unit as the original EMANet code does; both units get the
 same weights and inputs and are timed in the same interleaved rounds, at one thread and at all
-of them, in fp32 and under bf16 autocast. The fp32 training output is also compared with a
-float64 run of the same unit, for both.
+of them, in fp32 and under bf16 autocast. The training output in each dtype is also compared
+with a float64 run of the same unit, for both.
 """
 from __future__ import annotations
 
@@ -121,16 +121,17 @@ def train_call(unit: nn.Module, x: Tensor, grad: Tensor, device: torch.device, d
     return run
 
 
-def training_error(units: dict[str, nn.Module], x: Tensor) -> dict[str, float]:
-    """Relative error (max |diff| / max |float64|) of each unit's fp32 training-mode output
-    against a float64 copy of the same unit on the same input, with autograd on, as a training
-    step runs it (emactl's fused tail runs only then)."""
+def training_error(units: dict[str, nn.Module], x: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Relative error (max |diff| / max |float64|) of each unit's training-mode output, fp32 or
+    under ``dtype`` autocast, against a float64 copy of the same unit on the same input, with
+    autograd on, as a training step runs it (emactl's fused tail runs only then)."""
     errors = {}
     for name, unit in units.items():
         exact = copy.deepcopy(unit).double().train()
         probe = copy.deepcopy(unit).train()
         want = exact(x.double().requires_grad_()).detach()
-        got = probe(x.clone().requires_grad_()).detach()
+        with autocast(x.device, dtype):
+            got = probe(x.clone().requires_grad_()).detach()
         errors[name] = float((got.double() - want).abs().max() / want.abs().max())
     return errors
 
@@ -181,10 +182,11 @@ def profile_unit(
                                         "time / reference": ours.median / ref.median, "low": low, "high": high})
     finally:
         torch.set_num_threads(previous)
-    errors = training_error(make_units(channels, bases, iters, device), x[: min(batch, 2)])
-    for name, err in errors.items():
-        summary.append({"threads": None, "dtype": "fp32", "mode": "train output vs float64", "unit": name,
-                        "time / reference": None, "low": None, "high": None, "rel. error": err})
+    for dtype in dtypes:
+        errors = training_error(make_units(channels, bases, iters, device), x[: min(batch, 2)], dtype)
+        for name, err in errors.items():
+            summary.append({"threads": None, "dtype": DTYPE_NAMES[dtype], "mode": "train output vs float64",
+                            "unit": name, "time / reference": None, "low": None, "high": None, "rel. error": err})
     return pd.DataFrame(rows), pd.DataFrame(summary)
 
 
