@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ema import channel_mean, finish_m_step, memory_format_of, plain_iterations, softmax_bases
+from .ema import add_shift_back, channel_mean, finish_m_step, memory_format_of, plain_iterations, softmax_bases
 
 BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half a core's L2 here
 LARGE = 1 << 26  # multiply-adds per sample and product (C·N·K) from which auto leaves bmm
@@ -426,7 +426,7 @@ class TrainingTail(torch.autograd.Function):
         torch.ops.aten.native_batch_norm.out(
             v, gamma, beta, running_mean, running_var, True, momentum, eps, out=normed, save_mean=stats[0], save_invstd=stats[1]
         )
-        running_mean.add_(torch.mv(weight.to(running_mean.dtype), mean.to(running_mean.dtype)), alpha=momentum)
+        add_shift_back(running_mean, weight, mean, momentum)
         if normed is not out:
             out.copy_(normed)
         out.add_(identity).relu_()

@@ -297,6 +297,17 @@ def channel_mean(y: Tensor) -> Tensor:
     return (y.sum(2).sum(0, dtype=wide) / (y.shape[0] * y.shape[2])).to(y.dtype)
 
 
+def add_shift_back(running_mean: Tensor, weight: Tensor, mean: Tensor, momentum: float) -> None:
+    """BN saw conv2's output less ``weight · mean`` (conv2 ran on centred input): its running
+    mean, updated with ``momentum`` from that batch, gets the shift's share back."""
+    running_mean.add_(torch.mv(weight.to(running_mean.dtype), mean.to(running_mean.dtype)), alpha=momentum)
+
+
+def bn_momentum(bn: nn.BatchNorm2d) -> float:
+    """The factor BN's last training forward gave the batch in its running statistics."""
+    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+
+
 def relu_reconstruction(recon: Tensor) -> Tensor:
     """The ReLU after EM: in place when the reconstruction needs no gradient (it is then a kept
     tensor, or a new one; a graph that saves the result for conv2's weight gradient keeps it
@@ -472,7 +483,7 @@ class EMAU(nn.Module):
         method = "bmm" if self.method == "bmm" else conv_method(weight, y)[0]
         bn = self.bn
         bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        momentum = bn_momentum(bn)
         with torch.autocast("cpu", enabled=False):
             return TrainingTail.apply(y, identity, weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                       momentum, bn.eps, method, self._reusable)
@@ -511,10 +522,10 @@ class EMAU(nn.Module):
         if centre is not None and bn.training and bn.running_mean is not None:  # the shift W·ȳ back
             # BN's autograd node holds running_mean (its training-mode backward never reads it);
             # through .data the update leaves the version autograd checks at backward alone
-            running = bn.running_mean.data
-            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            running.add_(torch.mv(self.conv2.weight.detach().view(c, c).to(running.dtype), centre.to(running.dtype)),
-                         alpha=momentum)
+            used = weight.detach()  # as the product used it: cast by autocast, on the CPU above
+            if y.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(y.device.type):
+                used = used.to(torch.get_autocast_dtype(y.device.type))
+            add_shift_back(bn.running_mean.data, used, centre, bn_momentum(bn))
         return out
 
     def _may_keep(self) -> bool:
