@@ -651,6 +651,25 @@ def test_separate_layers_centred_conv2_equals_plain_conv2_then_bn_float64(moment
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-12, atol=1e-12, msg=f"step {step}: {name}")
 
 
+@ONEDNN
+def test_training_tail_with_onednn_products_matches_float64():
+    """The fused tail with conv2 and its gradients by oneDNN (asked for: ``auto`` may pick it)
+    against the separate layers in float64, over two steps: output, gradients, BN state."""
+    unit = make_unit()
+    unit.method = "onednn"
+    exact = copy.deepcopy(unit).double()
+    exact.fuse_tail = False
+    for step in range(2):
+        x = unit_input(seed=step)
+        probe = torch.randn(2, C, 5, 6, generator=torch.Generator().manual_seed(step))
+        unit.zero_grad(set_to_none=True), exact.zero_grad(set_to_none=True)
+        ours, want = training_run(unit, x, probe), training_run(exact, x.double(), probe.double())
+        assert "conv2.weight grad" in ours
+        for name in want:
+            if name != "num_batches_tracked":
+                assert rel_err(ours[name], want[name]) <= FP32_TOL, f"step {step}: {name}"
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_training_tail_bf16_is_as_close_to_float64_as_separate_layers(channels_last):
     """Under bf16 autocast the fused tail (conv2 on centred input) and the separate layers

@@ -298,8 +298,7 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
     ``out`` (B, C_out, N) where the method allows.
     """
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or y.requires_grad)
-    if method == "onednn" and method not in conv_methods(y, weight):
-        method = "bmm"  # asked for where oneDNN's fp32 product does not apply
+    method = applicable(method, weight, y)
     if method == "auto":  # under autograd: the separate layers' conv2, perhaps before an uncentred SyncBN
         method, result = conv_method(weight, y, shift, into_batch_norm=needs_grad)
         if result is not None and not needs_grad:
@@ -310,6 +309,12 @@ def conv1x1(weight: Tensor, y: Tensor, shift: Tensor | None = None, method: str 
         product = Conv1x1.apply(weight, y, method)
         return product if shift is None else product + shift.view(1, -1, 1)
     return _conv1x1(method, weight, y, shift, out)
+
+
+def applicable(method: str, weight: Tensor, y: Tensor) -> str:
+    """``method`` as asked for, or ``bmm`` where it is ``onednn`` and oneDNN's fp32 product
+    does not apply to these operands."""
+    return "bmm" if method == "onednn" and method not in conv_methods(y, weight) else method
 
 
 def conv_methods(y: Tensor, weight: Tensor, into_batch_norm: bool = False) -> tuple[str, ...]:

@@ -472,7 +472,7 @@ class EMAU(nn.Module):
 
     def _training_tail(self, recon: Tensor, identity: Tensor) -> Tensor:
         """ReLU → conv2 → BN → + identity → ReLU as one autograd Function over kept tensors."""
-        from .em_cpu import TrainingTail, conv_method
+        from .em_cpu import TrainingTail, applicable, conv_method
 
         b, c, n = recon.shape
         y = relu_reconstruction(recon)
@@ -480,7 +480,7 @@ class EMAU(nn.Module):
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
             y, weight = y.to(dtype), weight.to(dtype)
-        method = "bmm" if self.method == "bmm" else conv_method(weight, y)[0]
+        method = conv_method(weight, y)[0] if self.method == "auto" else applicable(self.method, weight, y)
         bn = self.bn
         bn.num_batches_tracked.add_(1)
         momentum = bn_momentum(bn)
