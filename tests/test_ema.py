@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emactl.nn.ema import EMAU, em_attention, init_bases
+from emactl.nn.ema import EMAU, add_relu_, em_attention, init_bases
 
 from gloo import run_gloo_workers
 from reference import max_abs, reference_em, rel_err
@@ -521,3 +521,24 @@ def test_emau_fp32_matches_plain_float64_unit(training):
         got = unit(x.clone())
     assert rel_err(got, want) <= 1e-5
     assert max_abs(got, want) <= 1e-5 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_add_relu_matches_add_then_relu(dtype):
+    torch.manual_seed(0)
+    y, other = torch.randn(2, 3, 40, dtype=dtype), torch.randn(2, 3, 40, dtype=dtype)
+    y[0, 0, :3] = torch.tensor([float("nan"), -1.0, 0.0])
+    want = torch.relu(y.double() + other.double()).to(dtype)
+    got = add_relu_(y.clone(), other)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert (got > 0).any() and (got == 0).any()
+
+
+def test_add_relu_keeps_gradients():
+    torch.manual_seed(0)
+    y, other = torch.randn(3, 50, requires_grad=True), torch.randn(3, 50, requires_grad=True)
+    add_relu_(y * 1.0, other).sum().backward()
+    mask = (y + other > 0).to(y.dtype).detach()
+    assert torch.equal(y.grad, mask) and torch.equal(other.grad, mask)
+    assert 0 < mask.sum() < mask.numel()

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ema import add_shift_back, channel_mean, finish_m_step, memory_format_of, plain_iterations, softmax_bases
+from .ema import add_relu_, add_shift_back, channel_mean, finish_m_step, memory_format_of, plain_iterations, softmax_bases
 
 BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half a core's L2 here
 LARGE = 1 << 26  # multiply-adds per sample and product (C·N·K) from which auto leaves bmm
@@ -434,7 +434,7 @@ class TrainingTail(torch.autograd.Function):
         add_shift_back(running_mean, weight, mean, momentum)
         if normed is not out:
             out.copy_(normed)
-        out.add_(identity).relu_()
+        add_relu_(out, identity)
         ctx.save_for_backward(y, v, weight, gamma, stats, out)
         ctx.eps, ctx.kept, ctx.method = eps, kept, method
         return out
