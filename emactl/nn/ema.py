@@ -310,11 +310,13 @@ def bn_momentum(bn: nn.BatchNorm2d) -> float:
 
 def add_relu_(y: Tensor, other: Tensor) -> Tensor:
     """``relu(y + other)`` into ``y``. On the CPU, where no gradient is recorded and the dtypes
-    match, one pass by PyTorch's fused kernel (``aten::_add_relu_``, the one its JIT fuses
-    add + ReLU into): 2.9 against 4.2 ms at the paper's unit shapes (docs/BENCHMARKS.md)."""
+    match in fp32/fp64, one pass by PyTorch's fused kernel (``aten::_add_relu_``, the one its
+    JIT fuses add + ReLU into; it has no bf16 kernel): 2.9 against 4.2 ms at the paper's unit
+    shapes (docs/BENCHMARKS.md)."""
     fused = getattr(torch.ops.aten, "_add_relu_", None)
     grad = torch.is_grad_enabled() and (y.requires_grad or other.requires_grad)
-    if fused is not None and not grad and y.device.type == "cpu" and other.device == y.device and y.dtype == other.dtype:
+    plain = y.dtype in (torch.float32, torch.float64) and y.dtype == other.dtype
+    if fused is not None and plain and not grad and y.device.type == "cpu" and other.device == y.device:
         return fused(y, other)
     return torch.relu_(y.add_(other))
 
