@@ -773,3 +773,30 @@ def test_eval_output_held_by_the_caller_is_never_overwritten(amp):
         want = fresh(x1)
     assert third.data_ptr() == address  # nothing held it any more: reused
     assert torch.equal(third, want) and torch.equal(third, snapshot)
+
+
+@ONEDNN
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-bases", "per-image-bases"])
+@pytest.mark.parametrize("scratch", ["none", "free", "aliases-x"])
+def test_onednn_iterations_match_float64(shared, scratch):
+    """The (B, N, K) logits of ``onednn`` with a folded convolution (weight and bias), bases
+    shared by the batch (one product over every pixel) or per image, writing xᵀ into lent
+    memory, into its own, or into its own when the lent memory is the features themselves."""
+    from emactl.nn.em_cpu import onednn_iterations
+    from emactl.nn.ema import plain_iterations
+
+    torch.manual_seed(0)
+    x = features(3, 24, 40)
+    weight, bias = torch.randn(24, 24) / 5, torch.randn(24)
+    mu = init_bases(24, 6) if shared else torch.cat([init_bases(24, 6) for _ in range(3)])
+    mu = mu.expand(3, -1, -1) if shared else mu
+    lent = {"none": None, "free": torch.full((3, 24, 40), 7.0), "aliases-x": x}[scratch]
+    x_before = x.clone()
+    with torch.no_grad():
+        z, bases = onednn_iterations(x, mu, 3, 0.7, "l2", weight, bias, lent)
+        want_z, want_bases = plain_iterations(x.double(), mu.double(), 3, 0.7, "l2", weight.double(), bias.double())
+    assert z.shape == want_z.shape == (3, 6, 40) and bases.shape == want_bases.shape == (3, 24, 6)
+    assert rel_err(z, want_z) <= FP32_TOL and rel_err(bases, want_bases) <= FP32_TOL
+    assert torch.equal(x, x_before)  # the features are never written
+    if scratch == "free":  # the lent memory held xᵀ
+        assert torch.equal(lent.view(3, 40, 24), x.transpose(1, 2))

@@ -153,11 +153,12 @@ def pick_method(x: Tensor, mu: Tensor, method: str = "auto", iters: int = 3, fol
 
 def run_fast(
     x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, method: str, block: int | None = None,
-    weight: Tensor | None = None, bias: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, scratch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, str] | None:
     """(last responsibilities (B, K, N), final bases (B, C, K), the method that ran) by a fast
     method, or ``None`` where :func:`pick_method` leaves the iterations to the batched products.
-    ``weight`` and ``bias`` fold a 1×1 convolution in, as in :func:`emactl.nn.ema.em_attention`."""
+    ``weight`` and ``bias`` fold a 1×1 convolution in, as in :func:`emactl.nn.ema.em_attention`;
+    ``scratch`` is memory ``onednn`` may write meanwhile (see :func:`onednn_iterations`)."""
     chosen = pick_method(x, mu, method, iters, weight is not None)
     if weight is not None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         chosen = "bmm"
@@ -168,7 +169,7 @@ def run_fast(
         if m == "conv":
             return conv_iterations(x, mu, iters, temperature, norm, weight, bias)
         if m == "onednn":
-            return onednn_iterations(x, mu, iters, temperature, norm, weight, bias)
+            return onednn_iterations(x, mu, iters, temperature, norm, weight, bias, scratch)
         if m == "blocked":
             size = block or max(128, BLOCK_BYTES // (x.shape[1] * x.element_size()) // 64 * 64)
             return blocked_iterations(x, mu, iters, temperature, norm, size, weight, bias)
@@ -229,18 +230,46 @@ def conv_iterations(
 
 
 def onednn_iterations(
-    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, weight: Tensor | None = None, bias: Tensor | None = None
+    x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, weight: Tensor | None = None, bias: Tensor | None = None,
+    scratch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """EM iterations as written (:func:`emactl.nn.ema.plain_iterations`), every product by
-    :func:`onednn_bmm`: the logits ``(weightᵀ mu)ᵀ x + muᵀ bias`` (B, K, N), then ``x zᵀ``."""
+    oneDNN, with the logits stored (B, N, K).
+
+    oneDNN runs ``input · weightᵀ`` fastest with a contiguous input, so the E step reads the
+    features transposed, ``xᵀ`` (B, N, C_in), copied once per call: the logits of a sample are
+    ``xᵀ (weightᵀ mu) + muᵀ bias``, the bias as the op's own. Bases shared by the batch (the
+    first iteration from ``mu0``) take one product over all B·N pixels. The M step reads ``x``
+    as it is: ``x z`` (B, C_in, K). ``scratch``, a tensor with room for ``xᵀ`` that nothing reads
+    meanwhile (:func:`emactl.nn.ema.em_attention` lends the reconstruction's buffer, written only
+    after the iterations), saves allocating and page-faulting 35 MB per call at the paper's shapes.
+    Returns the responsibilities as a (B, K, N) view, like the other methods.
+    """
+    product = torch.ops.mkldnn._linear_pointwise
+    b, c, n = x.shape
+    k = mu.shape[2]
+    if mu.shape[0] > 1 and mu.stride(0) == 0:  # mu0 expanded over the batch
+        mu = mu[:1]
+    fits = (scratch is not None and scratch.numel() == x.numel() and scratch.dtype == x.dtype and scratch.is_contiguous()
+            and scratch.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+    xt = (scratch.view(b, n, c) if fits else x.new_empty(b, n, c)).copy_(x.transpose(1, 2))
+    z = None
     for _ in range(iters):
         nu, shift = _folded(mu, weight, bias)
-        logits = onednn_bmm(nu.transpose(1, 2), x, shift=shift)
+        nu_t = nu.transpose(1, 2).contiguous()  # (B|1, K, C_in): the op's weight
+        if nu_t.shape[0] == 1 and z is None:  # the op's result is the logits
+            z = product(xt.view(b * n, c), nu_t[0], None if shift is None else shift.reshape(k), "none", [], "").view(b, n, k)
+        else:
+            z = x.new_empty(b, n, k) if z is None else z
+            for s in range(b):
+                result = product(xt[s], nu_t[s], None if shift is None else shift[s], "none", [], "")
+                z[s].copy_(result)
+                del result
         if temperature != 1.0:
-            logits.mul_(temperature)
-        z = softmax_bases(logits)
-        mu = finish_m_step(onednn_bmm(x, z.transpose(1, 2)), z, norm, weight, bias)
-    return z, mu
+            z.mul_(temperature)
+        softmax_bases(z.transpose(1, 2))  # in place, over K
+        mu = finish_m_step(onednn_bmm(x, z), z.transpose(1, 2), norm, weight, bias)
+    return z.transpose(1, 2), mu
 
 
 def blocked_iterations(

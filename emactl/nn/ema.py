@@ -161,8 +161,9 @@ def em_attention(
     free_iters = {"none": iters, "last": iters - 1, "full": 0}[grad]
     z = None
     proj = (weight, bias)
+    scratch = out if grad == "none" else None  # written by the reconstruction only after the iterations
     with torch.no_grad() if free_iters else contextlib.nullcontext():
-        z, mu, ran = _iterate(x, mu, free_iters, temperature, norm, z, method, block, proj)
+        z, mu, ran = _iterate(x, mu, free_iters, temperature, norm, z, method, block, proj, scratch)
     if free_iters < iters:
         z, mu, ran = _iterate(x, mu, iters - free_iters, temperature, norm, z, method, block, proj)
     needs_grad = torch.is_grad_enabled() and (mu.requires_grad or z.requires_grad)
@@ -179,17 +180,18 @@ def em_attention(
 
 def _iterate(
     x: Tensor, mu: Tensor, iters: int, temperature: float, norm: str, z: Tensor | None, method: str, block: int | None,
-    proj: tuple[Tensor | None, Tensor | None] = (None, None),
+    proj: tuple[Tensor | None, Tensor | None] = (None, None), scratch: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor, str]:
     """``iters`` EM iterations from bases ``mu``: a faster CPU method where one applies
     (:mod:`emactl.nn.em_cpu`), else the plain batched products; and the method that ran.
-    ``proj`` is a folded 1×1 convolution's (weight, bias), or (None, None)."""
+    ``proj`` is a folded 1×1 convolution's (weight, bias), or (None, None); ``scratch``, memory
+    the fast methods may write meanwhile, or None."""
     if iters == 0:
         return z, mu, "bmm"
     if method != "bmm":
         from .em_cpu import run_fast
 
-        fast = run_fast(x, mu, iters, temperature, norm, method, block, *proj)
+        fast = run_fast(x, mu, iters, temperature, norm, method, block, *proj, scratch)
         if fast is not None:
             return fast
     return (*plain_iterations(x, mu, iters, temperature, norm, *proj), "bmm")
