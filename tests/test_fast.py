@@ -800,3 +800,31 @@ def test_onednn_iterations_match_float64(shared, scratch):
     assert torch.equal(x, x_before)  # the features are never written
     if scratch == "free":  # the lent memory held xᵀ
         assert torch.equal(lent.view(3, 40, 24), x.transpose(1, 2))
+
+
+def test_plain_batch_norm_passes_match_torch_in_float64():
+    """The fused tail's fp32/fp64 BN (batch_norm_stats, batch_norm_backward) on input whose mean
+    is far from zero, against F.batch_norm in training and its autograd gradients."""
+    from emactl.nn.em_cpu import batch_norm_add_relu, batch_norm_backward, batch_norm_stats, plain_batch_norm
+
+    torch.manual_seed(0)
+    v = (torch.randn(3, 5, 4, 6, dtype=torch.float64) * torch.rand(1, 5, 1, 1) * 2 + torch.randn(1, 5, 1, 1) * 3)
+    gamma, beta = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    g = torch.randn_like(v)
+    running = (torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5)
+    theirs = tuple(r.clone() for r in running)
+    leaf = v.clone().requires_grad_()
+    weights = (gamma.clone().requires_grad_(), beta.clone().requires_grad_())
+    want = F.batch_norm(leaf, *theirs, *weights, training=True, momentum=0.3, eps=1e-5)
+    want.backward(g)
+
+    assert plain_batch_norm(v) and not plain_batch_norm(v.float()[:1, :, :1, :1]) and not plain_batch_norm(v.to(BF16))
+    mean, invstd = batch_norm_stats(v, *running, 0.3, 1e-5)
+    identity = torch.randn_like(v)
+    got = batch_norm_add_relu(v, identity, gamma, beta, mean, invstd, torch.empty_like(v))
+    assert rel_err(got, torch.relu(want.detach() + identity)) <= 1e-12 and (got == 0).any()
+    for ours, torchs in zip(running, theirs):
+        assert rel_err(ours, torchs) <= 1e-12
+    grad_v, grad_gamma, grad_beta = batch_norm_backward(g, v, gamma, mean, invstd, torch.empty_like(v))
+    assert rel_err(grad_v, leaf.grad) <= 1e-10
+    assert rel_err(grad_gamma, weights[0].grad) <= 1e-12 and rel_err(grad_beta, weights[1].grad) <= 1e-12

@@ -419,6 +419,59 @@ class Conv1x1(torch.autograd.Function):
 # The unit's end in training: conv2 → BN with batch statistics → + identity → ReLU.
 
 
+def plain_batch_norm(v: Tensor) -> bool:
+    """Whether :class:`TrainingTail` runs BN as the plain passes below: fp32 or fp64 (bf16 keeps
+    torch's kernel), contiguous, and more than one value per channel."""
+    return v.dtype in (torch.float32, torch.float64) and v.is_contiguous() and v.numel() > v.shape[1]
+
+
+def batch_norm_stats(v: Tensor, running_mean: Tensor, running_var: Tensor, momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    """BN's batch mean and 1/√(var + eps) per channel of a contiguous (B, C, ...) ``v``, and the
+    running statistics' update (the variance unbiased), as ``nn.BatchNorm2d`` in training.
+
+    One pass for Σv and one for Σv² (a per-row norm): the variance as E[v²] − mean², which
+    loses digits as mean²/var grows. Here ``v`` is conv2's output on centred input, whose mean
+    is zero up to rounding, so nothing is lost; torch's fp32 kernel takes four times as long.
+    """
+    b, c = v.shape[:2]
+    rows = v.view(b, c, -1)
+    count = rows.shape[0] * rows.shape[2]
+    mean = rows.sum(2).sum(0) / count
+    var = (torch.linalg.vector_norm(rows, dim=2).square_().sum(0) / count - mean.square()).clamp_min_(0)
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))
+    return mean, torch.rsqrt(var + eps)
+
+
+def batch_norm_add_relu(v: Tensor, identity: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, invstd: Tensor,
+                        out: Tensor) -> Tensor:
+    """``relu(identity + γ (v − mean) invstd + β)`` into ``out``, per channel of (B, C, ...) tensors:
+    two passes, ``identity + v·a`` then the shift ``β − mean·a`` and the ReLU together."""
+    scale = gamma * invstd
+    per_channel = (1, -1) + (1,) * (v.dim() - 2)
+    torch.addcmul(identity, v, scale.view(per_channel), out=out)
+    return add_relu_(out, torch.addcmul(beta, mean, scale, value=-1).view(per_channel))
+
+
+def batch_norm_backward(g: Tensor, v: Tensor, gamma: Tensor, mean: Tensor, invstd: Tensor, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """BN's gradients in training (input into ``out``, γ, β) from the output's gradient ``g``.
+
+    With a = γ·invstd and x̂ = (v − mean)·invstd, the input's gradient a·(g − mean(g) − x̂·mean(g x̂))
+    is a·g + c·(v − mean) per channel: two passes, after one for Σg and two for Σ g·v.
+    """
+    b, c = v.shape[:2]
+    rows, grads, flat = v.view(b, c, -1), g.reshape(b, c, -1), out.view(b, c, -1)
+    count = rows.shape[0] * rows.shape[2]
+    grad_beta = grads.sum(2).sum(0)
+    grad_gamma = (torch.mul(grads, rows, out=flat).sum(2).sum(0) - mean * grad_beta) * invstd
+    scale = gamma * invstd
+    slope = -scale * invstd * grad_gamma / count
+    torch.addcmul((-scale * grad_beta / count - slope * mean).view(1, -1, 1), grads, scale.view(1, -1, 1), out=flat)
+    flat.addcmul_(rows, slope.view(1, -1, 1))
+    return out, grad_gamma, grad_beta
+
+
 class TrainingTail(torch.autograd.Function):
     """conv2, BN in training mode, the residual add and the ReLU as one autograd Function.
 
@@ -430,8 +483,11 @@ class TrainingTail(torch.autograd.Function):
     keeps (``kept``, an :class:`emactl.nn.ema.Reusable`), reused whenever nothing else still
     refers to it.
 
-    BN is torch's own kernel (``native_batch_norm`` and its backward), so batch statistics,
-    running statistics and gradients are those of ``nn.BatchNorm2d``.
+    BN computes what ``nn.BatchNorm2d`` does in training: batch statistics (the running variance
+    unbiased), the running statistics' update, the gradients. In bf16 it is torch's own kernel
+    (``native_batch_norm`` and its backward); in fp32 and fp64, where that kernel is slow on the
+    CPU (19.5 and 24 ms forward and backward at one thread, against 4.3 and 8.1 in bf16, at the
+    paper's shapes), a few plain passes: :func:`batch_norm_stats` and :func:`batch_norm_backward`.
 
     conv2 runs on the centred input ``y − ȳ`` (ȳ: the per-channel mean over the batch and the
     pixels). ``y`` comes out of a ReLU, so conv2's output has a mean about 50 times its standard
@@ -457,15 +513,20 @@ class TrainingTail(torch.autograd.Function):
         else:  # BN's output is copied to the input's dtype, and to its memory layout on the way
             out, normed = kept.get("out", shape, identity, memory_format=memory_format_of(identity)), kept.get("normed", shape, v)
         stats = v.new_empty(2, v.shape[1], dtype=torch.promote_types(v.dtype, torch.float32))  # save_mean, save_invstd
-        torch.ops.aten.native_batch_norm.out(
-            v, gamma, beta, running_mean, running_var, True, momentum, eps, out=normed, save_mean=stats[0], save_invstd=stats[1]
-        )
+        plain = plain_batch_norm(v)
+        if plain:
+            stats.copy_(torch.stack(batch_norm_stats(v, running_mean, running_var, momentum, eps)))
+            batch_norm_add_relu(v, identity, gamma, beta, stats[0], stats[1], out)
+        else:
+            torch.ops.aten.native_batch_norm.out(
+                v, gamma, beta, running_mean, running_var, True, momentum, eps, out=normed, save_mean=stats[0], save_invstd=stats[1]
+            )
+            if normed is not out:
+                out.copy_(normed)
+            add_relu_(out, identity)
         add_shift_back(running_mean, weight, mean, momentum)
-        if normed is not out:
-            out.copy_(normed)
-        add_relu_(out, identity)
         ctx.save_for_backward(y, v, weight, gamma, stats, out)
-        ctx.eps, ctx.kept, ctx.method = eps, kept, method
+        ctx.eps, ctx.kept, ctx.method, ctx.plain = eps, kept, method, plain
         return out
 
     @staticmethod
@@ -475,10 +536,13 @@ class TrainingTail(torch.autograd.Function):
         g = torch.ops.aten.threshold_backward.grad_input(
             grad, out, 0, grad_input=kept.get("grad_in", tuple(out.shape), out, memory_format=memory_format_of(out))
         )
-        g_bn = g if g.dtype == v.dtype else kept.get("grad_normed", tuple(v.shape), v).copy_(g)
-        grad_v, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
-            g_bn, v, gamma, None, None, stats[0], stats[1], True, ctx.eps, [True, needs[3], needs[4]]
-        )
+        if ctx.plain:
+            grad_v, grad_gamma, grad_beta = batch_norm_backward(g, v, gamma, stats[0], stats[1], kept.get("grad_conv2", tuple(v.shape), v))
+        else:
+            g_bn = g if g.dtype == v.dtype else kept.get("grad_normed", tuple(v.shape), v).copy_(g)
+            grad_v, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+                g_bn, v, gamma, None, None, stats[0], stats[1], True, ctx.eps, [True, needs[3], needs[4]]
+            )
         gv = grad_v.view(y.shape)
         grad_weight = batched_product(ctx.method, gv, y.transpose(1, 2)).sum(0) if needs[2] else None
         grad_y = batched_product(ctx.method, weight.t().unsqueeze(0), gv) if needs[0] else None
