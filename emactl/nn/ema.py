@@ -318,7 +318,8 @@ def add_relu_(y: Tensor, other: Tensor) -> Tensor:
     fused = getattr(torch.ops.aten, "_add_relu_", None)
     grad = torch.is_grad_enabled() and (y.requires_grad or other.requires_grad)
     plain = y.dtype in (torch.float32, torch.float64) and y.dtype == other.dtype
-    if fused is not None and plain and not grad and y.device.type == "cpu" and other.device == y.device:
+    traced = exporting() or torch.compiler.is_compiling()  # exporters and compilers see add and ReLU
+    if fused is not None and plain and not (grad or traced) and y.device.type == "cpu" and other.device == y.device:
         return fused(y, other)
     return torch.relu_(y.add_(other))
 
