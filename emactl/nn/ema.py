@@ -469,7 +469,7 @@ class EMAU(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if autocasting else x.dtype
         if dtype == x.dtype and x.is_contiguous():
             return x.view(b, c, h * w)
-        if (self.grad == "none" or not torch.is_grad_enabled()) and self._may_keep():
+        if (self.grad == "none" or not torch.is_grad_enabled()) and self._eager():
             with torch.no_grad():
                 feats = self._reusable.get("feats", (b, c, h * w), x, dtype)
                 feats.view(b, c, h, w).copy_(x)  # cast and layout change in one pass
@@ -483,7 +483,7 @@ class EMAU(nn.Module):
         bn = self.bn
         return (
             self.fuse_tail and self.training and bn.training and torch.is_grad_enabled() and x.device.type == "cpu"
-            and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and self._may_keep()
+            and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and self._eager()
         )
 
     def _training_tail(self, recon: Tensor, identity: Tensor) -> Tensor:
@@ -515,7 +515,7 @@ class EMAU(nn.Module):
         folded = not (self.training or torch.is_grad_enabled() or not bn.track_running_stats or bn.running_var is None)
         weight, shift = self.conv2.weight.view(c, c), None
         centre = None
-        if type(bn) is nn.BatchNorm2d and (bn.training or bn.running_mean is None) and self._may_keep():
+        if type(bn) is nn.BatchNorm2d and (bn.training or bn.running_mean is None) and self._eager():
             centre = channel_mean(y.detach())  # a constant: BN's output and y's gradient do not depend on it
             y = y - centre.view(1, -1, 1)
         if folded:
@@ -544,15 +544,16 @@ class EMAU(nn.Module):
             add_shift_back(bn.running_mean.data, used, centre, bn_momentum(bn))
         return out
 
-    def _may_keep(self) -> bool:
-        """Whether this forward may use kept tensors (:class:`Reusable`): not while torch.compile
-        or an exporter traces it, which must see one plain graph."""
+    def _eager(self) -> bool:
+        """Whether this forward runs eagerly, where it may use kept tensors (:class:`Reusable`),
+        the fused tail and conv2 on centred input: not while torch.compile or an exporter traces
+        it, which must see one plain graph."""
         return not (exporting() or torch.compiler.is_compiling())
 
     def _keeps(self) -> bool:
         """Whether this forward writes its intermediates, the output included, into kept tensors:
         without autograd, where nothing but the caller holds them."""
-        return not torch.is_grad_enabled() and self._may_keep()
+        return not torch.is_grad_enabled() and self._eager()
 
     def folds(self, pixels: int) -> bool:
         """Whether a forward over ``pixels`` folds conv1 into the products: where that saves
@@ -563,7 +564,7 @@ class EMAU(nn.Module):
     def _recon_buffer(self, b: int, c: int, n: int, like: Tensor) -> Tensor | None:
         """A kept (B, C, N) tensor for the reconstruction (see :class:`Reusable`), when the
         reconstruction needs no gradient."""
-        if (torch.is_grad_enabled() and self.grad != "none") or not self._may_keep():
+        if (torch.is_grad_enabled() and self.grad != "none") or not self._eager():
             return None
         return self._reusable.get("recon", (b, c, n), like)
 
