@@ -828,3 +828,42 @@ def test_plain_batch_norm_passes_match_torch_in_float64():
     grad_v, grad_gamma, grad_beta = batch_norm_backward(g, v, gamma, mean, invstd, torch.empty_like(v))
     assert rel_err(grad_v, leaf.grad) <= 1e-10
     assert rel_err(grad_gamma, weights[0].grad) <= 1e-12 and rel_err(grad_beta, weights[1].grad) <= 1e-12
+
+
+def test_reusable_never_hands_one_tensor_to_two_threads(monkeypatch):
+    """Thread A is held between the check that the kept tensor is free and taking it, while
+    thread B asks for the same one: B must not get it too."""
+    import threading
+
+    from emactl.nn import ema
+
+    kept, like = Reusable(), torch.empty(3)
+    address = kept.get("x", (3,), like).data_ptr()  # kept, and free again
+    real, first = ema.alone, threading.Event()
+    b_asked, b_done = threading.Event(), threading.Event()
+
+    def held_alone(t):
+        if not first.is_set():  # A's check: wait (briefly) for B to ask
+            first.set()
+            b_asked.wait(5)
+            b_done.wait(0.3)
+        return real(t)
+
+    monkeypatch.setattr(ema, "alone", held_alone)
+    got = {}
+
+    def thread_a():
+        got["a"] = kept.get("x", (3,), like)
+
+    def thread_b():
+        first.wait(5)
+        b_asked.set()
+        got["b"] = kept.get("x", (3,), like)
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert got["a"].data_ptr() == address and not shares_storage(got["a"], got["b"])

@@ -24,6 +24,7 @@ Gradient modes make the gap between the paper and the public code a choice:
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import NamedTuple
 
 import torch
@@ -251,6 +252,9 @@ def memory_format_of(t: Tensor) -> torch.memory_format:
     return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
+_HANDING_OUT = threading.Lock()  # one for every unit: get() is called a few times per forward
+
+
 class Reusable:
     """The big tensors a unit keeps from call to call instead of allocating them anew.
 
@@ -274,19 +278,20 @@ class Reusable:
         """A tensor of ``shape`` (``like``'s device, ``dtype`` or ``like``'s) to overwrite: the kept
         ``name`` when free, else a new one that is kept instead."""
         dtype = like.dtype if dtype is None else dtype
-        buf = self.kept.get(name)
-        fits = (
-            buf is not None
-            and buf.shape == shape
-            and buf.dtype == dtype
-            and buf.device == like.device
-            and buf.is_contiguous(memory_format=memory_format)
-            # an inference-mode tensor cannot be written outside inference mode (and back)
-            and buf.is_inference() == torch.is_inference_mode_enabled()
-        )
-        if not (fits and alone(buf)):
-            buf = self.kept[name] = torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format)
-        return buf.detach()  # an alias: while it lives, the kept tensor is not alone
+        with _HANDING_OUT:  # two threads running one unit: the check and the alias as one step
+            buf = self.kept.get(name)
+            fits = (
+                buf is not None
+                and buf.shape == shape
+                and buf.dtype == dtype
+                and buf.device == like.device
+                and buf.is_contiguous(memory_format=memory_format)
+                # an inference-mode tensor cannot be written outside inference mode (and back)
+                and buf.is_inference() == torch.is_inference_mode_enabled()
+            )
+            if not (fits and alone(buf)):
+                buf = self.kept[name] = torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format)
+            return buf.detach()  # an alias: while it lives, the kept tensor is not alone
 
 
 def channel_mean(y: Tensor) -> Tensor:
