@@ -867,3 +867,15 @@ def test_reusable_never_hands_one_tensor_to_two_threads(monkeypatch):
     for t in threads:
         t.join(10)
     assert got["a"].data_ptr() == address and not shares_storage(got["a"], got["b"])
+
+
+@ONEDNN
+def test_onednn_writes_only_into_an_out_it_may_return():
+    """``out`` lends its memory to the iterations only when it is the reconstruction's buffer:
+    one of another shape (here the transpose's) stays as it was, and the result is right."""
+    x, mu0 = features(2, 24, 40), init_bases(24, 6)
+    wrong = torch.full((2, 40, 24), 3.0)
+    with torch.no_grad():
+        ours = em_attention(x, mu0, 3, out=wrong, method="onednn")
+    assert torch.equal(wrong, torch.full((2, 40, 24), 3.0))
+    check(ours, reference_em(x, mu0), FP32_TOL)

@@ -251,7 +251,7 @@ def onednn_iterations(
     if mu.shape[0] > 1 and mu.stride(0) == 0:  # mu0 expanded over the batch
         mu = mu[:1]
     fits = (scratch is not None and scratch.numel() == x.numel() and scratch.dtype == x.dtype and scratch.is_contiguous()
-            and scratch.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+            and scratch.device == x.device and scratch.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
     xt = (scratch.view(b, n, c) if fits else x.new_empty(b, n, c)).copy_(x.transpose(1, 2))
     z = None
     for _ in range(iters):
@@ -431,7 +431,9 @@ def batch_norm_stats(v: Tensor, running_mean: Tensor, running_var: Tensor, momen
 
     One pass for Σv and one for Σv² (a per-row norm): the variance as E[v²] − mean², which
     loses digits as mean²/var grows. Here ``v`` is conv2's output on centred input, whose mean
-    is zero up to rounding, so nothing is lost; torch's fp32 kernel takes four times as long.
+    is zero up to rounding, so nothing is lost. At the paper's shapes, one thread, these passes
+    and :func:`batch_norm_add_relu` take about 8 ms where torch's fp32 kernel takes 19.5 for BN
+    alone (docs/BENCHMARKS.md).
     """
     b, c = v.shape[:2]
     rows = v.view(b, c, -1)

@@ -162,7 +162,8 @@ def em_attention(
     free_iters = {"none": iters, "last": iters - 1, "full": 0}[grad]
     z = None
     proj = (weight, bias)
-    scratch = out if grad == "none" else None  # written by the reconstruction only after the iterations
+    # the reconstruction's buffer, written only after the iterations, lends them its memory
+    scratch = out if grad == "none" and out is not None and out.shape == (b, mu.shape[1], x.shape[2]) else None
     with torch.no_grad() if free_iters else contextlib.nullcontext():
         z, mu, ran = _iterate(x, mu, free_iters, temperature, norm, z, method, block, proj, scratch)
     if free_iters < iters:
