@@ -267,7 +267,7 @@ def onednn_iterations(
                 del result
         if temperature != 1.0:
             z.mul_(temperature)
-        softmax_bases(z.transpose(1, 2))  # in place, over K
+        torch.softmax(z, -1, out=z)  # over K, the last dimension: PyTorch's kernel there rounds as finely as float64 allows
         mu = finish_m_step(onednn_bmm(x, z), z.transpose(1, 2), norm, weight, bias)
     return z.transpose(1, 2), mu
 
