@@ -147,6 +147,12 @@ def test_mlflow_sqlite_store_run(tmp_path):
         assert_series(history, expected[tag])
     assert "recipe.yaml" in [a.path for a in client.list_artifacts(found.info.run_id)]
     assert list((run / "mlartifacts").rglob("recipe.yaml"))  # everything stays in the run
+    assert (run / "mlflow-run-id").read_text().strip() == found.info.run_id
+
+    train(make_recipe(tmp_path, "train.iters=3", "train.loggers=[jsonl,mlflow]"), run, resume=True, progress=False)
+    (resumed,) = client.search_runs([experiment.experiment_id])  # the same run, not a second one
+    assert resumed.info.run_id == found.info.run_id and resumed.info.status == "FINISHED"
+    assert 3 in {m.step for m in client.get_metric_history(found.info.run_id, "train/loss")}
 
 
 def test_wandb_offline_run(tmp_path, monkeypatch):

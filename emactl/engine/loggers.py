@@ -125,7 +125,14 @@ class WandbLogger:
 
 class MLflowLogger:
     """An MLflow run in the experiment named after the recipe, through ``MlflowClient`` (no
-    global active run), with the resolved recipe as an artifact."""
+    global active run), with the resolved recipe as an artifact.
+
+    Its id is kept in ``<run_dir>/mlflow-run-id``, so a resumed training logs into the same run
+    while the store still holds it (steps logged after the last checkpoint, before the
+    interruption, then appear twice in its history); otherwise a new run starts.
+    """
+
+    ID_FILE = "mlflow-run-id"
 
     def __init__(self, run_dir: Path, recipe: Recipe) -> None:
         mlflow = _import("mlflow")
@@ -140,10 +147,23 @@ class MLflowLogger:
         experiment = self.client.get_experiment_by_name(recipe.name)
         experiment_id = (experiment.experiment_id if experiment is not None
                          else self.client.create_experiment(recipe.name, artifacts))
-        self.run_id = self.client.create_run(experiment_id, run_name=recipe.name).info.run_id
+        id_file = run_dir / self.ID_FILE
+        self.run_id = self._resumable(id_file.read_text().strip()) if id_file.is_file() else None
+        if self.run_id is None:
+            self.run_id = self.client.create_run(experiment_id, run_name=recipe.name).info.run_id
+            write_text(id_file, self.run_id + "\n")
         recipe_file = Path(run_dir) / "recipe.yaml"
         if recipe_file.is_file():
             self.client.log_artifact(self.run_id, str(recipe_file))
+
+    def _resumable(self, run_id: str) -> str | None:
+        """``run_id`` marked running again, if the store holds it; else None."""
+        try:
+            self.client.get_run(run_id)
+        except Exception:  # MlflowException: a new store, or the run was deleted
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
 
     def log(self, record: dict[str, Any]) -> None:
         now = int(time.time() * 1000)

@@ -7,7 +7,7 @@
     metrics.jsonl        one JSON object per line: {"kind": "train"|"val", "iter": ..., ...}
     checkpoints/         iter_XXXXXXX.pt (see :mod:`emactl.engine.checkpoint`)
     eval/                the final evaluation tables
-    tb/, wandb/, mlflow.db, mlartifacts/   the optional loggers' files (``train.loggers``, see :mod:`emactl.engine.loggers`)
+    tb/, wandb/, mlflow.db, mlartifacts/, mlflow-run-id   the optional loggers' files (``train.loggers``, see :mod:`emactl.engine.loggers`)
 
 Only rank 0 writes any of it.
 """
