@@ -425,11 +425,16 @@ def conv_operands(b: int = 2, c: int = 6, n: int = 1100, seed: int = 3):
 
 
 @ONEDNN
+@pytest.mark.parametrize("result_bytes", [1 << 21, 100], ids=["whole", "rows-of-3"])
 @pytest.mark.parametrize("batched", [False, True], ids=["shared-a", "batched-a"])
-def test_onednn_bmm_matches_a_float64_loop(batched):
+def test_onednn_bmm_matches_a_float64_loop(batched, result_bytes, monkeypatch):
     """Every operand as a view (a transposed b, a sliced out), a shift per row, against sums
-    written out one entry at a time in float64."""
+    written out one entry at a time in float64; each sample's result whole, or made a block of
+    rows at a time (3, 3 and 1 of the 7)."""
+    from emactl.nn import em_cpu
     from emactl.nn.em_cpu import onednn_bmm
+
+    monkeypatch.setattr(em_cpu, "RESULT_BYTES", result_bytes)
 
     g = torch.Generator().manual_seed(5)
     a = torch.randn(3 if batched else 1, 7, 5, generator=g)

@@ -49,6 +49,8 @@ from .ema import add_relu_, add_shift_back, channel_mean, finish_m_step, memory_
 
 BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half a core's L2 here
 LARGE = 1 << 26  # multiply-adds per sample and product (C·N·K) from which auto leaves bmm
+RESULT_BYTES = 1 << 21  # onednn_bmm makes a shallow product's result a block of rows of about this size at a time
+SHALLOW = 128  # products' depth (K) up to which onednn_bmm splits large results
 
 
 @functools.cache
@@ -77,20 +79,31 @@ def onednn_bmm(a: Tensor, b: Tensor, out: Tensor | None = None, shift: Tensor | 
     by oneDNN's fp32 matrix product, one sample at a time, into ``out`` (B, M, N) when given.
 
     The op computes ``input · weightᵀ``; ``b``'s sample transposed is a view, so no operand is
-    copied. It has no ``out=`` form: each sample's result (8.6 MB for a reconstruction at the
-    paper's shapes) is copied in, then freed before the next sample's is made, so that the
-    allocator hands the same, already mapped memory back (12.0 → 9.3 ms for that product here).
+    copied. It has no ``out=`` form, so each result is copied in, and freed before the next is
+    made, so that the allocator hands the same memory back. A shallow product (K ≤
+    :data:`SHALLOW`, as the reconstruction's K = 64) is bound by writing its result, not by its
+    arithmetic: a sample's result larger than :data:`RESULT_BYTES` (8.6 MB for the
+    reconstruction at the paper's shapes) is then made a block of rows at a time, each copied
+    out while it is still in cache. A deep one (conv2's K = 512) loses by the split
+    (docs/BENCHMARKS.md).
     """
     product = torch.ops.mkldnn._linear_pointwise
     bt = b.transpose(1, 2)
-    out = b.new_empty(b.shape[0], a.shape[1], b.shape[2]) if out is None else out
+    rows_total, n = a.shape[1], b.shape[2]
+    out = b.new_empty(b.shape[0], rows_total, n) if out is None else out
+    shallow = a.shape[2] <= SHALLOW
+    blocks = max(1, math.ceil(rows_total * n * b.element_size() / RESULT_BYTES)) if shallow else 1
+    rows = math.ceil(rows_total / blocks)
     for s in range(b.shape[0]):
-        result = product(a[s if a.shape[0] > 1 else 0], bt[s], None, "none", [], "")
-        if shift is None:
-            out[s].copy_(result)
-        else:
-            torch.add(result, shift[s if shift.shape[0] > 1 else 0].unsqueeze(1), out=out[s])
-        del result
+        a_s = a[s if a.shape[0] > 1 else 0]
+        shift_s = None if shift is None else shift[s if shift.shape[0] > 1 else 0]
+        for r0 in range(0, rows_total, rows):
+            result = product(a_s[r0:r0 + rows], bt[s], None, "none", [], "")
+            if shift_s is None:
+                out[s, r0:r0 + rows].copy_(result)
+            else:
+                torch.add(result, shift_s[r0:r0 + rows].unsqueeze(1), out=out[s, r0:r0 + rows])
+            del result
     return out
 
 
