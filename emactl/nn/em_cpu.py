@@ -451,7 +451,7 @@ def batch_norm_stats(v: Tensor, running_mean: Tensor, running_var: Tensor, momen
     b, c = v.shape[:2]
     rows = v.view(b, c, -1)
     count = rows.shape[0] * rows.shape[2]
-    mean = rows.sum(2).sum(0) / count
+    mean = channel_mean(rows)
     var = (torch.linalg.vector_norm(rows, dim=2).square_().sum(0) / count - mean.square()).clamp_min_(0)
     with torch.no_grad():
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
