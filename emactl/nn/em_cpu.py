@@ -10,9 +10,11 @@ count (docs/BENCHMARKS.md has the figures and the commands that measured them):
 * ``blocked``: the plain order reads all of ``x`` twice per iteration;
   :func:`blocked_iterations` reads it once, block of pixels by block;
 * ``onednn``: every product by oneDNN's fp32 matrix product (the op torch.compile uses for a
-  linear layer on the CPU) one sample at a time, each operand a view of the tensors as they are
-  (:func:`onednn_bmm`). Where MKL's sgemm runs these skinny products below its square rate,
-  oneDNN's kernels can run them near it; the reconstruction ``mu zᵀ`` then runs the same way.
+  linear layer on the CPU) one sample at a time (:func:`onednn_bmm`), the logits stored
+  (B, N, K) so that the E step reads a transposed copy of the features, made once per call
+  (:func:`onednn_iterations`). Where MKL's sgemm runs these skinny products below its square
+  rate, oneDNN's kernels can run them near it; the reconstruction ``mu zᵀ`` then runs the same
+  way.
 
 ``auto`` considers them for large products only, of at least :data:`LARGE` multiply-adds per
 sample (C·N·K; the paper's 512·65²·64 is 138 M): below that their per-call overheads cost more
