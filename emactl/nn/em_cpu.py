@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ema import add_relu_, add_shift_back, channel_mean, finish_m_step, memory_format_of, plain_iterations, softmax_bases
+from .ema import (add_relu_, add_shift_back, channel_mean, finish_m_step, folded_bases, memory_format_of, plain_iterations,
+                  softmax_bases)
 
 BLOCK_BYTES = 1 << 20  # one sample's share of a pixel block: about half a core's L2 here
 LARGE = 1 << 26  # multiply-adds per sample and product (C·N·K) from which auto leaves bmm
@@ -200,12 +201,12 @@ def run_fast(
 
 
 def _folded(mu: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The E step's operands for bases ``mu`` ((B,) C, K): weightᵀ·mu and muᵀ·bias (see e_step)."""
+    """The E step's operands for bases ``mu`` ((B,) C, K): weightᵀ·mu and muᵀ·bias (see
+    :func:`emactl.nn.ema.folded_bases`), or ``mu`` itself without a folded convolution."""
     if weight is None:
         return mu, None
-    mu_t = mu.transpose(-1, -2)
-    nu_t = torch.mm(mu_t.reshape(-1, mu.shape[-2]), weight).view(*mu_t.shape[:-1], -1)
-    return nu_t.transpose(-1, -2), (torch.matmul(mu_t, bias) if bias is not None else None)
+    nu_t, shift = folded_bases(mu, weight, bias)
+    return nu_t.transpose(-1, -2), shift
 
 
 def conv_iterations(

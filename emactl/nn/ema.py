@@ -64,13 +64,24 @@ def e_step(x: Tensor, mu: Tensor, temperature: float, weight: Tensor | None = No
     if weight is None:
         logits = torch.bmm(mu.transpose(1, 2), x)
     else:
-        b, c, k = mu.shape  # (B, K, C_in) as one (B·K, C) × (C, C_in) product, not B of them
-        nu_t = torch.mm(mu.transpose(1, 2).reshape(b * k, c), weight).view(b, k, -1)
-        shift = torch.matmul(mu.transpose(1, 2), bias).unsqueeze(2) if bias is not None else None
-        logits = torch.bmm(nu_t, x) if shift is None else torch.baddbmm(shift, nu_t, x)
+        nu_t, shift = folded_bases(mu, weight, bias)
+        logits = torch.bmm(nu_t, x) if shift is None else torch.baddbmm(shift.unsqueeze(2), nu_t, x)
     if temperature != 1.0:
         logits = logits * temperature
     return softmax_bases(logits)
+
+
+def folded_bases(mu: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The E step's operands for features ``weight·x + bias`` and bases ``mu`` ((B,) C, K):
+    ``(weightᵀ mu)ᵀ`` ((B,) K, C_in), as one (B·K, C) × (C, C_in) product, and ``muᵀ bias``
+    ((B,) K), or None without a bias. Bases expanded over the batch (the first iteration's
+    ``mu0``) are mapped once and the results expanded alike."""
+    if mu.dim() == 3 and mu.shape[0] > 1 and mu.stride(0) == 0:
+        nu_t, shift = folded_bases(mu[:1], weight, bias)
+        return nu_t.expand(mu.shape[0], -1, -1), None if shift is None else shift.expand(mu.shape[0], -1)
+    mu_t = mu.transpose(-1, -2)
+    nu_t = torch.mm(mu_t.reshape(-1, mu.shape[-2]), weight).view(*mu_t.shape[:-1], -1)
+    return nu_t, None if bias is None else torch.matmul(mu_t, bias)
 
 
 def softmax_bases(logits: Tensor, out: Tensor | None = None) -> Tensor:
