@@ -436,3 +436,24 @@ def test_unit_section_tables():
     assert len(errors) == 2 * len(UNITS) and set(errors["dtype"]) == {"fp32", "bf16"}
     fp32, bf16 = (errors[errors["dtype"] == d].set_index("unit")["rel. error"] for d in ("fp32", "bf16"))
     assert (fp32 < 1e-4).all() and (bf16 > 10 * fp32).all() and (bf16 < 0.2).all()  # bf16 rounds, fp32 barely
+
+
+def test_unit_work_is_the_products_counted_by_hand():
+    """conv1 and conv2 are 2·B·N·C² FLOPs each, EM 2(2T+1)·B·N·K·C; folded, conv1 becomes 2T
+    products of the bases through it (2·B·K·C² each; the first, from bases the batch shares,
+    2·K·C²); training adds conv2's weight gradient. The bias terms (·B·K·C) stay under 0.5 %."""
+    from emactl.profile.unit import make_units, profile_unit, unit_gflop
+
+    b, c, side, k, t = 2, 16, 9, 4, 2
+    n = side * side
+    conv, em = 2 * b * n * c * c, 2 * (2 * t + 1) * b * n * k * c
+    folds = (2 * t - 1) * 2 * b * k * c * c + 2 * k * c * c
+    want = {("reference", "eval"): conv + em + conv, ("emactl", "eval"): em + folds + conv}
+    want.update({(name, "train"): flops + conv for (name, _), flops in list(want.items())})
+    units = make_units(c, k, t, torch.device("cpu"))
+    x = torch.randn(b, c, side, side)
+    for (name, mode), flops in want.items():
+        assert unit_gflop(units[name], x, mode) * 1e9 == pytest.approx(flops, rel=0.005), (name, mode)
+    rows, _ = profile_unit(b, c, side, k, t, torch.device("cpu"), [torch.float32], [1], repeats=1)
+    assert (rows["GFLOP"] > 0).all() and (rows["fraction of mm rate"] > 0).all()
+    assert rows.set_index(["unit", "mode"])["GFLOP"][("emactl", "train")] * 1e9 == pytest.approx(want[("emactl", "train")], rel=0.005)

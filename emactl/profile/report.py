@@ -283,6 +283,10 @@ def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
             "eval: forward under no_grad in eval mode; train: training-mode forward, backward from a fixed random output "
             "gradient (as the layers after the unit hand it one; no loss is timed) and the bases update; bf16: under torch.autocast (parameters fp32), fp32 inputs",
             "low, high: the spread of a ratio over the rounds, q1(emactl)/q3(reference) and q3(emactl)/q1(reference)",
+            "GFLOP: the unit's matrix products per call (conv, mm, bmm; 2 per multiply-add; forward, and in train the "
+            "backward), counted by torch FlopCounterMode on a meta copy (emactl.profile.unit.unit_gflop); fraction of mm "
+            f"rate: GFLOP / time against a square {SQUARE.get(s.device.type, SQUARE['cpu'])}^3 torch.mm of the same dtype "
+            "timed in the same rounds",
             "train output vs float64: max |output - float64 output| / max |float64 output| of one training-mode "
             "forward with autograd of each unit (fp32, or under bf16 autocast) against a float64 copy of itself, "
             "on the first two images",

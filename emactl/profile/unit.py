@@ -7,6 +7,11 @@ iterations, reconstruction, 1×1 conv + BN, residual, ReLU), in eval (a forward 
 same weights and inputs and are timed in the same interleaved rounds, at one thread and at all
 of them, in fp32 and under bf16 autocast. The training output in each dtype is also compared
 with a float64 run of the same unit, for both.
+
+Each unit's matrix-product work is counted too (:func:`unit_gflop`), and a square ``torch.mm``
+of the same dtype is timed in the same rounds, so the table shows how close each unit runs to
+the machine's matrix rate: a unit can only beat another by doing less work or by running its
+work closer to that rate.
 """
 from __future__ import annotations
 
@@ -17,14 +22,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..device import autocast
 from ..nn.ema import EMAU
-from .emattention import DTYPE_NAMES
+from .emattention import DTYPE_NAMES, SQUARE
 from .reference import reference_em_attention
 from .timing import Timing, measure_many
 
 UNITS = ("emactl", "emactl unfolded", "emactl plain products", "emactl unfused tail", "reference")
+MM = "mm"  # the square matrix product whose rate each unit's is measured against
 
 
 class ReferenceEMAU(nn.Module):
@@ -121,6 +128,23 @@ def train_call(unit: nn.Module, x: Tensor, grad: Tensor, device: torch.device, d
     return run
 
 
+def unit_gflop(unit: nn.Module, x: Tensor, mode: str) -> float:
+    """GFLOP of the matrix products (convolutions, mm, bmm; 2 per multiply-add) of one call of
+    ``unit`` on an input shaped like ``x``: the forward, and in ``train`` the backward too.
+    Counted by FlopCounterMode on a meta copy with every product a plain batched one, which does
+    the same arithmetic as the CPU methods (oneDNN's own op is invisible to the counter)."""
+    meta = copy.deepcopy(unit).to("meta").train(mode == "train")
+    if isinstance(meta, EMAU):
+        meta.method = "bmm"
+    inputs = torch.empty(x.shape, device="meta", requires_grad=mode == "train")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.set_grad_enabled(mode == "train"):
+        out = meta(inputs)
+        if mode == "train":
+            out.backward(torch.empty_like(out))
+    return counter.get_total_flops() / 1e9
+
+
 def training_error(units: dict[str, nn.Module], x: Tensor, dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Relative error (max |diff| / max |float64|) of each unit's training-mode output, fp32 or
     under ``dtype`` autocast, against a float64 copy of the same unit on the same input, with
@@ -154,6 +178,9 @@ def profile_unit(
 
     torch.manual_seed(1)
     x = torch.randn(batch, channels, size, size, device=device).relu()  # after the head's conv + BN + ReLU
+    square = SQUARE.get(device.type, SQUARE["cpu"])
+    gflop = {(name, mode): unit_gflop(unit, x, mode)
+             for name, unit in make_units(channels, bases, iters, device).items() for mode in ("eval", "train")}
     grad = torch.randn(batch, channels, size, size, device=device)
     previous = torch.get_num_threads()
     rows, summary = [], []
@@ -168,11 +195,18 @@ def profile_unit(
                     fns[(name, DTYPE_NAMES[dtype], mode)] = (
                         eval_call(unit, x, device, dtype) if mode == "eval" else train_call(unit, x, grad, device, dtype)
                     )
+            for dtype in dtypes:  # the machine's matrix rate in this dtype, in the same rounds
+                a = torch.randn(square, square, device=device, dtype=dtype)
+                fns[(MM, DTYPE_NAMES[dtype], "-")] = lambda a=a: torch.mm(a, a)
             timings = measure_many(fns, device, rounds=repeats)
             for (name, d, mode), t in timings.items():
-                ref = timings[("reference", d, mode)]
+                if name == MM:
+                    continue
+                ref, rate = timings[("reference", d, mode)], 2 * square**3 / timings[(MM, d, "-")].median
+                work = gflop[(name, mode)]
                 rows.append({"threads": threads, "dtype": d, "mode": mode, "unit": name, "ms": t.ms,
-                             "IQR (ms)": t.iqr * 1e3, "time / reference": t.median / ref.median})
+                             "IQR (ms)": t.iqr * 1e3, "time / reference": t.median / ref.median, "GFLOP": work,
+                             "fraction of mm rate": work * 1e9 / t.median / rate})
             for d in [DTYPE_NAMES[dt] for dt in dtypes]:
                 for mode in ("eval", "train"):
                     for name in UNITS[:-1]:
