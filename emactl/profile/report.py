@@ -252,6 +252,13 @@ def run_ema(s: ProfileSettings, console: Console) -> SectionResult:
     )
 
 
+def tf32_note() -> str:
+    """How fp32 convolutions and matmuls run on CUDA in this process (TF32 or full fp32)."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    return (f"fp32 convolutions {'in TF32' if conv else 'in full fp32'} (torch.backends.cudnn.allow_tf32={conv}, "
+            f"PyTorch's default is True), fp32 matmuls {'in TF32' if mm else 'in full fp32'}")
+
+
 def unit_threads(s: ProfileSettings) -> list[int]:
     """One thread and all of them on the CPU (``--threads`` replaces "all"); torch's choice elsewhere."""
     if s.device.type != "cpu":
@@ -290,6 +297,7 @@ def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
             "train output vs float64: max |output - float64 output| / max |float64 output| of one training-mode "
             "forward with autograd of each unit (fp32, or under bf16 autocast) against a float64 copy of itself, "
             "on the first two images",
+            *([f"fp32 on CUDA: {tf32_note()}"] if s.device.type == "cuda" else []),
             TIMING_NOTE,
         ],
     )
@@ -325,10 +333,7 @@ def run_train(s: ProfileSettings, console: Console) -> SectionResult:
         "as in the networks section; every variant of a network starts from the same weights",
         "fp32 eager: fp32, contiguous NCHW model and input, no compilation (the baseline of every ratio)"
         + (
-            "; cudnn.benchmark on for every variant (kernels chosen in the warm-up step); fp32 convolutions "
-            f"{'in TF32' if torch.backends.cudnn.allow_tf32 else 'in full fp32'} (torch.backends.cudnn.allow_tf32="
-            f"{torch.backends.cudnn.allow_tf32}, PyTorch's default is True), fp32 matmuls "
-            f"{'in TF32' if torch.backends.cuda.matmul.allow_tf32 else 'in full fp32'}"
+            "; cudnn.benchmark on for every variant (kernels chosen in the warm-up step); " + tf32_note()
             if s.device.type == "cuda"
             else ""
         ),
