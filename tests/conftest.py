@@ -40,9 +40,11 @@ def one_thread():
 
 @dataclass
 class FakeTensorBoard:
-    """What the trainer's TensorBoard writer was given: its log directories and every scalar."""
+    """What the trainer's TensorBoard writer was given: its log directories, the step from which
+    each purges what an interrupted run wrote, and every scalar."""
 
     log_dirs: list[str] = field(default_factory=list)
+    purge_steps: list[int | None] = field(default_factory=list)
     calls: list[tuple[str, float, int]] = field(default_factory=list)
 
 
@@ -52,8 +54,9 @@ def fake_tensorboard(monkeypatch) -> FakeTensorBoard:
     seen = FakeTensorBoard()
 
     class FakeWriter:
-        def __init__(self, log_dir: str) -> None:
+        def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
             seen.log_dirs.append(log_dir)
+            seen.purge_steps.append(purge_step)
 
         def add_scalar(self, tag: str, value: float, step: int) -> None:
             seen.calls.append((tag, value, step))

@@ -66,7 +66,7 @@ class Recorder:
 
 def test_a_failing_backend_is_dropped_and_jsonl_keeps_everything(tmp_path, capsys):
     good, bad = Recorder(), Recorder(fail_at=2)
-    log = MetricsLogger(tmp_path, tensorboard=False)
+    log = MetricsLogger(tmp_path)
     log.attach(Loggers([("good", good), ("bad", bad)]))
     for it in (1, 2, 3):
         log.log({"kind": "train", "iter": it, "loss": 1.0 / it})
@@ -111,6 +111,25 @@ def test_tensorboard_gets_every_jsonl_scalar_through_the_trainer(tmp_path, fake_
     for tag, value, step in calls:
         got.setdefault(tag, []).append((step, value))
     assert got == expected
+    assert fake_tensorboard.purge_steps == [None]  # a first training purges nothing
+
+
+def test_a_resumed_training_purges_tensorboard_from_its_first_logged_step(tmp_path, fake_tensorboard):
+    """Resumed at iteration I, TensorBoard hides the interrupted run's events from I + 1 on (the
+    steps that training logs again), or from I when it ends there and validates again; the
+    scalars it then gets are exactly the records added to metrics.jsonl."""
+    run = tmp_path / "run"
+    train(make_recipe(tmp_path, "train.iters=2", "train.loggers=[tensorboard]"), run, progress=False)
+    before = len(read_metrics(run))
+    fake_tensorboard.calls.clear()
+    train(make_recipe(tmp_path, "train.iters=3", "train.loggers=[tensorboard]"), run, resume=True, progress=False)
+    added = read_metrics(run)[before:]
+    assert [r["iter"] for r in added if r["kind"] == "train"] == [3]
+    assert fake_tensorboard.purge_steps == [None, 3]
+    assert sorted({step for _, _, step in fake_tensorboard.calls}) == [3]
+    train(make_recipe(tmp_path, "train.iters=3", "train.loggers=[tensorboard]"), run, resume=True, progress=False)
+    assert fake_tensorboard.purge_steps == [None, 3, 3]  # at its end: validation at 3 runs again
+    assert [r["iter"] for r in read_metrics(run) if r["kind"] == "val"].count(3) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,6 +146,22 @@ def test_tensorboard_event_files(tmp_path):
     events.Reload()
     loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert_series(loss, jsonl_scalars(tmp_path / "run")["train/loss"])
+
+
+def test_tensorboard_shows_each_step_once_after_a_crash_and_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    settings = ("train.iters=4", "train.ckpt_every=2", "train.log_every=1", "train.loggers=[tensorboard]")
+    train(make_recipe(tmp_path, *settings), run, progress=False)
+    (run / "checkpoints" / "iter_0000004.pt").unlink()  # killed after step 4's log, before its checkpoint
+    train(make_recipe(tmp_path, *settings), run, resume=True, progress=False)
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in loss] == [1, 2, 3, 4]  # without the purge: 1, 2, 3, 4, 3, 4
+    assert_series(loss, jsonl_scalars(run)["train/loss"])
 
 
 def test_mlflow_sqlite_store_run(tmp_path):

@@ -127,7 +127,7 @@ def test_existing_run_needs_resume_and_keep_ckpts(tmp_path: Path) -> None:
 
 
 def test_metrics_truncate_drops_lines_after_checkpoint_and_partial_lines(tmp_path: Path) -> None:
-    log = MetricsLogger(tmp_path, tensorboard=False)
+    log = MetricsLogger(tmp_path)
     for it in range(1, 6):
         log.log({"kind": "train", "iter": it, "loss": 1.0})
         if it == 3:
@@ -138,15 +138,6 @@ def test_metrics_truncate_drops_lines_after_checkpoint_and_partial_lines(tmp_pat
     assert [(r["kind"], r["iter"]) for r in read_metrics(tmp_path)] == [("train", 1), ("train", 2), ("train", 3), ("val", 3)]
     log.truncate(3, keep_val_at=False)
     assert [r["iter"] for r in read_metrics(tmp_path)] == [1, 2, 3]
-
-
-def test_tensorboard_scalars_when_available(tmp_path: Path, fake_tensorboard) -> None:
-    calls = fake_tensorboard.calls
-    log = MetricsLogger(tmp_path)
-    log.log({"kind": "train", "iter": 7, "loss": 0.5, "lr": 0.01, "img_per_s": 3.0, "time": 1.0})
-    log.close()
-    assert ("train/loss", 0.5, 7) in calls and ("train/lr", 0.01, 7) in calls
-    assert not any(tag == "train/time" for tag, _, _ in calls)
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,10 +82,15 @@ def require_loggers(cfg: TrainConfig) -> None:
 
 
 class TensorBoardLogger:
-    """Scalars into ``<run_dir>/tb`` with ``torch.utils.tensorboard``."""
+    """Scalars into ``<run_dir>/tb`` with ``torch.utils.tensorboard``.
 
-    def __init__(self, folder: Path) -> None:
-        self.writer = _import("tensorboard").SummaryWriter(log_dir=str(folder))
+    A resumed training passes the first step it logs again as ``purge_step``: TensorBoard then
+    hides what the interrupted run had logged from that step on, so each step shows once, as in
+    ``metrics.jsonl`` (which the trainer truncates the same way).
+    """
+
+    def __init__(self, folder: Path, purge_step: int | None = None) -> None:
+        self.writer = _import("tensorboard").SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
     def log(self, record: dict[str, Any]) -> None:
         step = int(record["iter"])
@@ -202,12 +207,14 @@ class Loggers:
         self.backends = []
 
 
-BACKENDS = {"tensorboard": lambda run_dir, recipe: TensorBoardLogger(Path(run_dir) / "tb"),
-            "wandb": WandbLogger, "mlflow": MLflowLogger}
+BACKENDS = {"tensorboard": lambda run_dir, recipe, relog_from: TensorBoardLogger(Path(run_dir) / "tb", relog_from),
+            "wandb": lambda run_dir, recipe, relog_from: WandbLogger(run_dir, recipe),
+            "mlflow": lambda run_dir, recipe, relog_from: MLflowLogger(run_dir, recipe)}
 
 
-def build_loggers(run_dir: Path, recipe: Recipe) -> Loggers:
-    """The back-ends ``train.loggers`` names besides ``jsonl`` (always written).
+def build_loggers(run_dir: Path, recipe: Recipe, relog_from: int | None = None) -> Loggers:
+    """The back-ends ``train.loggers`` names besides ``jsonl`` (always written). A resumed
+    training passes ``relog_from``, the first step it logs again (see :class:`TensorBoardLogger`).
 
     Called on rank 0 only, so a back-end that fails to start (its package imported, see
     :func:`require_loggers`) is dropped with a warning: raising here would leave the other
@@ -218,6 +225,6 @@ def build_loggers(run_dir: Path, recipe: Recipe) -> Loggers:
         if name == "jsonl":
             continue
         box: list[Backend] = []
-        if loggers._guard(name, "start", lambda n=name: box.append(BACKENDS[n](run_dir, recipe))):
+        if loggers._guard(name, "start", lambda n=name: box.append(BACKENDS[n](run_dir, recipe, relog_from))):
             loggers.backends.append((name, box[0]))
     return loggers

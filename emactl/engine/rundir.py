@@ -114,7 +114,7 @@ def write_env(run_dir: Path, env: dict[str, Any]) -> Path:
 
 
 class MetricsLogger:
-    """Append JSON lines to ``metrics.jsonl`` (and scalars to TensorBoard when available).
+    """Append JSON lines to ``metrics.jsonl``.
 
     Each line is flushed as it is written, so a killed run loses at most a partial last line;
     :meth:`truncate` removes that and anything logged after the checkpoint being resumed.
@@ -122,15 +122,12 @@ class MetricsLogger:
     back-ends of ``train.loggers``, which get a copy of every record written.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
-        self._tb: Any = None
         self._extra: Any = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                self._tb = _summary_writer(Path(run_dir) / "tb")
 
     def attach(self, loggers: Any) -> None:
         """Also send every record to ``loggers`` (an :class:`emactl.engine.loggers.Loggers`)."""
@@ -166,31 +163,13 @@ class MetricsLogger:
                 f.flush()
         except OSError as e:
             raise write_failure(self.path, e) from None
-        if self._tb is not None:
-            step = int(record["iter"])
-            for key, value in record.items():
-                if key not in ("kind", "iter", "time") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{record['kind']}/{key}", value, step)
-            self._tb.flush()
         if self._extra is not None:
             self._extra.log(record)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
         if self._extra is not None:
             self._extra.close()
             self._extra = None
-
-
-def _summary_writer(folder: Path) -> Any:
-    """A TensorBoard ``SummaryWriter``, or None when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=str(folder))
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

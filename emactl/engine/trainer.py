@@ -791,7 +791,7 @@ class _Trainer:
 
     def run(self) -> TrainResult:
         start = time.perf_counter()
-        logger = MetricsLogger(self.run_dir, enabled=self.main, tensorboard=False)
+        logger = MetricsLogger(self.run_dir, enabled=self.main)
         if self.main:
             self._begin(logger)
         stopped_by: int | None = None
@@ -841,8 +841,10 @@ class _Trainer:
             listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())
             _console.print(f"resuming with changed settings: {listed}", markup=False, highlight=False)
         write_env(self.run_dir, env)
-        logger.truncate(self.iteration, keep_val_at=self.iteration < cfg.iters)
-        logger.attach(build_loggers(self.run_dir, self.recipe))
+        keep_val_at = self.iteration < cfg.iters  # resumed at the end, it validates again
+        logger.truncate(self.iteration, keep_val_at=keep_val_at)
+        relog_from = None if resumed is None else self.iteration + keep_val_at
+        logger.attach(build_loggers(self.run_dir, self.recipe, relog_from))
         where = f"resuming {self.resume_from} at iteration {self.iteration}" if resumed is not None else "training"
         _console.print(
             f"{where} → {self.run_dir} on {self.device} × {self.info.world_size} "
