@@ -351,6 +351,7 @@ def test_cli_tiny_sections_write_tables(tmp_path):
         ("--sections", "train", "--compile-timeout", "0"),
         ("--batch", "1", "--sections", "train"),
         ("--batch", "1", "--sections", "heads"),
+        ("--batch", "1", "--size", "1", "--sections", "unit"),
         ("--threads", "0"),
         ("--device", "tpu"),
     ],

@@ -171,6 +171,11 @@ def validate(s: ProfileSettings) -> None:
             f"--batch 1: the {'/'.join(sorted(training))} section times training steps, and training-mode "
             "BatchNorm after the 1x1 pooling branches (ASPP, PSP) needs a batch of at least 2"
         )
+    if "unit" in s.sections and s.section_batch(EMA_BATCH) * s.section_size(EMA_SIZE) ** 2 < 2:
+        raise UserError(
+            f"--batch {s.section_batch(EMA_BATCH)} --size {s.section_size(EMA_SIZE)}: the unit section trains the EMA "
+            "unit, whose BatchNorm needs more than one value per channel; use --size 2 or more, or --batch 2 or more"
+        )
     if "export" in s.sections:
         _validate_export(s)
     networks = [name for name in ("networks", "train") if name in s.sections]
