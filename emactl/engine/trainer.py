@@ -843,7 +843,7 @@ class _Trainer:
         write_env(self.run_dir, env)
         keep_val_at = self.iteration < cfg.iters  # resumed at the end, it validates again
         logger.truncate(self.iteration, keep_val_at=keep_val_at)
-        relog_from = None if resumed is None else self.iteration + keep_val_at
+        relog_from = None if resumed is None else (self.iteration + 1 if keep_val_at else self.iteration)
         logger.attach(build_loggers(self.run_dir, self.recipe, relog_from))
         where = f"resuming {self.resume_from} at iteration {self.iteration}" if resumed is not None else "training"
         _console.print(
