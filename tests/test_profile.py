@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 
 import pandas as pd
 import pytest
@@ -25,7 +26,7 @@ from emactl.profile.published import PUBLISHED, published, published_check
 from emactl.profile.reference import reference_em_attention
 from emactl.profile.scaling import fit_exponent
 from emactl.profile.settings import HEADS, ProfileSettings
-from emactl.profile.timing import measure_many
+from emactl.profile.timing import FaultCount, measure_many
 from emactl.profile.training import compile_step, profile_training, train_step_flops
 
 from reference import reference_em
@@ -158,6 +159,17 @@ def test_fit_exponent_recovers_known_exponent():
     assert fit_exponent(n, noisy)[0] == pytest.approx(0.97, abs=0.05)
     with pytest.raises(ValueError):
         fit_exponent([10, 10], [1.0, 2.0])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="getrusage is Unix-only")
+def test_fault_count_sees_memory_mapped_fresh_and_not_memory_reused():
+    kept = torch.empty(16 << 20)  # 64 MB: above glibc's largest mmap threshold, so a new one is mapped anew
+    fresh, reused = FaultCount(lambda: torch.ones(16 << 20)), FaultCount(lambda: kept.fill_(1.0))
+    assert fresh.per_call is None
+    for _ in range(4):
+        fresh(), reused()
+    assert fresh.calls == reused.calls == 3  # the first call, which faults `kept` in, is left out
+    assert reused.per_call < 8 and fresh.per_call > 30  # 64 MB in 2 MB huge pages: 32 faults at the fewest
 
 
 def test_measure_many_returns_every_candidate():
@@ -431,12 +443,16 @@ def test_unit_section_tables():
     assert set(rows["unit"]) == set(UNITS)
     assert set(rows["mode"]) == {"eval", "train"}
     ratios = summary.dropna(subset=["time / reference"])
-    assert len(ratios) == 2 * 2 * (len(UNITS) - 1) and (ratios["low"] <= ratios["time / reference"]).all()
+    cases = {("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")}  # bf16 also on bf16 input, as EMANet's head gives it
+    assert set(zip(ratios["dtype"], ratios["input"])) == cases
+    assert len(ratios) == len(cases) * 2 * (len(UNITS) - 1) and (ratios["low"] <= ratios["time / reference"]).all()
     assert (ratios["time / reference"] <= ratios["high"]).all()
     errors = summary.dropna(subset=["rel. error"])
     assert len(errors) == 2 * len(UNITS) and set(errors["dtype"]) == {"fp32", "bf16"}
     fp32, bf16 = (errors[errors["dtype"] == d].set_index("unit")["rel. error"] for d in ("fp32", "bf16"))
     assert (fp32 < 1e-4).all() and (bf16 > 10 * fp32).all() and (bf16 < 0.2).all()  # bf16 rounds, fp32 barely
+    if sys.platform != "win32":
+        assert (rows["page faults / call"] >= 0).all()
 
 
 def test_unit_work_is_the_products_counted_by_hand():

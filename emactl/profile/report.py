@@ -259,6 +259,20 @@ def tf32_note() -> str:
             f"PyTorch's default is True), fp32 matmuls {'in TF32' if mm else 'in full fp32'}")
 
 
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "TCMALLOC_RELEASE_RATE")
+
+
+def allocator_settings() -> dict[str, str]:
+    """The environment variables that change how the C allocator hands out and returns memory
+    (glibc's tunables and ``MALLOC_*`` variables, a preloaded jemalloc or tcmalloc), as set."""
+    return {k: v for k, v in sorted(os.environ.items()) if k in ALLOCATOR_VARIABLES or k.startswith("MALLOC_")}
+
+
+def allocator_note() -> str:
+    settings = allocator_settings()
+    return "; ".join(f"{k}={v}" for k, v in settings.items()) if settings else "none set here: the C library's defaults"
+
+
 def unit_threads(s: ProfileSettings) -> list[int]:
     """One thread and all of them on the CPU (``--threads`` replaces "all"); torch's choice elsewhere."""
     if s.device.type != "cpu":
@@ -288,12 +302,20 @@ def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
             "and ReLU in training as separate layers on new tensors (EMAU.fuse_tail=False; the fused tail runs on the CPU "
             "only); all share weights, bases and BN state",
             "eval: forward under no_grad in eval mode; train: training-mode forward, backward from a fixed random output "
-            "gradient (as the layers after the unit hand it one; no loss is timed) and the bases update; bf16: under torch.autocast (parameters fp32), fp32 inputs",
+            "gradient (as the layers after the unit hand it one; no loss is timed) and the bases update; bf16: under torch.autocast (parameters fp32)",
+            "input: the dtype of the unit's input and of its output's gradient; fp32 for a unit run alone, and for bf16 also "
+            "bf16, as the unit runs inside EMANet under autocast (the head's 3x3 conv + BN + ReLU before it gives bf16, and "
+            "the conv after it hands back a bf16 gradient): then nothing is cast into the unit or out of it",
             "low, high: the spread of a ratio over the rounds, q1(emactl)/q3(reference) and q3(emactl)/q1(reference)",
             "GFLOP: the unit's matrix products per call (conv, mm, bmm; 2 per multiply-add; forward, and in train the "
             "backward), counted by torch FlopCounterMode on a meta copy (emactl.profile.unit.unit_gflop); fraction of mm "
             f"rate: GFLOP / time against a square {SQUARE.get(s.device.type, SQUARE['cpu'])}^3 torch.mm of the same dtype "
             "timed in the same rounds",
+            "page faults / call: the process's minor page faults (getrusage) per timed call of the unit, its warm-up "
+            "call left out: memory the allocator hands out fresh is faulted in on its first write, so this shows how "
+            "much of a call's time may go to new memory rather than to its work. The count depends on the C "
+            f"allocator's settings ({allocator_note()}); with GLIBC_TUNABLES=glibc.malloc.mmap_max=0:"
+            "glibc.malloc.trim_threshold=4294967295 glibc keeps freed memory and neither unit faults (docs/BENCHMARKS.md)",
             "train output vs float64: max |output - float64 output| / max |float64 output| of one training-mode "
             "forward with autograd of each unit (fp32, or under bf16 autocast) against a float64 copy of itself, "
             "on the first two images",
@@ -429,6 +451,7 @@ def environment(s: ProfileSettings) -> dict:
         "cpu_count": os.cpu_count(),
         "load_average_start": _load_average(),
         "platform": platform.platform(),
+        "allocator": allocator_settings(),
         "settings": settings,
     }
 

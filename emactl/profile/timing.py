@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
@@ -99,6 +100,41 @@ def measure_many(
         q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
         result[key] = Timing(statistics.median(values), q[2] - q[0], len(values), q[0], q[2])
     return result
+
+
+def minor_faults() -> int | None:
+    """The process's minor page faults so far (``getrusage``, all threads), or None where the
+    ``resource`` module is missing (Windows)."""
+    if sys.platform == "win32":
+        return None
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class FaultCount:
+    """``fn`` that counts the minor page faults of its calls, the first (warm-up) call left out.
+
+    On the CPU a tensor the allocator maps fresh is page-faulted on its first write; how many
+    faults a call takes shows how much of its memory is new each time (docs/BENCHMARKS.md).
+    """
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn, self.calls, self.faults = fn, -1, 0
+
+    def __call__(self) -> Any:
+        before = minor_faults()
+        out = self.fn()
+        after = minor_faults()
+        self.calls += 1
+        if self.calls > 0 and before is not None:
+            self.faults += after - before
+        return out
+
+    @property
+    def per_call(self) -> float | None:
+        """Faults per counted call, or None before any or without ``resource``."""
+        return self.faults / self.calls if self.calls > 0 and minor_faults() is not None else None
 
 
 def measure(fn: Callable[[], Any], device: torch.device, rounds: int = 3, min_time: float = 0.05) -> Timing:

@@ -28,14 +28,15 @@ from ..device import autocast
 from ..nn.ema import EMAU
 from .emattention import DTYPE_NAMES, SQUARE
 from .reference import reference_em_attention
-from .timing import Timing, measure_many
+from .timing import FaultCount, Timing, measure_many
 
 UNITS = ("emactl", "emactl unfolded", "emactl plain products", "emactl unfused tail", "reference")
 MM = "mm"  # the square matrix product whose rate each unit's is measured against
 
 
 class ReferenceEMAU(nn.Module):
-    """The original code's EMA unit: conv1 → EM (no gradient) → ReLU → conv2 + BN → + x → ReLU.
+    """The original code's EMA unit: conv1 → EM (no gradient) → ReLU → conv2 + BN → + x → ReLU,
+    both ReLUs in place as there.
 
     ``update_bases`` is the moving average its training script applies after each forward:
     ``mu ← 0.9·mu + 0.1·mean_b(mu_T)``.
@@ -66,8 +67,8 @@ class ReferenceEMAU(nn.Module):
         b, c, h, w = feats.shape
         recon, mu, _ = reference_em_attention(feats.view(b, c, h * w), self.mu.to(feats.dtype), self.iters)
         self.last_bases = mu
-        y = F.relu(recon.view(b, c, h, w))
-        return F.relu(self.conv2(y) + idn)
+        y = F.relu(recon.view(b, c, h, w), inplace=True)
+        return F.relu(self.conv2(y) + idn, inplace=True)
 
     @torch.no_grad()
     def update_bases(self) -> None:
@@ -160,6 +161,13 @@ def training_error(units: dict[str, nn.Module], x: Tensor, dtype: torch.dtype = 
     return errors
 
 
+def unit_cases(dtypes: list[torch.dtype]) -> list[tuple[torch.dtype, torch.dtype]]:
+    """(compute dtype, input dtype) pairs: each dtype on fp32 input (a unit on its own under
+    autocast), and each reduced dtype also on input of that dtype, as EMANet's head hands it
+    under autocast (its 3×3 conv + BN + ReLU gives bf16): no cast into the unit or out of it."""
+    return [(d, torch.float32) for d in dtypes] + [(d, d) for d in dtypes if d != torch.float32]
+
+
 def profile_unit(
     batch: int,
     channels: int,
@@ -171,7 +179,8 @@ def profile_unit(
     thread_counts: list[int],
     repeats: int = 3,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per (threads, dtype, mode): each unit's time and emactl / reference ratios with spread.
+    """Per (threads, dtype, input dtype, mode): each unit's time and emactl / reference ratios
+    with spread (cases: :func:`unit_cases`).
 
     The spread of a ratio a/b is [q1(a)/q3(b), q3(a)/q1(b)] over the interleaved rounds.
     """
@@ -182,44 +191,48 @@ def profile_unit(
     gflop = {(name, mode): unit_gflop(unit, x, mode)
              for name, unit in make_units(channels, bases, iters, device).items() for mode in ("eval", "train")}
     grad = torch.randn(batch, channels, size, size, device=device)
+    cases = [(DTYPE_NAMES[d], DTYPE_NAMES[i], d, i) for d, i in unit_cases(dtypes)]
     previous = torch.get_num_threads()
     rows, summary = [], []
     try:
         for threads in thread_counts:
             if device.type == "cpu":
                 torch.set_num_threads(threads)
-            units = {(mode, d): make_units(channels, bases, iters, device) for mode in ("eval", "train") for d in dtypes}
             fns = {}
-            for (mode, dtype), group in units.items():
-                for name, unit in group.items():
-                    fns[(name, DTYPE_NAMES[dtype], mode)] = (
-                        eval_call(unit, x, device, dtype) if mode == "eval" else train_call(unit, x, grad, device, dtype)
-                    )
+            for d, i, dtype, input_dtype in cases:
+                inputs, grads = x.to(input_dtype), grad.to(input_dtype)
+                for mode in ("eval", "train"):
+                    for name, unit in make_units(channels, bases, iters, device).items():
+                        fns[(name, d, i, mode)] = FaultCount(
+                            eval_call(unit, inputs, device, dtype) if mode == "eval"
+                            else train_call(unit, inputs, grads, device, dtype)
+                        )
             for dtype in dtypes:  # the machine's matrix rate in this dtype, in the same rounds
                 a = torch.randn(square, square, device=device, dtype=dtype)
-                fns[(MM, DTYPE_NAMES[dtype], "-")] = lambda a=a: torch.mm(a, a)
+                fns[(MM, DTYPE_NAMES[dtype], "-", "-")] = lambda a=a: torch.mm(a, a)
             timings = measure_many(fns, device, rounds=repeats)
-            for (name, d, mode), t in timings.items():
+            for (name, d, i, mode), t in timings.items():
                 if name == MM:
                     continue
-                ref, rate = timings[("reference", d, mode)], 2 * square**3 / timings[(MM, d, "-")].median
+                ref, rate = timings[("reference", d, i, mode)], 2 * square**3 / timings[(MM, d, "-", "-")].median
                 work = gflop[(name, mode)]
-                rows.append({"threads": threads, "dtype": d, "mode": mode, "unit": name, "ms": t.ms,
+                rows.append({"threads": threads, "dtype": d, "input": i, "mode": mode, "unit": name, "ms": t.ms,
                              "IQR (ms)": t.iqr * 1e3, "time / reference": t.median / ref.median, "GFLOP": work,
-                             "fraction of mm rate": work * 1e9 / t.median / rate})
-            for d in [DTYPE_NAMES[dt] for dt in dtypes]:
+                             "fraction of mm rate": work * 1e9 / t.median / rate,
+                             "page faults / call": fns[(name, d, i, mode)].per_call})
+            for d, i, _, _ in cases:
                 for mode in ("eval", "train"):
                     for name in UNITS[:-1]:
-                        ours, ref = timings[(name, d, mode)], timings[("reference", d, mode)]
+                        ours, ref = timings[(name, d, i, mode)], timings[("reference", d, i, mode)]
                         low, high = _ratio_spread(ours, ref)
-                        summary.append({"threads": threads, "dtype": d, "mode": mode, "unit": name,
+                        summary.append({"threads": threads, "dtype": d, "input": i, "mode": mode, "unit": name,
                                         "time / reference": ours.median / ref.median, "low": low, "high": high})
     finally:
         torch.set_num_threads(previous)
     for dtype in dtypes:
         errors = training_error(make_units(channels, bases, iters, device), x[: min(batch, 2)], dtype)
         for name, err in errors.items():
-            summary.append({"threads": None, "dtype": DTYPE_NAMES[dtype], "mode": "train output vs float64",
+            summary.append({"threads": None, "dtype": DTYPE_NAMES[dtype], "input": "fp32", "mode": "train output vs float64",
                             "unit": name, "time / reference": None, "low": None, "high": None, "rel. error": err})
     return pd.DataFrame(rows), pd.DataFrame(summary)
 
