@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 
 import pandas as pd
@@ -453,6 +454,25 @@ def test_unit_section_tables():
     assert (fp32 < 1e-4).all() and (bf16 > 10 * fp32).all() and (bf16 < 0.2).all()  # bf16 rounds, fp32 barely
     if sys.platform != "win32":
         assert (rows["page faults / call"] >= 0).all()
+
+
+def test_cli_unit_section_records_the_work_ratio_and_the_allocator(tmp_path, monkeypatch):
+    from emactl.profile.report import ALLOCATOR_VARIABLES
+
+    for name in [*ALLOCATOR_VARIABLES, *(k for k in os.environ if k.startswith("MALLOC_"))]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=123456789")  # read, not applied: glibc reads it at start
+    out = tmp_path / "prof"
+    code = run("profile", "--device", "cpu", "--sections", "unit", "--channels", "16", "--size", "9", "--bases", "4",
+               "--iters", "2", "--batch", "2", "--threads", "1", "--repeats", "1", "--out", str(out))
+    assert code == 0
+    rows = pd.read_csv(out / "unit.csv")
+    assert {"input", "page faults / call"} <= set(rows.columns) and set(rows["threads"]) == {1}
+    gflop = rows.groupby(["unit", "mode"])["GFLOP"].first()
+    notes = (out / "notes.md").read_text()
+    assert f"{gflop[('emactl', 'train')] / gflop[('reference', 'train')]:.3f} in train" in notes
+    assert "GLIBC_TUNABLES=glibc.malloc.trim_threshold=123456789" in notes
+    assert json.loads((out / "env.json").read_text())["allocator"] == {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=123456789"}
 
 
 def test_unit_work_is_the_products_counted_by_hand():

@@ -288,6 +288,8 @@ def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
     shape = f"B={batch}, C={s.channels}, N={size}x{size}, K={s.bases}, T={s.iters}"
     console.log(f"unit: timing the whole EMA unit against the reference unit ({shape}; threads {threads})")
     df, summary = profile_unit(batch, s.channels, size, s.bases, s.iters, s.device, dtypes, threads, s.repeats)
+    work = df.groupby(["unit", "mode"])["GFLOP"].first()
+    work_ratio = ", ".join(f"{work[('emactl', m)] / work[('reference', m)]:.3f} in {m}" for m in ("eval", "train"))
     return SectionResult(
         {
             "unit": (f"The whole EMA unit against the public code's unit: {shape}, {s.device}", df),
@@ -311,6 +313,8 @@ def run_unit(s: ProfileSettings, console: Console) -> SectionResult:
             "backward), counted by torch FlopCounterMode on a meta copy (emactl.profile.unit.unit_gflop); fraction of mm "
             f"rate: GFLOP / time against a square {SQUARE.get(s.device.type, SQUARE['cpu'])}^3 torch.mm of the same dtype "
             "timed in the same rounds",
+            f"work ratio, emactl / reference GFLOP: {work_ratio}: the time ratio of two units that run their products "
+            "at the same fraction of the mm rate and spend nothing else",
             "page faults / call: the process's minor page faults (getrusage) per timed call of the unit, its warm-up "
             "call left out: memory the allocator hands out fresh is faulted in on its first write, so this shows how "
             "much of a call's time may go to new memory rather than to its work. The count depends on the C "
