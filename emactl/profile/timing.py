@@ -102,10 +102,13 @@ def measure_many(
     return result
 
 
+COUNTS_FAULTS = sys.platform != "win32"  # getrusage, from the resource module, is Unix-only
+
+
 def minor_faults() -> int | None:
     """The process's minor page faults so far (``getrusage``, all threads), or None where the
     ``resource`` module is missing (Windows)."""
-    if sys.platform == "win32":
+    if not COUNTS_FAULTS:
         return None
     import resource
 
@@ -125,16 +128,15 @@ class FaultCount:
     def __call__(self) -> Any:
         before = minor_faults()
         out = self.fn()
-        after = minor_faults()
         self.calls += 1
-        if self.calls > 0 and before is not None:
-            self.faults += after - before
+        if self.calls > 0 and COUNTS_FAULTS:
+            self.faults += minor_faults() - before
         return out
 
     @property
     def per_call(self) -> float | None:
         """Faults per counted call, or None before any or without ``resource``."""
-        return self.faults / self.calls if self.calls > 0 and minor_faults() is not None else None
+        return self.faults / self.calls if self.calls > 0 and COUNTS_FAULTS else None
 
 
 def measure(fn: Callable[[], Any], device: torch.device, rounds: int = 3, min_time: float = 0.05) -> Timing:
