@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import mmap
 import os
 import sys
 
@@ -162,17 +163,27 @@ def test_fit_exponent_recovers_known_exponent():
         fit_exponent([10, 10], [1.0, 2.0])
 
 
+def _touch_pages(buffer) -> None:
+    for i in range(0, len(buffer), mmap.PAGESIZE):
+        buffer[i] = 1
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="getrusage is Unix-only")
-@pytest.mark.skipif("mmap" in os.environ.get("GLIBC_TUNABLES", "") or bool(os.environ.get("LD_PRELOAD")),
-                    reason="an allocator told to keep freed memory maps nothing anew")
 def test_fault_count_sees_memory_mapped_fresh_and_not_memory_reused():
-    kept = torch.empty(16 << 20)  # 64 MB: above glibc's largest mmap threshold, so a new one is mapped anew
-    fresh, reused = FaultCount(lambda: torch.ones(16 << 20)), FaultCount(lambda: kept.fill_(1.0))
-    assert fresh.per_call is None
+    """64 MB mapped anew on every call (as glibc maps a big tensor while its heap has no room)
+    against 64 MB written again: only the first faults."""
+    size, kept = 64 << 20, bytearray(64 << 20)
+
+    def fresh() -> None:
+        with mmap.mmap(-1, size) as m:
+            _touch_pages(m)
+
+    counted_fresh, counted_reused = FaultCount(fresh), FaultCount(lambda: _touch_pages(kept))
+    assert counted_fresh.per_call is None
     for _ in range(4):
-        fresh(), reused()
-    assert fresh.calls == reused.calls == 3  # the first call, which faults `kept` in, is left out
-    assert reused.per_call < 8 and fresh.per_call > 30  # 64 MB in 2 MB huge pages: 32 faults at the fewest
+        counted_fresh(), counted_reused()
+    assert counted_fresh.calls == counted_reused.calls == 3  # the first call, which faults `kept` in, is left out
+    assert counted_reused.per_call < 8 and counted_fresh.per_call > 30  # 64 MB in 2 MB huge pages: 32 faults at the fewest
 
 
 def test_measure_many_returns_every_candidate():
